@@ -1,0 +1,272 @@
+//! Avro codecs for meterline's Kafka payloads.
+//!
+//! Payloads use Avro single-object encoding: the two magic bytes `C3 01`, the
+//! 8-byte little-endian CRC-64-AVRO (Rabin) fingerprint of the writer schema's
+//! canonical form, then the Avro binary encoding of the record. Any Avro
+//! library can decode them with only the `.avsc` files in `schemas/avro/`.
+//!
+//! `apache-avro` parses the schemas and computes the fingerprints once, at
+//! start-up. The per-record encoders and decoders are written out by hand for
+//! these three schemas: no `Value` tree, no schema resolution per record. Unit
+//! tests check them byte for byte against `apache-avro`'s generic writer and
+//! reader so the two cannot drift apart.
+
+mod binary;
+
+use std::collections::BTreeMap;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+use meter_model::{AggregatedUsage, DeadLetter, DeadLetterReason, Granularity, UsageEvent, WindowKey};
+
+use binary::{Reader, Writer};
+
+pub const USAGE_EVENT_AVSC: &str = include_str!("../../../schemas/avro/usage_event.avsc");
+pub const AGGREGATED_USAGE_AVSC: &str = include_str!("../../../schemas/avro/aggregated_usage.avsc");
+pub const DEAD_LETTER_AVSC: &str = include_str!("../../../schemas/avro/dead_letter.avsc");
+
+const MAGIC: [u8; 2] = [0xC3, 0x01];
+const HEADER_LEN: usize = 10;
+
+/// Why a payload could not be decoded. Each kind maps to one dead-letter
+/// reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("empty payload")]
+    Empty,
+    #[error("not Avro single-object encoding: payload does not start with C3 01")]
+    BadMagic,
+    #[error("unknown writer schema fingerprint {0:016x}")]
+    UnknownSchema(u64),
+    #[error("malformed avro: {0}")]
+    Malformed(String),
+}
+
+impl DecodeError {
+    pub fn reason(&self) -> DeadLetterReason {
+        match self {
+            DecodeError::Empty => DeadLetterReason::EmptyPayload,
+            DecodeError::BadMagic => DeadLetterReason::BadMagic,
+            DecodeError::UnknownSchema(_) => DeadLetterReason::UnknownSchema,
+            DecodeError::Malformed(_) => DeadLetterReason::MalformedAvro,
+        }
+    }
+}
+
+/// A schema this build cannot parse is a defect of the build, not of input.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid built-in schema {name}: {source}")]
+pub struct SchemaError {
+    name: &'static str,
+    source: apache_avro::Error,
+}
+
+fn header(name: &'static str, avsc: &str) -> Result<[u8; HEADER_LEN], SchemaError> {
+    let schema = Schema::parse_str(avsc).map_err(|source| SchemaError { name, source })?;
+    let fp = schema.fingerprint::<Rabin>();
+    let mut h = [0u8; HEADER_LEN];
+    h[..2].copy_from_slice(&MAGIC);
+    h[2..].copy_from_slice(&fp.bytes[..8]);
+    Ok(h)
+}
+
+/// Encoders and decoders for the three payload schemas. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    event_header: [u8; HEADER_LEN],
+    aggregate_header: [u8; HEADER_LEN],
+    dead_letter_header: [u8; HEADER_LEN],
+}
+
+impl Codec {
+    pub fn new() -> Result<Self, SchemaError> {
+        Ok(Codec {
+            event_header: header("UsageEvent", USAGE_EVENT_AVSC)?,
+            aggregate_header: header("AggregatedUsage", AGGREGATED_USAGE_AVSC)?,
+            dead_letter_header: header("DeadLetter", DEAD_LETTER_AVSC)?,
+        })
+    }
+
+    fn body<'a>(&self, expected: &[u8; HEADER_LEN], payload: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+        if payload.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        if payload.len() < 2 || payload[..2] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        if payload.len() < HEADER_LEN {
+            return Err(DecodeError::Malformed("truncated single-object header".into()));
+        }
+        if payload[..HEADER_LEN] != expected[..] {
+            let mut fp = [0u8; 8];
+            fp.copy_from_slice(&payload[2..HEADER_LEN]);
+            return Err(DecodeError::UnknownSchema(u64::from_le_bytes(fp)));
+        }
+        Ok(&payload[HEADER_LEN..])
+    }
+
+    pub fn encode_event(&self, e: &UsageEvent, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.event_header);
+        let mut w = Writer(out);
+        w.string(&e.event_id);
+        w.string(&e.agent_id);
+        match e.seq {
+            None => w.long(0),
+            Some(s) => {
+                w.long(1);
+                w.long(s);
+            }
+        }
+        w.string(&e.customer_id);
+        w.string(&e.service);
+        w.string(&e.usage_type);
+        w.string(&e.resource_id);
+        w.string(&e.region);
+        w.long(e.quantity);
+        w.long(e.event_time);
+        w.string_map(&e.attributes);
+    }
+
+    pub fn decode_event(&self, payload: &[u8]) -> Result<UsageEvent, DecodeError> {
+        let mut r = Reader::new(self.body(&self.event_header, payload)?);
+        let event = UsageEvent {
+            event_id: r.string()?,
+            agent_id: r.string()?,
+            seq: match r.long()? {
+                0 => None,
+                1 => Some(r.long()?),
+                b => return Err(DecodeError::Malformed(format!("seq: union branch {b} out of range"))),
+            },
+            customer_id: r.string()?,
+            service: r.string()?,
+            usage_type: r.string()?,
+            resource_id: r.string()?,
+            region: r.string()?,
+            quantity: r.long()?,
+            event_time: r.long()?,
+            attributes: r.string_map()?,
+        };
+        r.finish()?;
+        Ok(event)
+    }
+
+    pub fn encode_aggregate(&self, a: &AggregatedUsage, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.aggregate_header);
+        let mut w = Writer(out);
+        let k = &a.key;
+        w.long(k.window_start);
+        w.long(k.window_end());
+        w.long(i64::from(k.granularity.index()));
+        w.string(&k.customer_id);
+        w.string(&k.service);
+        w.string(&k.usage_type);
+        w.string(&k.region);
+        w.string(&k.resource_id);
+        w.long(a.event_count);
+        w.decimal(a.quantity_sum);
+        w.long(a.quantity_min);
+        w.long(a.quantity_max);
+        w.long(a.first_event_time);
+        w.long(a.last_event_time);
+        w.long(a.revision);
+        w.boolean(a.is_final);
+        w.decimal(a.delta_sum);
+    }
+
+    pub fn decode_aggregate(&self, payload: &[u8]) -> Result<AggregatedUsage, DecodeError> {
+        let mut r = Reader::new(self.body(&self.aggregate_header, payload)?);
+        let window_start = r.long()?;
+        let window_end = r.long()?;
+        let g = r.long()?;
+        let granularity =
+            Granularity::from_index(g).ok_or_else(|| DecodeError::Malformed(format!("granularity: enum index {g} out of range")))?;
+        if window_end != window_start + granularity.size_ms() {
+            return Err(DecodeError::Malformed("window_end does not match granularity".into()));
+        }
+        let key = WindowKey {
+            granularity,
+            window_start,
+            customer_id: r.string()?,
+            service: r.string()?,
+            usage_type: r.string()?,
+            region: r.string()?,
+            resource_id: r.string()?,
+        };
+        let a = AggregatedUsage {
+            key,
+            event_count: r.long()?,
+            quantity_sum: r.decimal()?,
+            quantity_min: r.long()?,
+            quantity_max: r.long()?,
+            first_event_time: r.long()?,
+            last_event_time: r.long()?,
+            revision: r.long()?,
+            is_final: r.boolean()?,
+            delta_sum: r.decimal()?,
+        };
+        r.finish()?;
+        Ok(a)
+    }
+
+    pub fn encode_dead_letter(&self, d: &DeadLetter, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.dead_letter_header);
+        let mut w = Writer(out);
+        w.string(d.reason.as_str());
+        w.string(&d.detail);
+        w.string(&d.source_topic);
+        w.long(i64::from(d.source_partition));
+        w.long(d.source_offset);
+        match &d.key {
+            None => w.long(0),
+            Some(k) => {
+                w.long(1);
+                w.bytes(k);
+            }
+        }
+        w.bytes(&d.payload);
+        w.long(d.dead_lettered_at);
+    }
+
+    /// Decodes a dead letter; the reason stays a string so that reasons added
+    /// by newer processors are still readable.
+    pub fn decode_dead_letter(&self, payload: &[u8]) -> Result<DecodedDeadLetter, DecodeError> {
+        let mut r = Reader::new(self.body(&self.dead_letter_header, payload)?);
+        let d = DecodedDeadLetter {
+            reason: r.string()?,
+            detail: r.string()?,
+            source_topic: r.string()?,
+            source_partition: i32::try_from(r.long()?)
+                .map_err(|_| DecodeError::Malformed("source_partition out of int range".into()))?,
+            source_offset: r.long()?,
+            key: match r.long()? {
+                0 => None,
+                1 => Some(r.bytes()?.to_vec()),
+                b => return Err(DecodeError::Malformed(format!("key: union branch {b} out of range"))),
+            },
+            payload: r.bytes()?.to_vec(),
+            dead_lettered_at: r.long()?,
+        };
+        r.finish()?;
+        Ok(d)
+    }
+}
+
+/// A dead letter as read back from `usage.dlq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedDeadLetter {
+    pub reason: String,
+    pub detail: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub dead_lettered_at: i64,
+}
+
+/// Attribute maps are small; a BTreeMap keeps their encoding deterministic.
+pub type Attributes = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests;

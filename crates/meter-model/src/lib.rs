@@ -1,0 +1,182 @@
+//! Types shared by every meterline component: the usage event, the
+//! aggregated window revision, dead-letter reasons, event-time windows and
+//! the catalog of accepted usage types.
+//!
+//! This crate does no I/O beyond reading a catalog file; everything here is
+//! plain data and arithmetic that the processor, sink and reports agree on.
+
+pub mod catalog;
+pub mod ledger;
+pub mod window;
+
+use std::collections::BTreeMap;
+
+pub use catalog::{Catalog, UsageTypeInfo};
+pub use window::Granularity;
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+/// One measurement of one resource's usage of one usage type over one
+/// second, as published by an agent on `usage.events`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageEvent {
+    /// Unique and deterministic: see [`event_id`].
+    pub event_id: String,
+    pub agent_id: String,
+    /// Per (agent_id, customer_id) stream, strictly increasing.
+    pub seq: Option<i64>,
+    pub customer_id: String,
+    pub service: String,
+    pub usage_type: String,
+    pub resource_id: String,
+    pub region: String,
+    /// In the usage type's base unit.
+    pub quantity: i64,
+    pub event_time: Millis,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// The deterministic event id of the `seq`-th event of an agent's stream for
+/// a customer, so that a replayed event carries the same id.
+pub fn event_id(agent_id: &str, customer_id: &str, seq: i64) -> String {
+    format!("{agent_id}/{customer_id}/{seq}")
+}
+
+/// The dimensions that identify one aggregated window.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowKey {
+    pub granularity: Granularity,
+    pub window_start: Millis,
+    pub customer_id: String,
+    pub service: String,
+    pub usage_type: String,
+    pub region: String,
+    /// Empty unless the catalog keeps resource_id in this usage type's key.
+    pub resource_id: String,
+}
+
+impl WindowKey {
+    pub fn window_end(&self) -> Millis {
+        self.window_start + self.granularity.size_ms()
+    }
+
+    /// The Kafka record key of the window's revisions on `usage.aggregates`.
+    /// Stable and unique per window so that the topic can be compacted.
+    pub fn record_key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.granularity.as_str(),
+            self.window_start,
+            self.customer_id,
+            self.service,
+            self.usage_type,
+            self.region,
+            self.resource_id
+        )
+    }
+}
+
+/// One revision of one window, as published on `usage.aggregates`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregatedUsage {
+    pub key: WindowKey,
+    pub event_count: i64,
+    pub quantity_sum: i128,
+    pub quantity_min: i64,
+    pub quantity_max: i64,
+    pub first_event_time: Millis,
+    pub last_event_time: Millis,
+    pub revision: i64,
+    pub is_final: bool,
+    /// `quantity_sum` minus that of the previous revision.
+    pub delta_sum: i128,
+}
+
+/// Why an input record was dead-lettered. The string forms are stable: they
+/// are stored in ClickHouse and used as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    EmptyPayload,
+    OversizePayload,
+    BadMagic,
+    UnknownSchema,
+    MalformedAvro,
+    MissingKey,
+    KeyMismatch,
+    EmptyCustomerId,
+    StringTooLong,
+    UnknownService,
+    UnknownUsageType,
+    NegativeQuantity,
+    QuantityOverflow,
+    InvalidTimestamp,
+    FutureTimestamp,
+    TooLate,
+    EventIdConflict,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 17] = [
+        Self::EmptyPayload,
+        Self::OversizePayload,
+        Self::BadMagic,
+        Self::UnknownSchema,
+        Self::MalformedAvro,
+        Self::MissingKey,
+        Self::KeyMismatch,
+        Self::EmptyCustomerId,
+        Self::StringTooLong,
+        Self::UnknownService,
+        Self::UnknownUsageType,
+        Self::NegativeQuantity,
+        Self::QuantityOverflow,
+        Self::InvalidTimestamp,
+        Self::FutureTimestamp,
+        Self::TooLate,
+        Self::EventIdConflict,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EmptyPayload => "empty_payload",
+            Self::OversizePayload => "oversize_payload",
+            Self::BadMagic => "bad_magic",
+            Self::UnknownSchema => "unknown_schema",
+            Self::MalformedAvro => "malformed_avro",
+            Self::MissingKey => "missing_key",
+            Self::KeyMismatch => "key_mismatch",
+            Self::EmptyCustomerId => "empty_customer_id",
+            Self::StringTooLong => "string_too_long",
+            Self::UnknownService => "unknown_service",
+            Self::UnknownUsageType => "unknown_usage_type",
+            Self::NegativeQuantity => "negative_quantity",
+            Self::QuantityOverflow => "quantity_overflow",
+            Self::InvalidTimestamp => "invalid_timestamp",
+            Self::FutureTimestamp => "future_timestamp",
+            Self::TooLate => "too_late",
+            Self::EventIdConflict => "event_id_conflict",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record the processor refused, with the original bytes, as published on
+/// `usage.dlq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub reason: DeadLetterReason,
+    pub detail: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub dead_lettered_at: Millis,
+}
