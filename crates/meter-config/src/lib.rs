@@ -1,1 +1,375 @@
-//! placeholder
+//! Configuration of every meterline component, one TOML file per deployment.
+//!
+//! Layering, lowest to highest precedence: the defaults written on each field
+//! below, then the TOML file (if any), then environment variables named
+//! `METER__SECTION__KEY` (e.g. `METER__KAFKA__BROKERS`,
+//! `METER__CLICKHOUSE__PASSWORD`). Secrets such as the ClickHouse password
+//! belong in the environment, never in the file.
+//!
+//! Unknown fields are rejected so that a misspelt key is an error rather than
+//! a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+    #[serde(default)]
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub catalog: CatalogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Extra librdkafka client properties passed through unchanged to every
+    /// client (e.g. `security.protocol`, `sasl.mechanism`). Put credentials in
+    /// the environment: `METER__KAFKA__PROPERTIES__SASL.PASSWORD` is not a
+    /// valid variable name, so prefer `sasl.username`/`sasl.password` via a
+    /// file readable only by the service.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig { brokers: default_brokers(), properties: BTreeMap::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Usage events published by agents, keyed by customer_id.
+    #[serde(default = "default_events_topic")]
+    pub events: String,
+    /// Window revisions published by the processor, keyed by window key.
+    #[serde(default = "default_aggregates_topic")]
+    pub aggregates: String,
+    /// Records the processor refused, with the reason and original bytes.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq: String,
+    /// Partitions used when `meter init` creates the topics.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor used when `meter init` creates the topics.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+}
+
+fn default_events_topic() -> String {
+    "usage.events".into()
+}
+fn default_aggregates_topic() -> String {
+    "usage.aggregates".into()
+}
+fn default_dlq_topic() -> String {
+    "usage.dlq".into()
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_replication() -> i32 {
+    1
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            events: default_events_topic(),
+            aggregates: default_aggregates_topic(),
+            dlq: default_dlq_topic(),
+            partitions: default_partitions(),
+            replication_factor: default_replication(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint of the ClickHouse server.
+    #[serde(default = "default_ch_url")]
+    pub url: String,
+    /// Database holding meterline's tables; created by `meter migrate`.
+    #[serde(default = "default_ch_database")]
+    pub database: String,
+    /// User the sink, migrations and reports connect as.
+    #[serde(default = "default_ch_user")]
+    pub user: String,
+    /// Password; set it with `METER__CLICKHOUSE__PASSWORD`, not in the file.
+    #[serde(default)]
+    pub password: String,
+}
+
+fn default_ch_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_ch_database() -> String {
+    "meterline".into()
+}
+fn default_ch_user() -> String {
+    "default".into()
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig { url: default_ch_url(), database: default_ch_database(), user: default_ch_user(), password: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorConfig {
+    /// Consumer group of the processor instances.
+    #[serde(default = "default_processor_group")]
+    pub group_id: String,
+    /// How often changed windows are emitted and offsets committed.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// How long after a window's end events are still folded into it before
+    /// its final revision is emitted.
+    #[serde(default = "default_allowed_lateness_ms")]
+    pub allowed_lateness_ms: i64,
+    /// How long after a window's end a late event still produces a correction
+    /// of the final revision; later events are dead-lettered as `too_late`.
+    #[serde(default = "default_correction_horizon_ms")]
+    pub correction_horizon_ms: i64,
+    /// Events further than this in the future of the processor's clock are
+    /// dead-lettered as `future_timestamp`.
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: i64,
+    /// A partition without records for this long advances its watermark with
+    /// the wall clock.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: i64,
+    /// Payloads larger than this are dead-lettered as `oversize_payload`.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// Strings longer than this (in bytes) are dead-lettered as `string_too_long`.
+    #[serde(default = "default_max_string_bytes")]
+    pub max_string_bytes: usize,
+}
+
+fn default_processor_group() -> String {
+    "meter-processor".into()
+}
+fn default_commit_interval_ms() -> u64 {
+    1_000
+}
+fn default_allowed_lateness_ms() -> i64 {
+    5 * 60_000
+}
+fn default_correction_horizon_ms() -> i64 {
+    35 * 24 * 3_600_000
+}
+fn default_max_clock_skew_ms() -> i64 {
+    5 * 60_000
+}
+fn default_idle_timeout_ms() -> i64 {
+    10_000
+}
+fn default_max_payload_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_string_bytes() -> usize {
+    256
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            group_id: default_processor_group(),
+            commit_interval_ms: default_commit_interval_ms(),
+            allowed_lateness_ms: default_allowed_lateness_ms(),
+            correction_horizon_ms: default_correction_horizon_ms(),
+            max_clock_skew_ms: default_max_clock_skew_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            max_payload_bytes: default_max_payload_bytes(),
+            max_string_bytes: default_max_string_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Consumer group of the sink instances.
+    #[serde(default = "default_sink_group")]
+    pub group_id: String,
+    /// A batch is inserted when it holds this many rows...
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// ...or when its oldest row has waited this long.
+    #[serde(default = "default_batch_ms")]
+    pub batch_ms: u64,
+    /// First retry delay after a failed insert; doubles up to `max_backoff_ms`.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_sink_group() -> String {
+    "meter-sink".into()
+}
+fn default_batch_rows() -> usize {
+    50_000
+}
+fn default_batch_ms() -> u64 {
+    1_000
+}
+fn default_backoff_ms() -> u64 {
+    200
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            group_id: default_sink_group(),
+            batch_rows: default_batch_rows(),
+            batch_ms: default_batch_ms(),
+            backoff_ms: default_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// Catalog file; the catalog built into the binary when unset.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `METER__*` variables, and
+    /// validates the result, reporting every problem found.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("METER").prefix_separator("__").separator("__").try_parsing(true),
+        );
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                problems.push(msg.to_owned());
+            }
+        };
+        check(!self.kafka.brokers.trim().is_empty(), "kafka.brokers must not be empty");
+        check(self.topics.partitions > 0, "topics.partitions must be positive");
+        check(self.topics.replication_factor > 0, "topics.replication_factor must be positive");
+        for (name, t) in [("events", &self.topics.events), ("aggregates", &self.topics.aggregates), ("dlq", &self.topics.dlq)] {
+            check(!t.is_empty(), &format!("topics.{name} must not be empty"));
+        }
+        check(self.processor.commit_interval_ms > 0, "processor.commit_interval_ms must be positive");
+        check(self.processor.allowed_lateness_ms >= 0, "processor.allowed_lateness_ms must not be negative");
+        check(
+            self.processor.correction_horizon_ms >= self.processor.allowed_lateness_ms,
+            "processor.correction_horizon_ms must be at least processor.allowed_lateness_ms",
+        );
+        check(self.processor.max_clock_skew_ms >= 0, "processor.max_clock_skew_ms must not be negative");
+        check(self.processor.idle_timeout_ms > 0, "processor.idle_timeout_ms must be positive");
+        check(self.processor.max_payload_bytes > 0, "processor.max_payload_bytes must be positive");
+        check(self.sink.batch_rows > 0, "sink.batch_rows must be positive");
+        check(self.sink.batch_ms > 0, "sink.batch_ms must be positive");
+        check(
+            self.clickhouse.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !self.clickhouse.database.is_empty(),
+            "clickhouse.database must be a non-empty identifier of letters, digits and _",
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The catalog named by the configuration, or the built-in one.
+    pub fn catalog(&self) -> Result<meter_model::Catalog, meter_model::catalog::CatalogError> {
+        match &self.catalog.path {
+            Some(p) => meter_model::Catalog::load(p),
+            None => Ok(meter_model::Catalog::builtin()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_ops() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.topics.events, "usage.events");
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let f = write("[topics]\nevents = \"x.events\"\n[sink]\nbatch_rows = 7\n");
+        let c = Config::load(Some(f.path())).unwrap();
+        assert_eq!(c.topics.events, "x.events");
+        assert_eq!(c.sink.batch_rows, 7);
+        assert_eq!(c.topics.dlq, "usage.dlq");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_rejected() {
+        let f = write("[topics]\nevnts = \"x\"\n");
+        assert!(Config::load(Some(f.path())).is_err());
+        let f = write("[sink]\nbatch_rows = 0\n[processor]\ncommit_interval_ms = 0\n");
+        let err = Config::load(Some(f.path())).unwrap_err().to_string();
+        assert!(err.contains("sink.batch_rows") && err.contains("processor.commit_interval_ms"), "{err}");
+    }
+}

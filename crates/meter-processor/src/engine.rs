@@ -1,0 +1,416 @@
+//! Validation, deduplication, watermarks and window aggregation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use meter_avro::Codec;
+use meter_model::catalog::Lookup;
+use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, UsageEvent, WindowKey};
+
+use crate::dedup::SeqTracker;
+
+/// 2100-01-01T00:00:00Z: event times at or past it are not believable.
+const MAX_EVENT_TIME: Millis = 4_102_444_800_000;
+
+/// Limits and time settings of the engine (see `meter-config` for their
+/// meaning and defaults).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub allowed_lateness_ms: Millis,
+    pub correction_horizon_ms: Millis,
+    pub max_clock_skew_ms: Millis,
+    pub idle_timeout_ms: Millis,
+    pub max_payload_bytes: usize,
+    pub max_string_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            allowed_lateness_ms: 5 * 60_000,
+            correction_horizon_ms: 35 * 86_400_000,
+            max_clock_skew_ms: 5 * 60_000,
+            idle_timeout_ms: 10_000,
+            max_payload_bytes: 64 * 1024,
+            max_string_bytes: 256,
+        }
+    }
+}
+
+/// One input record as read from `usage.events`.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub partition: i32,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+/// What became of one input record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Aggregated,
+    Duplicate,
+    DeadLetter { reason: DeadLetterReason, detail: String },
+}
+
+/// Totals of outcomes since the engine started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub aggregated: u64,
+    pub duplicates: u64,
+    pub dead_letters: BTreeMap<DeadLetterReason, u64>,
+}
+
+impl Counters {
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_letters.values().sum()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.aggregated + self.duplicates + self.dead_lettered()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WindowState {
+    partition: i32,
+    count: i64,
+    sum: i128,
+    min: i64,
+    max: i64,
+    first: Millis,
+    last: Millis,
+    revision: i64,
+    emitted_sum: i128,
+    is_final: bool,
+    dirty: bool,
+}
+
+/// Event-time progress of one input partition.
+#[derive(Debug, Clone, Copy)]
+struct PartitionClock {
+    watermark: Millis,
+    max_event_time: Millis,
+    last_record_at: Millis,
+}
+
+impl PartitionClock {
+    /// Advances the watermark: the highest event time seen, never ahead of
+    /// the wall clock, and moving with the wall clock once the partition has
+    /// been idle for `idle_timeout`.
+    fn advance(&mut self, now: Millis, idle_timeout: Millis) {
+        let mut wm = self.watermark.max(self.max_event_time.min(now));
+        if now - self.last_record_at >= idle_timeout {
+            wm = wm.max(now - idle_timeout);
+        }
+        self.watermark = wm;
+    }
+}
+
+pub struct Engine {
+    catalog: Catalog,
+    codec: Codec,
+    cfg: EngineConfig,
+    windows: HashMap<WindowKey, WindowState>,
+    dirty: Vec<WindowKey>,
+    clocks: HashMap<i32, PartitionClock>,
+    streams: HashMap<(String, String), SeqTracker>,
+    /// Fallback dedup for events without a seq: event ids per partition and
+    /// day window, forgotten with the day window.
+    unsequenced: HashMap<(i32, Millis), HashSet<String>>,
+    counters: Counters,
+}
+
+type Rejection = (DeadLetterReason, String);
+
+impl Engine {
+    pub fn new(catalog: Catalog, codec: Codec, cfg: EngineConfig) -> Self {
+        Engine {
+            catalog,
+            codec,
+            cfg,
+            windows: HashMap::new(),
+            dirty: Vec::new(),
+            clocks: HashMap::new(),
+            streams: HashMap::new(),
+            unsequenced: HashMap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// The watermark of `partition`, if it has seen any record.
+    pub fn watermark(&self, partition: i32) -> Option<Millis> {
+        self.clocks.get(&partition).map(|c| c.watermark)
+    }
+
+    /// Classifies and, where valid and new, aggregates one record.
+    pub fn process(&mut self, input: Input<'_>, now: Millis) -> Outcome {
+        let outcome = match self.try_process(input, now) {
+            Ok(true) => Outcome::Aggregated,
+            Ok(false) => Outcome::Duplicate,
+            Err((reason, detail)) => Outcome::DeadLetter { reason, detail },
+        };
+        match &outcome {
+            Outcome::Aggregated => self.counters.aggregated += 1,
+            Outcome::Duplicate => self.counters.duplicates += 1,
+            Outcome::DeadLetter { reason, .. } => *self.counters.dead_letters.entry(*reason).or_default() += 1,
+        }
+        outcome
+    }
+
+    fn try_process(&mut self, input: Input<'_>, now: Millis) -> Result<bool, Rejection> {
+        let clock = self.clocks.entry(input.partition).or_insert(PartitionClock {
+            watermark: Millis::MIN,
+            max_event_time: Millis::MIN,
+            last_record_at: now,
+        });
+        clock.last_record_at = now;
+        let payload = match input.payload {
+            None | Some([]) => return Err((DeadLetterReason::EmptyPayload, "record has no value".into())),
+            Some(p) => p,
+        };
+        if payload.len() > self.cfg.max_payload_bytes {
+            return Err((
+                DeadLetterReason::OversizePayload,
+                format!("payload of {} bytes exceeds the limit of {}", payload.len(), self.cfg.max_payload_bytes),
+            ));
+        }
+        let key = match input.key {
+            None | Some([]) => return Err((DeadLetterReason::MissingKey, "record has no key; events are keyed by customer_id".into())),
+            Some(k) => k,
+        };
+        let event = self.codec.decode_event(payload).map_err(|e| (e.reason(), e.to_string()))?;
+        self.validate(&event, key, now)?;
+        let windows = self.check_time(&event, input.partition)?;
+        if self.is_duplicate(&event, input.partition) {
+            return Ok(false);
+        }
+        self.check_overflow(&event, &windows)?;
+        self.remember(&event, input.partition);
+        self.aggregate(&event, windows, input.partition);
+        if let Some(clock) = self.clocks.get_mut(&input.partition) {
+            clock.max_event_time = clock.max_event_time.max(event.event_time);
+        }
+        Ok(true)
+    }
+
+    fn validate(&self, e: &UsageEvent, key: &[u8], now: Millis) -> Result<(), Rejection> {
+        if e.customer_id.is_empty() {
+            return Err((DeadLetterReason::EmptyCustomerId, "customer_id is empty".into()));
+        }
+        if key != e.customer_id.as_bytes() {
+            return Err((DeadLetterReason::KeyMismatch, "record key differs from customer_id".into()));
+        }
+        let max = self.cfg.max_string_bytes;
+        let fields = [
+            ("event_id", &e.event_id),
+            ("agent_id", &e.agent_id),
+            ("customer_id", &e.customer_id),
+            ("service", &e.service),
+            ("usage_type", &e.usage_type),
+            ("resource_id", &e.resource_id),
+            ("region", &e.region),
+        ];
+        for (name, value) in fields {
+            if value.len() > max {
+                return Err((DeadLetterReason::StringTooLong, format!("{name} is {} bytes, the limit is {max}", value.len())));
+            }
+        }
+        if e.attributes.iter().any(|(k, v)| k.len() > max || v.len() > max) {
+            return Err((DeadLetterReason::StringTooLong, format!("an attribute is longer than {max} bytes")));
+        }
+        match self.catalog.lookup(&e.service, &e.usage_type) {
+            Lookup::Known(_) => {}
+            Lookup::UnknownService => return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service))),
+            Lookup::UnknownUsageType => {
+                return Err((
+                    DeadLetterReason::UnknownUsageType,
+                    format!("usage type {:?} of service {:?} is not in the catalog", e.usage_type, e.service),
+                ))
+            }
+        }
+        if e.quantity < 0 {
+            return Err((DeadLetterReason::NegativeQuantity, format!("quantity {} is negative", e.quantity)));
+        }
+        if e.event_time <= 0 || e.event_time >= MAX_EVENT_TIME {
+            return Err((DeadLetterReason::InvalidTimestamp, format!("event_time {} is outside 1970..2100", e.event_time)));
+        }
+        if e.event_time > now + self.cfg.max_clock_skew_ms {
+            return Err((
+                DeadLetterReason::FutureTimestamp,
+                format!("event_time {} is {} ms ahead of the processor clock", e.event_time, e.event_time - now),
+            ));
+        }
+        Ok(())
+    }
+
+    fn window_keys(&self, e: &UsageEvent) -> [WindowKey; 3] {
+        let resource_id = match self.catalog.lookup(&e.service, &e.usage_type) {
+            Lookup::Known(info) if info.key_by_resource => e.resource_id.clone(),
+            _ => String::new(),
+        };
+        Granularity::ALL.map(|g| WindowKey {
+            granularity: g,
+            window_start: g.window_start(e.event_time),
+            customer_id: e.customer_id.clone(),
+            service: e.service.clone(),
+            usage_type: e.usage_type.clone(),
+            region: e.region.clone(),
+            resource_id: resource_id.clone(),
+        })
+    }
+
+    /// Rejects events whose minute window is past the correction horizon.
+    /// The minute window closes first, so its hour and day windows are then
+    /// still within the horizon too.
+    fn check_time(&self, e: &UsageEvent, partition: i32) -> Result<[WindowKey; 3], Rejection> {
+        let keys = self.window_keys(e);
+        let watermark = self.clocks.get(&partition).map_or(Millis::MIN, |c| c.watermark);
+        let minute_end = keys[0].window_end();
+        if minute_end.saturating_add(self.cfg.correction_horizon_ms) <= watermark {
+            return Err((
+                DeadLetterReason::TooLate,
+                format!("event_time {} is past the correction horizon (watermark {watermark})", e.event_time),
+            ));
+        }
+        Ok(keys)
+    }
+
+    fn is_duplicate(&self, e: &UsageEvent, partition: i32) -> bool {
+        match e.seq {
+            Some(seq) => self
+                .streams
+                .get(&(e.agent_id.clone(), e.customer_id.clone()))
+                .is_some_and(|t| t.is_duplicate(seq)),
+            None => self
+                .unsequenced
+                .get(&(partition, Granularity::Day.window_start(e.event_time)))
+                .is_some_and(|ids| ids.contains(&e.event_id)),
+        }
+    }
+
+    fn remember(&mut self, e: &UsageEvent, partition: i32) {
+        match e.seq {
+            Some(seq) => self.streams.entry((e.agent_id.clone(), e.customer_id.clone())).or_default().record(seq),
+            None => {
+                self.unsequenced
+                    .entry((partition, Granularity::Day.window_start(e.event_time)))
+                    .or_default()
+                    .insert(e.event_id.clone());
+            }
+        }
+    }
+
+    fn check_overflow(&self, e: &UsageEvent, keys: &[WindowKey; 3]) -> Result<(), Rejection> {
+        for k in keys {
+            if let Some(w) = self.windows.get(k) {
+                if w.sum.checked_add(i128::from(e.quantity)).is_none() || w.count == i64::MAX {
+                    return Err((DeadLetterReason::QuantityOverflow, format!("adding {} would overflow the {} window sum", e.quantity, k.granularity.as_str())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn aggregate(&mut self, e: &UsageEvent, keys: [WindowKey; 3], partition: i32) {
+        for k in keys {
+            let w = self.windows.entry(k.clone()).or_insert(WindowState {
+                partition,
+                count: 0,
+                sum: 0,
+                min: i64::MAX,
+                max: i64::MIN,
+                first: Millis::MAX,
+                last: Millis::MIN,
+                revision: 0,
+                emitted_sum: 0,
+                is_final: false,
+                dirty: false,
+            });
+            w.count += 1;
+            w.sum += i128::from(e.quantity);
+            w.min = w.min.min(e.quantity);
+            w.max = w.max.max(e.quantity);
+            w.first = w.first.min(e.event_time);
+            w.last = w.last.max(e.event_time);
+            if !w.dirty {
+                w.dirty = true;
+                self.dirty.push(k);
+            }
+        }
+    }
+
+    /// Advances watermarks and returns one new revision for every window
+    /// changed since the last flush and for every window whose final
+    /// revision is now due. Forgets windows past the correction horizon.
+    pub fn flush(&mut self, now: Millis) -> Vec<AggregatedUsage> {
+        for clock in self.clocks.values_mut() {
+            clock.advance(now, self.cfg.idle_timeout_ms);
+        }
+        let lateness = self.cfg.allowed_lateness_ms;
+        let clocks = &self.clocks;
+        let closed = |k: &WindowKey, w: &WindowState| {
+            clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(lateness) <= c.watermark)
+        };
+        let mut out = Vec::with_capacity(self.dirty.len());
+        for k in self.dirty.drain(..) {
+            if let Some(w) = self.windows.get_mut(&k) {
+                w.dirty = false;
+                w.is_final |= closed(&k, w);
+                out.push(emit(k, w));
+            }
+        }
+        for (k, w) in self.windows.iter_mut() {
+            if !w.is_final && closed(k, w) {
+                w.is_final = true;
+                out.push(emit(k.clone(), w));
+            }
+        }
+        let horizon = self.cfg.correction_horizon_ms;
+        self.windows.retain(|k, w| {
+            !(w.is_final && clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(horizon) <= c.watermark))
+        });
+        self.unsequenced.retain(|(p, day), _| {
+            !clocks.get(p).is_some_and(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) <= c.watermark)
+        });
+        out
+    }
+
+    /// Forgets the windows and clock of a partition this instance no longer
+    /// owns.
+    pub fn drop_partition(&mut self, partition: i32) {
+        self.windows.retain(|_, w| w.partition != partition);
+        let windows = &self.windows;
+        self.dirty.retain(|k| windows.contains_key(k));
+        self.clocks.remove(&partition);
+        self.unsequenced.retain(|(p, _), _| *p != partition);
+    }
+}
+
+fn emit(key: WindowKey, w: &mut WindowState) -> AggregatedUsage {
+    w.revision += 1;
+    let delta = w.sum - w.emitted_sum;
+    w.emitted_sum = w.sum;
+    AggregatedUsage {
+        key,
+        event_count: w.count,
+        quantity_sum: w.sum,
+        quantity_min: w.min,
+        quantity_max: w.max,
+        first_event_time: w.first,
+        last_event_time: w.last,
+        revision: w.revision,
+        is_final: w.is_final,
+        delta_sum: delta,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+use super::*;
+use proptest::prelude::*;
+
+const T0: Millis = 1_764_000_000_000 - 1_764_000_000_000 % 86_400_000; // a UTC midnight
+const NOW: Millis = T0 + 2 * 86_400_000;
+
+fn engine() -> Engine {
+    Engine::new(Catalog::builtin(), Codec::new().unwrap(), EngineConfig::default())
+}
+
+fn event(seq: i64, t: Millis, q: i64) -> UsageEvent {
+    UsageEvent {
+        event_id: meter_model::event_id("a1", "c1", seq),
+        agent_id: "a1".into(),
+        seq: Some(seq),
+        customer_id: "c1".into(),
+        service: "compute".into(),
+        usage_type: "BoxUsage:m5.large".into(),
+        resource_id: "i-1".into(),
+        region: "us-east-1".into(),
+        quantity: q,
+        event_time: t,
+        attributes: Default::default(),
+    }
+}
+
+fn encode(e: &UsageEvent) -> Vec<u8> {
+    let mut buf = Vec::new();
+    Codec::new().unwrap().encode_event(e, &mut buf);
+    buf
+}
+
+fn feed(en: &mut Engine, e: &UsageEvent, now: Millis) -> Outcome {
+    let payload = encode(e);
+    en.process(Input { partition: 0, key: Some(e.customer_id.as_bytes()), payload: Some(&payload) }, now)
+}
+
+fn latest(out: &[AggregatedUsage], g: Granularity) -> Vec<&AggregatedUsage> {
+    out.iter().filter(|a| a.key.granularity == g).collect()
+}
+
+#[test]
+fn aggregates_into_all_three_granularities_with_revisions() {
+    let mut en = engine();
+    for s in 1..=120 {
+        assert_eq!(feed(&mut en, &event(s, T0 + (s - 1) * 1000, 1), NOW), Outcome::Aggregated);
+    }
+    let out = en.flush(T0 + 200_000);
+    assert_eq!(latest(&out, Granularity::Minute).len(), 2);
+    let day = latest(&out, Granularity::Day)[0];
+    assert_eq!((day.event_count, day.quantity_sum, day.revision, day.delta_sum), (120, 120, 1, 120));
+    assert!(!day.is_final);
+    feed(&mut en, &event(121, T0 + 121_000, 5), NOW);
+    let out = en.flush(T0 + 201_000);
+    let day = latest(&out, Granularity::Day)[0];
+    assert_eq!((day.quantity_sum, day.revision, day.delta_sum), (125, 2, 5));
+    assert_eq!(day.quantity_min, 1);
+    assert_eq!(day.quantity_max, 5);
+}
+
+#[test]
+fn duplicates_are_counted_not_aggregated() {
+    let mut en = engine();
+    let e = event(1, T0, 7);
+    assert_eq!(feed(&mut en, &e, NOW), Outcome::Aggregated);
+    assert_eq!(feed(&mut en, &e, NOW), Outcome::Duplicate);
+    let out = en.flush(T0 + 1000);
+    assert_eq!(latest(&out, Granularity::Hour)[0].quantity_sum, 7);
+    assert_eq!(en.counters().duplicates, 1);
+
+    let mut unsequenced = event(0, T0, 3);
+    unsequenced.seq = None;
+    unsequenced.event_id = "x-1".into();
+    assert_eq!(feed(&mut en, &unsequenced, NOW), Outcome::Aggregated);
+    assert_eq!(feed(&mut en, &unsequenced, NOW), Outcome::Duplicate);
+}
+
+#[test]
+fn each_kind_of_bad_input_gets_its_reason() {
+    let mut en = engine();
+    let good = event(1, T0, 1);
+    let reason = |o: Outcome| match o {
+        Outcome::DeadLetter { reason, .. } => reason,
+        other => panic!("expected a dead letter, got {other:?}"),
+    };
+    let cases: Vec<(UsageEvent, DeadLetterReason)> = vec![
+        (UsageEvent { usage_type: "BoxUsage:z9.huge".into(), ..good.clone() }, DeadLetterReason::UnknownUsageType),
+        (UsageEvent { service: "mainframe".into(), ..good.clone() }, DeadLetterReason::UnknownService),
+        (UsageEvent { quantity: -5, ..good.clone() }, DeadLetterReason::NegativeQuantity),
+        (UsageEvent { event_time: 0, ..good.clone() }, DeadLetterReason::InvalidTimestamp),
+        (UsageEvent { event_time: -1, ..good.clone() }, DeadLetterReason::InvalidTimestamp),
+        (UsageEvent { event_time: MAX_EVENT_TIME, ..good.clone() }, DeadLetterReason::InvalidTimestamp),
+        (UsageEvent { event_time: NOW + 3_600_000, ..good.clone() }, DeadLetterReason::FutureTimestamp),
+        (UsageEvent { region: "r".repeat(300), ..good.clone() }, DeadLetterReason::StringTooLong),
+    ];
+    for (e, want) in cases {
+        let payload = encode(&e);
+        let got = reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload) }, NOW));
+        assert_eq!(got, want);
+    }
+    let empty_customer = UsageEvent { customer_id: String::new(), ..good.clone() };
+    let payload = encode(&empty_customer);
+    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload) }, NOW)), DeadLetterReason::EmptyCustomerId);
+    let payload = encode(&good);
+    assert_eq!(reason(en.process(Input { partition: 0, key: None, payload: Some(&payload) }, NOW)), DeadLetterReason::MissingKey);
+    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c2"), payload: Some(&payload) }, NOW)), DeadLetterReason::KeyMismatch);
+    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: None }, NOW)), DeadLetterReason::EmptyPayload);
+    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(b"garbage bytes") }, NOW)), DeadLetterReason::BadMagic);
+    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload[..20]) }, NOW)), DeadLetterReason::MalformedAvro);
+    let big = vec![0xC3; 70_000];
+    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&big) }, NOW)), DeadLetterReason::OversizePayload);
+    // Nothing bad reached a window, and the good event is still accepted.
+    assert!(en.flush(T0).is_empty());
+    assert_eq!(feed(&mut en, &good, NOW), Outcome::Aggregated);
+    assert_eq!(en.counters().total(), 16);
+    assert_eq!(en.counters().dead_lettered(), 15);
+}
+
+#[test]
+fn sums_past_i64_stay_exact() {
+    let mut en = engine();
+    for s in 1..=4 {
+        feed(&mut en, &event(s, T0 + s * 1000, i64::MAX), NOW);
+    }
+    let out = en.flush(T0 + 10_000);
+    assert_eq!(latest(&out, Granularity::Day)[0].quantity_sum, 4 * i128::from(i64::MAX));
+}
+
+#[test]
+fn windows_finalize_after_lateness_and_late_events_correct_them() {
+    let mut en = engine();
+    feed(&mut en, &event(1, T0 + 1_000, 10), NOW);
+    en.flush(T0 + 2_000);
+    // Event time moves past the first minute's end plus the allowed lateness.
+    feed(&mut en, &event(2, T0 + 10 * 60_000, 1), NOW);
+    let out = en.flush(T0 + 10 * 60_000);
+    let first_minute: Vec<_> = out.iter().filter(|a| a.key.granularity == Granularity::Minute && a.key.window_start == T0).collect();
+    assert_eq!(first_minute.len(), 1);
+    assert!(first_minute[0].is_final);
+    assert_eq!((first_minute[0].revision, first_minute[0].delta_sum, first_minute[0].quantity_sum), (2, 0, 10));
+    // A late event for the final minute is a correction, not a drop.
+    assert_eq!(feed(&mut en, &event(3, T0 + 2_000, 4), NOW), Outcome::Aggregated);
+    let out = en.flush(T0 + 10 * 60_000 + 1);
+    let m: Vec<_> = out.iter().filter(|a| a.key.granularity == Granularity::Minute && a.key.window_start == T0).collect();
+    assert_eq!((m[0].revision, m[0].delta_sum, m[0].quantity_sum, m[0].is_final), (3, 4, 14, true));
+}
+
+#[test]
+fn events_past_the_correction_horizon_are_too_late() {
+    let cfg = EngineConfig { correction_horizon_ms: 3_600_000, ..EngineConfig::default() };
+    let mut en = Engine::new(Catalog::builtin(), Codec::new().unwrap(), cfg);
+    feed(&mut en, &event(1, T0 + 3 * 3_600_000, 1), NOW);
+    en.flush(T0 + 3 * 3_600_000);
+    let outcome = feed(&mut en, &event(2, T0 + 1_000, 1), NOW);
+    assert!(matches!(outcome, Outcome::DeadLetter { reason: DeadLetterReason::TooLate, .. }), "{outcome:?}");
+}
+
+#[test]
+fn idle_partitions_advance_with_the_wall_clock_and_finalize() {
+    let mut en = engine();
+    feed(&mut en, &event(1, T0 + 1_000, 1), T0 + 1_000);
+    en.flush(T0 + 1_000);
+    let out = en.flush(NOW);
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|a| a.is_final && a.delta_sum == 0 && a.revision == 2));
+    assert!(en.flush(NOW + 1).is_empty());
+}
+
+proptest! {
+    /// Whatever the order and duplication of input, the highest revision of
+    /// every window equals the ground truth.
+    #[test]
+    fn latest_revisions_equal_ground_truth(
+        events in proptest::collection::vec((1i64..200, 0i64..7_200_000, 0i64..1_000_000), 1..300),
+        dup_every in 2usize..6,
+        flush_every in 1usize..50,
+    ) {
+        let mut en = engine();
+        let mut truth: HashMap<WindowKey, i128> = HashMap::new();
+        let mut latest: HashMap<WindowKey, (i64, i128)> = HashMap::new();
+        let mut seen = HashSet::new();
+        fn collect(out: Vec<AggregatedUsage>, latest: &mut HashMap<WindowKey, (i64, i128)>) -> Result<(), TestCaseError> {
+            for a in out {
+                let e = latest.entry(a.key.clone()).or_insert((0, 0));
+                prop_assert!(a.revision > e.0);
+                *e = (a.revision, a.quantity_sum);
+            }
+            Ok(())
+        }
+        for (i, (seq, dt, q)) in events.iter().enumerate() {
+            // The same seq always carries the same payload.
+            let e = event(*seq, T0 + dt % 7_200_000 + seq, (q + seq) % 1_000_000);
+            let e = UsageEvent { event_time: T0 + (seq * 36_000), ..e };
+            let copies = if i % dup_every == 0 { 2 } else { 1 };
+            for _ in 0..copies {
+                let o = feed(&mut en, &e, NOW);
+                if seen.insert(*seq) {
+                    prop_assert_eq!(o, Outcome::Aggregated);
+                    for g in Granularity::ALL {
+                        let k = WindowKey { granularity: g, window_start: g.window_start(e.event_time), customer_id: "c1".into(), service: "compute".into(), usage_type: "BoxUsage:m5.large".into(), region: "us-east-1".into(), resource_id: String::new() };
+                        *truth.entry(k).or_default() += i128::from(e.quantity);
+                    }
+                } else {
+                    prop_assert_eq!(o, Outcome::Duplicate);
+                }
+            }
+            if i % flush_every == 0 {
+                collect(en.flush(T0 + 1), &mut latest)?;
+            }
+        }
+        collect(en.flush(NOW), &mut latest)?;
+        let latest: HashMap<WindowKey, i128> = latest.into_iter().map(|(k, (_, s))| (k, s)).collect();
+        prop_assert_eq!(latest, truth);
+    }
+}
