@@ -122,6 +122,8 @@ def main(argv: list[str]) -> int:
 
     tmp = tempfile.mkdtemp(prefix="meterline-chdb-")
     sess = chdb_session.Session(tmp)
+    # `meter migrate` creates the database before applying the files.
+    sess.query(f"CREATE DATABASE IF NOT EXISTS {args.db}")
     n_statements = 0
     try:
         for path in files:
