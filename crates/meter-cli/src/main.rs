@@ -1,1 +1,199 @@
-fn main() {}
+//! `meter`: the one binary of meterline. Each subcommand is a thin shell
+//! around a library crate.
+
+mod demo;
+mod report;
+mod time;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meter_config::Config;
+use meter_kafka::Signal;
+
+#[derive(Parser)]
+#[command(name = "meter", version, about = "meterline: per-second usage metering, exactly to the unit")]
+struct Cli {
+    /// Configuration file (TOML). Environment variables METER__SECTION__KEY
+    /// override it.
+    #[arg(long, short, global = true, env = "METER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the Kafka topics and apply ClickHouse migrations.
+    Init,
+    /// Apply ClickHouse migrations (idempotent).
+    Migrate,
+    /// Publish usage events (the simulated fleet with --simulate).
+    Agent(AgentArgs),
+    /// Aggregate usage.events into windows on usage.aggregates.
+    Process,
+    /// Insert usage.aggregates and usage.dlq into ClickHouse.
+    Sink,
+    /// Reports from ClickHouse.
+    Report {
+        #[command(subcommand)]
+        report: report::ReportCommand,
+    },
+    /// Run agent, processor and sink on the local stack, then print a usage
+    /// report and a reconciliation against the agent's ledger.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Run the deterministic fleet simulator (the only source for now).
+    #[arg(long)]
+    simulate: bool,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Write the ground-truth ledger (CSV) here when done.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// Simulated seconds per wall-clock second; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    speed: f64,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct SimArgs {
+    /// Seed of the simulated fleet.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Number of simulated customers.
+    #[arg(long, default_value_t = 8)]
+    customers: usize,
+    /// Simulated usage to produce, e.g. 60s, 10m, 1h, 1d.
+    #[arg(long, default_value = "10m", value_parser = time::parse_duration)]
+    duration: std::time::Duration,
+    /// Event time of the first second (YYYY-MM-DD[THH:MM:SSZ]); default:
+    /// midnight UTC two days ago, so every window can be final.
+    #[arg(long, value_parser = time::parse_instant)]
+    start: Option<i64>,
+    /// Agent id stamped on the events.
+    #[arg(long, default_value = "sim-1")]
+    agent_id: String,
+}
+
+impl SimArgs {
+    pub fn sim_config(&self) -> meter_agent::SimConfig {
+        let start = self.start.unwrap_or_else(|| time::day_floor(meter_kafka::now_ms()) - 2 * 86_400_000);
+        meter_agent::SimConfig {
+            seed: self.seed,
+            customers: self.customers,
+            agent_id: self.agent_id.clone(),
+            start,
+            duration_s: self.duration.as_secs(),
+            customer_prefix: "cust-".into(),
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Raises `shutdown` on SIGINT or SIGTERM.
+fn on_signal(shutdown: Signal) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: flushing and committing");
+        shutdown.raise();
+    });
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let load = || Config::load(cli.config.as_deref()).context("loading configuration");
+    match cli.command {
+        Command::Init => {
+            init_logging("info");
+            let cfg = load()?;
+            meter_kafka::admin::ensure_topics(&cfg).await?;
+            let applied = meter_clickhouse::migrate(&meter_kafka::sink::connection(&cfg)).await.context("applying migrations")?;
+            println!("topics ready; migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+        }
+        Command::Migrate => {
+            init_logging("info");
+            let cfg = load()?;
+            let applied = meter_clickhouse::migrate(&meter_kafka::sink::connection(&cfg)).await.context("applying migrations")?;
+            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+        }
+        Command::Agent(args) => {
+            init_logging("info");
+            if !args.simulate {
+                anyhow::bail!("only the simulator exists so far: pass --simulate");
+            }
+            let cfg = load()?;
+            let (stats, ledger) = meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
+            println!(
+                "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
+                stats.events,
+                stats.simulated_seconds,
+                stats.elapsed.as_secs_f64(),
+                ledger.entries.len()
+            );
+        }
+        Command::Process => {
+            init_logging("info");
+            let cfg = load()?;
+            let shutdown = Signal::default();
+            on_signal(shutdown.clone());
+            let c = meter_kafka::processor::run(&cfg, shutdown, Signal::default()).await?;
+            println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
+        }
+        Command::Sink => {
+            init_logging("info");
+            let cfg = load()?;
+            let shutdown = Signal::default();
+            on_signal(shutdown.clone());
+            let s = meter_kafka::sink::run(&cfg, shutdown, Signal::default()).await?;
+            println!("sink: {} usage rows, {} dead letters in {} batches", s.usage_rows, s.dead_letter_rows, s.batches);
+        }
+        Command::Report { report } => {
+            init_logging("warn");
+            let cfg = load()?;
+            report::run(&cfg, report).await?;
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            let cfg = load()?;
+            return demo::run(cfg, args).await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

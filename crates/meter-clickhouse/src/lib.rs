@@ -17,7 +17,7 @@ mod rows;
 
 pub use migrate::{migrate, MIGRATIONS};
 pub use query::{latest_totals, usage_report, ReportGrouping, ReportRow};
-pub use rows::{DeadLetterRow, UsageRow};
+pub use rows::{seconds, DeadLetterRow, UsageRow};
 
 use clickhouse::Client;
 
@@ -61,7 +61,8 @@ impl Connection {
     }
 }
 
-pub(crate) fn check_identifier(name: &str) -> Result<()> {
+/// Checks that `name` can be used as a ClickHouse identifier unquoted.
+pub fn check_identifier(name: &str) -> Result<()> {
     if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         Ok(())
     } else {

@@ -1,6 +1,6 @@
 //! Rows as stored in ClickHouse. Field order is column order.
 
-use meter_model::{AggregatedUsage, DeadLetter};
+use meter_model::AggregatedUsage;
 use serde::{Deserialize, Serialize};
 
 /// One window revision in `usage_minute`, `usage_hour` or `usage_day`.
@@ -26,7 +26,8 @@ pub struct UsageRow {
     pub delta_sum: i128,
 }
 
-fn seconds(ms: i64) -> u32 {
+/// Epoch milliseconds as ClickHouse DateTime seconds.
+pub fn seconds(ms: i64) -> u32 {
     // Event times are validated to lie in 1970..2100, which fits u32 seconds
     // until 2106.
     u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX)
@@ -70,22 +71,6 @@ pub struct DeadLetterRow {
     pub record_key: Vec<u8>,
     #[serde(with = "serde_bytes_compat")]
     pub payload: Vec<u8>,
-}
-
-impl DeadLetterRow {
-    pub fn new(reason: &str, detail: &str, d: &DeadLetter) -> Self {
-        DeadLetterRow {
-            dead_lettered_at: seconds(d.dead_lettered_at),
-            reason: reason.to_owned(),
-            detail: detail.to_owned(),
-            source_topic: d.source_topic.clone(),
-            source_partition: d.source_partition,
-            source_offset: d.source_offset,
-            has_key: u8::from(d.key.is_some()),
-            record_key: d.key.clone().unwrap_or_default(),
-            payload: d.payload.clone(),
-        }
-    }
 }
 
 /// Serializes `Vec<u8>` as a byte string (RowBinary String) rather than as a

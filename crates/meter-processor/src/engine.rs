@@ -145,6 +145,13 @@ impl Engine {
         self.windows.len()
     }
 
+    /// Windows whose final revision has not been emitted yet, plus windows
+    /// changed since the last flush. Zero means every result is final and
+    /// published once the last flush is durable.
+    pub fn unsettled_windows(&self) -> usize {
+        self.dirty.len() + self.windows.values().filter(|w| !w.is_final && !w.dirty).count()
+    }
+
     /// The watermark of `partition`, if it has seen any record.
     pub fn watermark(&self, partition: i32) -> Option<Millis> {
         self.clocks.get(&partition).map(|c| c.watermark)

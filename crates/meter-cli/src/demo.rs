@@ -1,0 +1,170 @@
+//! `meter demo`: the whole pipeline on the local stack, then a usage report
+//! and a reconciliation of ClickHouse and `usage.aggregates` against the
+//! simulator's ledger.
+//!
+//! Each run uses fresh topics (suffixed with a run id) and consumer groups,
+//! and recreates the `meterline_demo` database, so runs never mix.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meter_config::Config;
+use meter_kafka::Signal;
+use meter_model::ledger::{compare, Ledger, Mismatch};
+use meter_model::Granularity;
+
+use crate::report::{self, By, Format, UsageArgs};
+use crate::SimArgs;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    sim: SimArgs,
+    /// ClickHouse database for the demo; dropped and recreated.
+    #[arg(long, default_value = "meterline_demo")]
+    database: String,
+    /// Where to write the ledger (CSV).
+    #[arg(long)]
+    ledger: Option<std::path::PathBuf>,
+}
+
+/// Everything a reconciliation found.
+pub struct Reconciliation {
+    pub events: i64,
+    pub keys: usize,
+    pub mismatches: Vec<(String, Mismatch)>,
+    pub final_windows: usize,
+    pub windows: usize,
+}
+
+impl Reconciliation {
+    pub fn summary(&self) -> String {
+        if self.mismatches.is_empty() {
+            format!("reconciliation: ok ({} events, {} keys, 0 mismatches)", self.events, self.keys)
+        } else {
+            format!("reconciliation: FAILED ({} events, {} keys, {} mismatches)", self.events, self.keys, self.mismatches.len())
+        }
+    }
+}
+
+/// Compares ClickHouse (minute, hour, day; latest revision per window) and
+/// the latest revisions on the aggregates topic with the ledger, per key and
+/// to the unit.
+pub async fn reconcile(cfg: &Config, ledger: &Ledger) -> anyhow::Result<Reconciliation> {
+    let expected = ledger.with_rollups();
+    let client = meter_kafka::sink::connection(cfg).client()?;
+    let mut clickhouse = Ledger::default();
+    for g in Granularity::ALL {
+        clickhouse.merge(&meter_clickhouse::latest_totals(&client, g).await.with_context(|| format!("reading {}", g.table()))?);
+    }
+    let kafka_cfg = cfg.clone();
+    let latest = tokio::task::spawn_blocking(move || meter_kafka::aggregates::read_latest(&kafka_cfg, Duration::from_secs(120))).await??;
+    let mut mismatches: Vec<(String, Mismatch)> = Vec::new();
+    mismatches.extend(compare(&expected, &clickhouse).into_iter().map(|m| ("clickhouse".to_owned(), m)));
+    mismatches.extend(compare(&expected, &latest.totals()).into_iter().map(|m| (cfg.topics.aggregates.clone(), m)));
+    Ok(Reconciliation {
+        events: ledger.event_count(),
+        keys: expected.entries.len(),
+        mismatches,
+        final_windows: latest.final_count(),
+        windows: latest.windows.len(),
+    })
+}
+
+pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let run_id = meter_kafka::now_ms();
+    for topic in [&mut cfg.topics.events, &mut cfg.topics.aggregates, &mut cfg.topics.dlq] {
+        *topic = format!("{topic}.demo-{run_id}");
+    }
+    cfg.processor.group_id = format!("{}-demo-{run_id}", cfg.processor.group_id);
+    cfg.sink.group_id = format!("{}-demo-{run_id}", cfg.sink.group_id);
+    cfg.clickhouse.database = args.database.clone();
+    // Short idle timeout and commit interval: the demo's fleet stops, and
+    // its windows should become final soon after.
+    cfg.processor.idle_timeout_ms = 2_000;
+    cfg.processor.commit_interval_ms = 500;
+    cfg.sink.batch_ms = 500;
+    cfg.validate()?;
+
+    let started = Instant::now();
+    let conn = meter_kafka::sink::connection(&cfg);
+    meter_clickhouse::check_identifier(&cfg.clickhouse.database)?;
+    conn.server_client()
+        .query(&format!("DROP DATABASE IF EXISTS {}", cfg.clickhouse.database))
+        .execute()
+        .await
+        .context("is ClickHouse running? (ops/up starts it)")?;
+    meter_clickhouse::migrate(&conn).await.context("applying migrations")?;
+    meter_kafka::admin::ensure_topics(&cfg).await.context("creating topics (is Kafka running? ops/up starts it)")?;
+    println!("demo: topics {}, {}, {}; database {}", cfg.topics.events, cfg.topics.aggregates, cfg.topics.dlq, cfg.clickhouse.database);
+
+    let cfg = Arc::new(cfg);
+    let (proc_drain, sink_drain, stop) = (Signal::default(), Signal::default(), Signal::default());
+    let processor = tokio::spawn({
+        let (cfg, drain, stop) = (cfg.clone(), proc_drain.clone(), stop.clone());
+        async move { meter_kafka::processor::run(&cfg, stop, drain).await }
+    });
+    let sink = tokio::spawn({
+        let (cfg, drain, stop) = (cfg.clone(), sink_drain.clone(), stop.clone());
+        async move { meter_kafka::sink::run(&cfg, stop, drain).await }
+    });
+
+    let sim = args.sim.sim_config();
+    let (from, to) = (sim.start, sim.start + 1000 * sim.duration_s as i64);
+    let (agent, ledger) = meter_kafka::agent::run_simulated(&cfg, sim, 0.0, args.ledger.as_deref()).await?;
+    println!(
+        "agent: {} events ({} simulated seconds, {} customers) in {:.1}s: {:.0} events/s",
+        agent.events,
+        agent.simulated_seconds,
+        args.sim.customers,
+        agent.elapsed.as_secs_f64(),
+        agent.events as f64 / agent.elapsed.as_secs_f64().max(1e-9)
+    );
+    proc_drain.raise();
+    let counters = processor.await.context("processor task")??;
+    let processed_at = started.elapsed();
+    sink_drain.raise();
+    let sink_stats = sink.await.context("sink task")??;
+    println!(
+        "processor: {} aggregated, {} duplicates, {} dead-lettered",
+        counters.aggregated,
+        counters.duplicates,
+        counters.dead_lettered()
+    );
+    println!(
+        "sink: {} usage rows and {} dead letters in {} batches ({:.0} rows/s while inserting)",
+        sink_stats.usage_rows,
+        sink_stats.dead_letter_rows,
+        sink_stats.batches,
+        sink_stats.usage_rows as f64 / sink_stats.insert_time.as_secs_f64().max(1e-9)
+    );
+    println!("pipeline drained in {:.1}s (processor done at {:.1}s)\n", started.elapsed().as_secs_f64(), processed_at.as_secs_f64());
+
+    let usage_args = UsageArgs { from, to, customer: None, by: By::Service, format: Format::Table };
+    let rows = report::usage(&cfg, &usage_args).await?;
+    println!("usage {} .. {} (UTC), latest revision per window:\n", crate::time::format_date(from), crate::time::format_date(to));
+    print!("{}", report::render_usage(&rows, By::Service, Format::Table, &cfg.catalog()?));
+    let families: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.service.as_str()).collect();
+    println!("\nservice families: {}", families.into_iter().collect::<Vec<_>>().join(", "));
+
+    let rec = reconcile(&cfg, &ledger).await?;
+    println!(
+        "{}: {} windows, {} final (latest revision per window)",
+        cfg.topics.aggregates, rec.windows, rec.final_windows
+    );
+    let mut ok = rec.mismatches.is_empty();
+    if counters.aggregated != agent.events || counters.total() != agent.events {
+        println!("processor outcomes {} do not match the {} events produced", counters.total(), agent.events);
+        ok = false;
+    }
+    for (source, m) in rec.mismatches.iter().take(50) {
+        println!("  mismatch in {source}: {m}");
+    }
+    if rec.mismatches.len() > 50 {
+        println!("  ... and {} more", rec.mismatches.len() - 50);
+    }
+    println!("{}", rec.summary());
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,108 @@
+//! Reads `usage.aggregates` back as a billing consumer would: from the
+//! beginning, read_committed, keeping the highest revision of every window.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use meter_avro::Codec;
+use meter_config::Config;
+use meter_model::ledger::{Ledger, LedgerKey, Totals};
+use meter_model::{AggregatedUsage, WindowKey};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::client_config;
+
+/// The highest revision of every window on the topic, and how many of them
+/// are final.
+#[derive(Debug, Default)]
+pub struct LatestRevisions {
+    pub windows: HashMap<WindowKey, AggregatedUsage>,
+    pub records: u64,
+}
+
+impl LatestRevisions {
+    /// Totals per ledger key (summed over resource_id).
+    pub fn totals(&self) -> Ledger {
+        let mut l = Ledger::default();
+        for a in self.windows.values() {
+            let k = &a.key;
+            let key = LedgerKey {
+                granularity: k.granularity,
+                window_start: k.window_start,
+                customer_id: k.customer_id.clone(),
+                service: k.service.clone(),
+                usage_type: k.usage_type.clone(),
+                region: k.region.clone(),
+            };
+            l.entries.entry(key).or_default().add(Totals { event_count: a.event_count, quantity_sum: a.quantity_sum });
+        }
+        l
+    }
+
+    pub fn final_count(&self) -> usize {
+        self.windows.values().filter(|a| a.is_final).count()
+    }
+}
+
+/// Reads the whole aggregates topic up to its current end.
+pub fn read_latest(cfg: &Config, timeout: Duration) -> anyhow::Result<LatestRevisions> {
+    let codec = Codec::new()?;
+    let consumer: BaseConsumer = client_config(&cfg.kafka)
+        .set("group.id", "meter-reconcile")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .context("creating reader")?;
+    let topic = &cfg.topics.aggregates;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).context("fetching metadata")?;
+    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            ends.insert(p, high);
+        }
+    }
+    let mut out = LatestRevisions::default();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            bail!("timed out reading {topic}: partitions {:?} not read to their end", ends.keys().collect::<Vec<_>>());
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            // Transaction markers occupy offsets without being delivered.
+            if let Ok(pos) = consumer.position() {
+                for e in pos.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        if ends.get(&e.partition()).is_some_and(|&h| o >= h) {
+                            ends.remove(&e.partition());
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        let m = m.context("reading aggregates")?;
+        out.records += 1;
+        let a = codec.decode_aggregate(m.payload().unwrap_or_default()).with_context(|| format!("decoding aggregate at offset {}", m.offset()))?;
+        match out.windows.get(&a.key) {
+            Some(prev) if prev.revision >= a.revision => {}
+            _ => {
+                out.windows.insert(a.key.clone(), a);
+            }
+        }
+        if ends.get(&m.partition()).is_some_and(|&h| m.offset() + 1 >= h) {
+            ends.remove(&m.partition());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,182 @@
+//! The sink runner: `usage.aggregates` and `usage.dlq` -> ClickHouse.
+//!
+//! Guarantee: offsets are committed only after the batch holding every
+//! record before them was inserted and acknowledged by ClickHouse. Inserting
+//! a row twice is harmless: the tables are ReplacingMergeTree keyed by the
+//! window (revision wins) or by the source position (dead letters). A failed
+//! insert is retried with exponential backoff, keeping the batch, for as
+//! long as it takes; the consumer pauses meanwhile.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meter_avro::Codec;
+use meter_clickhouse::{seconds, Connection, DeadLetterRow, UsageRow};
+use meter_config::Config;
+use meter_model::Granularity;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use crate::{caught_up, client_config, Signal};
+
+pub fn connection(cfg: &Config) -> Connection {
+    Connection {
+        url: cfg.clickhouse.url.clone(),
+        database: cfg.clickhouse.database.clone(),
+        user: cfg.clickhouse.user.clone(),
+        password: cfg.clickhouse.password.clone(),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SinkStats {
+    pub usage_rows: u64,
+    pub dead_letter_rows: u64,
+    pub batches: u64,
+    pub retries: u64,
+    pub undecodable: u64,
+    pub insert_time: Duration,
+}
+
+#[derive(Default)]
+struct Batch {
+    usage: BTreeMap<Granularity, Vec<UsageRow>>,
+    dead_letters: Vec<DeadLetterRow>,
+    offsets: BTreeMap<(String, i32), i64>,
+    rows: usize,
+    started: Option<Instant>,
+}
+
+async fn insert_batch(client: &clickhouse::Client, batch: &Batch) -> Result<(), clickhouse::error::Error> {
+    for (g, rows) in &batch.usage {
+        if rows.is_empty() {
+            continue;
+        }
+        let mut insert = client.insert::<UsageRow>(g.table()).await?;
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+    }
+    if !batch.dead_letters.is_empty() {
+        let mut insert = client.insert::<DeadLetterRow>("dead_letters").await?;
+        for row in &batch.dead_letters {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+    }
+    Ok(())
+}
+
+/// Runs the sink until `shutdown`, or, once `drain` is raised, until both
+/// topics are consumed to their end and everything is inserted.
+pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<SinkStats> {
+    let codec = Codec::new()?;
+    let client = connection(cfg).client()?;
+    let consumer: StreamConsumer = client_config(&cfg.kafka)
+        .set("group.id", &cfg.sink.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+                .create()
+        .context("creating sink consumer")?;
+    consumer.subscribe(&[&cfg.topics.aggregates, &cfg.topics.dlq]).context("subscribing sink")?;
+    let mut stats = SinkStats::default();
+    let mut batch = Batch::default();
+    let max_wait = Duration::from_millis(cfg.sink.batch_ms);
+    info!(database = %cfg.clickhouse.database, "sink started");
+    loop {
+        if shutdown.is_raised() && batch.rows == 0 {
+            break;
+        }
+        let wait = batch.started.map_or(Duration::from_millis(200), |s| max_wait.saturating_sub(s.elapsed())).min(Duration::from_millis(200));
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                let topic = m.topic().to_owned();
+                let payload = m.payload().unwrap_or_default();
+                if topic == cfg.topics.aggregates {
+                    match codec.decode_aggregate(payload) {
+                        Ok(a) => batch.usage.entry(a.key.granularity).or_default().push(UsageRow::from(&a)),
+                        Err(e) => {
+                            stats.undecodable += 1;
+                            error!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable aggregate skipped");
+                        }
+                    }
+                } else {
+                    match codec.decode_dead_letter(payload) {
+                        Ok(d) => batch.dead_letters.push(DeadLetterRow {
+                            dead_lettered_at: seconds(d.dead_lettered_at),
+                            reason: d.reason,
+                            detail: d.detail,
+                            source_topic: d.source_topic,
+                            source_partition: d.source_partition,
+                            source_offset: d.source_offset,
+                            has_key: u8::from(d.key.is_some()),
+                            record_key: d.key.unwrap_or_default(),
+                            payload: d.payload,
+                        }),
+                        Err(e) => {
+                            stats.undecodable += 1;
+                            error!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable dead letter skipped");
+                        }
+                    }
+                }
+                batch.offsets.insert((topic, m.partition()), m.offset() + 1);
+                batch.rows += 1;
+                batch.started.get_or_insert_with(Instant::now);
+            }
+            Ok(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
+            Err(_) => {}
+        }
+        let due = batch.rows >= cfg.sink.batch_rows || batch.started.is_some_and(|s| s.elapsed() >= max_wait);
+        if due || (shutdown.is_raised() && batch.rows > 0) {
+            flush(cfg, &client, &consumer, &mut batch, &mut stats, &shutdown).await?;
+        }
+        if drain.is_raised() && batch.rows == 0 && caught_up(&consumer) {
+            break;
+        }
+    }
+    info!(usage_rows = stats.usage_rows, dead_letter_rows = stats.dead_letter_rows, batches = stats.batches, "sink stopped");
+    Ok(stats)
+}
+
+async fn flush(
+    cfg: &Config,
+    client: &clickhouse::Client,
+    consumer: &StreamConsumer,
+    batch: &mut Batch,
+    stats: &mut SinkStats,
+    shutdown: &Signal,
+) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(cfg.sink.backoff_ms);
+    let started = Instant::now();
+    loop {
+        match insert_batch(client, batch).await {
+            Ok(()) => break,
+            Err(e) => {
+                stats.retries += 1;
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, rows = batch.rows, "ClickHouse insert failed; retrying");
+                if shutdown.is_raised() {
+                    anyhow::bail!("ClickHouse insert failed during shutdown; offsets not committed: {e}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(cfg.sink.max_backoff_ms));
+            }
+        }
+    }
+    stats.insert_time += started.elapsed();
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, p), o) in &batch.offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).context("building offset list")?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync).context("committing sink offsets")?;
+    stats.batches += 1;
+    stats.usage_rows += batch.usage.values().map(|v| v.len() as u64).sum::<u64>();
+    stats.dead_letter_rows += batch.dead_letters.len() as u64;
+    debug!(rows = batch.rows, "batch inserted and committed");
+    *batch = Batch::default();
+    Ok(())
+}
