@@ -30,5 +30,30 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
             Err((topic, code)) => bail!("creating topic {topic}: {code}"),
         }
     }
+    // Topic creation returns before every broker's metadata shows the topic;
+    // a consumer subscribing in that gap sees no partitions and waits for
+    // the next metadata refresh (minutes). Wait until all partitions have
+    // leaders.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for topic in [&t.events, &t.aggregates, &t.dlq] {
+        loop {
+            let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5));
+            let ready = md.as_ref().is_ok_and(|md| {
+                md.topics().iter().any(|mt| {
+                    mt.name() == topic.as_str()
+                        && mt.error().is_none()
+                        && mt.partitions().len() >= usize::try_from(t.partitions).unwrap_or(0)
+                        && mt.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+                })
+            });
+            if ready {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("topic {topic} has no leaders for all partitions after 30s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Ok(())
 }

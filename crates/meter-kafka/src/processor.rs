@@ -164,16 +164,20 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
             break;
         }
         let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        let mut idle = false;
         match tokio::time::timeout(wait, consumer.recv()).await {
             Ok(Ok(m)) => r.handle(&m),
             Ok(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
-            Err(_) => {}
+            Err(_) => idle = true,
         }
         if Instant::now() >= next_commit {
+            let t = Instant::now();
             let emitted = r.commit(&consumer).await?;
-            debug!(emitted, "committed");
+            debug!(emitted, handled = r.engine.counters().total(), commit_ms = t.elapsed().as_millis() as u64, "committed");
             next_commit = Instant::now() + interval;
-            if drain.is_raised() && caught_up(&consumer) && r.engine.unsettled_windows() == 0 {
+            // Checking the high watermarks blocks on the broker, so only
+            // when no record arrived for a while.
+            if idle && drain.is_raised() && caught_up(&consumer) && r.engine.unsettled_windows() == 0 {
                 break;
             }
         }

@@ -93,6 +93,7 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
             break;
         }
         let wait = batch.started.map_or(Duration::from_millis(200), |s| max_wait.saturating_sub(s.elapsed())).min(Duration::from_millis(200));
+        let mut idle = false;
         match tokio::time::timeout(wait, consumer.recv()).await {
             Ok(Ok(m)) => {
                 let topic = m.topic().to_owned();
@@ -129,13 +130,14 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
                 batch.started.get_or_insert_with(Instant::now);
             }
             Ok(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
-            Err(_) => {}
+            Err(_) => idle = true,
         }
         let due = batch.rows >= cfg.sink.batch_rows || batch.started.is_some_and(|s| s.elapsed() >= max_wait);
         if due || (shutdown.is_raised() && batch.rows > 0) {
             flush(cfg, &client, &consumer, &mut batch, &mut stats, &shutdown).await?;
         }
-        if drain.is_raised() && batch.rows == 0 && caught_up(&consumer) {
+        // Checking the high watermarks blocks on the broker, so only when idle.
+        if idle && drain.is_raised() && batch.rows == 0 && caught_up(&consumer) {
             break;
         }
     }
