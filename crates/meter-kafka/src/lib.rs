@@ -8,6 +8,7 @@ pub mod admin;
 pub mod agent;
 pub mod aggregates;
 pub mod processor;
+pub mod reconcile;
 pub mod sink;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,221 @@
+//! Integration tests against the real local Kafka and ClickHouse that
+//! `ops/up` starts (each test on its own topics, groups and database).
+//! They fail, rather than skip, when the stack is not running.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meter_agent::SimConfig;
+use meter_avro::Codec;
+use meter_config::Config;
+use meter_kafka::{admin, agent, processor, reconcile, sink, Signal};
+use meter_model::{DeadLetterReason, Granularity, UsageEvent};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A configuration with topics, groups and a database no other test uses.
+fn unique_config(name: &str) -> Config {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let id = format!("{}_{}_{}", name, std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let mut cfg = Config::default();
+    for topic in [&mut cfg.topics.events, &mut cfg.topics.aggregates, &mut cfg.topics.dlq] {
+        *topic = format!("test.{id}.{topic}");
+    }
+    cfg.topics.partitions = 3;
+    cfg.processor.group_id = format!("test-processor-{id}");
+    cfg.sink.group_id = format!("test-sink-{id}");
+    cfg.clickhouse.database = format!("test_{id}");
+    cfg.processor.idle_timeout_ms = 1_000;
+    cfg.processor.commit_interval_ms = 300;
+    cfg.sink.batch_ms = 300;
+    cfg.validate().unwrap();
+    cfg
+}
+
+async fn setup(cfg: &Config) {
+    admin::ensure_topics(cfg).await.expect("Kafka must be running (ops/up)");
+    meter_clickhouse::migrate(&sink::connection(cfg)).await.expect("ClickHouse must be running (ops/up)");
+}
+
+fn past_midnight() -> i64 {
+    let now = meter_kafka::now_ms();
+    now - now.rem_euclid(DAY_MS) - 2 * DAY_MS
+}
+
+struct Running {
+    processor: tokio::task::JoinHandle<anyhow::Result<meter_processor::Counters>>,
+    sink: tokio::task::JoinHandle<anyhow::Result<sink::SinkStats>>,
+    proc_drain: Signal,
+    sink_drain: Signal,
+}
+
+fn start(cfg: &Arc<Config>) -> Running {
+    let (proc_drain, sink_drain) = (Signal::default(), Signal::default());
+    let processor = tokio::spawn({
+        let (cfg, drain) = (cfg.clone(), proc_drain.clone());
+        async move { processor::run(&cfg, Signal::default(), drain).await }
+    });
+    let sink = tokio::spawn({
+        let (cfg, drain) = (cfg.clone(), sink_drain.clone());
+        async move { sink::run(&cfg, Signal::default(), drain).await }
+    });
+    Running { processor, sink, proc_drain, sink_drain }
+}
+
+impl Running {
+    async fn drain(self) -> (meter_processor::Counters, sink::SinkStats) {
+        self.proc_drain.raise();
+        let counters = tokio::time::timeout(Duration::from_secs(120), self.processor).await.expect("processor drains").unwrap().unwrap();
+        self.sink_drain.raise();
+        let stats = tokio::time::timeout(Duration::from_secs(120), self.sink).await.expect("sink drains").unwrap().unwrap();
+        (counters, stats)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_equals_clickhouse_and_final_revisions_on_the_topic() {
+    let cfg = Arc::new(unique_config("e2e"));
+    setup(&cfg).await;
+    let running = start(&cfg);
+    // Two simulated hours across a day boundary... of the same past day:
+    // minute, hour and day windows all get several revisions.
+    let sim = SimConfig { seed: 7, customers: 5, agent_id: "it-1".into(), start: past_midnight() + 22 * 3_600_000, duration_s: 2 * 3600, customer_prefix: "cust-".into() };
+    let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
+    let (counters, sink_stats) = running.drain().await;
+
+    assert_eq!(counters.aggregated, stats.events);
+    assert_eq!(counters.total(), stats.events);
+    assert!(sink_stats.usage_rows > 0);
+    let rec = reconcile::reconcile(&cfg, &ledger).await.unwrap();
+    for (source, m) in &rec.mismatches {
+        eprintln!("mismatch in {source}: {m}");
+    }
+    assert!(rec.mismatches.is_empty(), "{} mismatches", rec.mismatches.len());
+    assert_eq!(rec.events, stats.events as i64);
+    assert_eq!(rec.windows, rec.final_windows, "every window of a closed past period must be final");
+    for g in Granularity::ALL {
+        assert!(ledger.with_rollups().entries.keys().any(|k| k.granularity == g));
+    }
+    // The ledger is not trivially equal: a changed ledger must mismatch.
+    let mut wrong = ledger.clone();
+    if let Some(t) = wrong.entries.values_mut().next() {
+        t.quantity_sum += 1;
+    }
+    let rec = reconcile::reconcile(&cfg, &wrong).await.unwrap();
+    assert_eq!(rec.mismatches.len(), 2 * 3, "one minute key off changes its minute, hour and day in both sources");
+}
+
+fn encode(e: &UsageEvent) -> Vec<u8> {
+    let mut buf = Vec::new();
+    Codec::new().unwrap().encode_event(e, &mut buf);
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
+    let cfg = Arc::new(unique_config("bad"));
+    setup(&cfg).await;
+    let running = start(&cfg);
+
+    let t = past_midnight() + 3_600_000;
+    let good = UsageEvent {
+        event_id: "bad-test/cust-0001/1".into(),
+        agent_id: "bad-test".into(),
+        seq: Some(1),
+        customer_id: "cust-0001".into(),
+        service: "compute".into(),
+        usage_type: "BoxUsage:m5.large".into(),
+        resource_id: "i-1".into(),
+        region: "us-east-1".into(),
+        quantity: 1,
+        event_time: t,
+        attributes: Default::default(),
+    };
+    let bad: Vec<(DeadLetterReason, Vec<u8>)> = vec![
+        (DeadLetterReason::BadMagic, b"\x00\xffnot avro at all".to_vec()),
+        (DeadLetterReason::UnknownUsageType, encode(&UsageEvent { usage_type: "BoxUsage:x99.mega".into(), seq: Some(2), ..good.clone() })),
+        (DeadLetterReason::NegativeQuantity, encode(&UsageEvent { quantity: -40, seq: Some(3), ..good.clone() })),
+        (DeadLetterReason::EmptyCustomerId, encode(&UsageEvent { customer_id: String::new(), seq: Some(4), ..good.clone() })),
+    ];
+    let producer: FutureProducer = agent::producer(&cfg).unwrap();
+    // Bad records first: the processor must keep going past them.
+    for (_, payload) in &bad {
+        producer
+            .send(FutureRecord::to(&cfg.topics.events).key("cust-0001").payload(payload.as_slice()), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let sim = SimConfig { seed: 3, customers: 3, agent_id: "it-2".into(), start: past_midnight(), duration_s: 600, customer_prefix: "cust-".into() };
+    let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
+    let (counters, sink_stats) = running.drain().await;
+
+    assert_eq!(counters.aggregated, stats.events);
+    assert_eq!(counters.dead_lettered(), bad.len() as u64);
+    for (reason, _) in &bad {
+        assert_eq!(counters.dead_letters.get(reason), Some(&1), "{reason}");
+    }
+    assert_eq!(sink_stats.dead_letter_rows, bad.len() as u64);
+
+    // usage.dlq holds each original payload with its reason.
+    let codec = Codec::new().unwrap();
+    let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka).set("group.id", "dlq-reader").set("isolation.level", "read_committed").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..cfg.topics.partitions {
+        tpl.add_partition_offset(&cfg.topics.dlq, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut found = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while found.len() < bad.len() && std::time::Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let d = codec.decode_dead_letter(m.unwrap().payload().unwrap()).unwrap();
+            found.push((d.reason, d.payload, d.source_topic));
+        }
+    }
+    found.sort();
+    let mut expected: Vec<(String, Vec<u8>, String)> = bad.iter().map(|(r, p)| (r.to_string(), p.clone(), cfg.topics.events.clone())).collect();
+    expected.sort();
+    assert_eq!(found, expected);
+
+    // ClickHouse has them too, by reason.
+    let client = sink::connection(&cfg).client().unwrap();
+    let mut reasons: Vec<String> = client.query("SELECT reason FROM dead_letters FINAL ORDER BY reason").fetch_all().await.unwrap();
+    reasons.sort();
+    let mut want: Vec<String> = bad.iter().map(|(r, _)| r.to_string()).collect();
+    want.sort();
+    assert_eq!(reasons, want);
+
+    let rec = reconcile::reconcile(&cfg, &ledger).await.unwrap();
+    assert!(rec.mismatches.is_empty(), "{}", rec.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_apply_to_the_local_server_and_are_idempotent() {
+    let cfg = unique_config("migrate");
+    let conn = sink::connection(&cfg);
+    let first = meter_clickhouse::migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
+    assert_eq!(first.len(), meter_clickhouse::MIGRATIONS.len());
+    let second = meter_clickhouse::migrate(&conn).await.unwrap();
+    assert!(second.is_empty(), "{second:?}");
+    let client = conn.client().unwrap();
+    let tables: Vec<String> = client.query("SELECT name FROM system.tables WHERE database = ? ORDER BY name").bind(cfg.clickhouse.database.as_str()).fetch_all().await.unwrap();
+    assert_eq!(tables, vec!["dead_letters", "schema_migrations", "usage_day", "usage_hour", "usage_minute"]);
+}
+
+#[test]
+fn migrations_apply_to_current_clickhouse_through_chdb() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let out = std::process::Command::new("python3")
+        .arg(format!("{root}/tests/sql/check_chdb.py"))
+        .arg(format!("{root}/schemas/clickhouse"))
+        .output()
+        .expect("python3 must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "chdb check failed (ops/install installs chdb):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("chdb: ok"), "{stdout}");
+}
