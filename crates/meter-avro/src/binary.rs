@@ -96,7 +96,8 @@ impl<'a> Reader<'a> {
     pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.long()?;
         let len = usize::try_from(len).map_err(|_| malformed("negative length"))?;
-        let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len()).ok_or_else(|| malformed("truncated: length runs past the end"))?;
+        let end =
+            self.pos.checked_add(len).filter(|&e| e <= self.buf.len()).ok_or_else(|| malformed("truncated: length runs past the end"))?;
         let b = &self.buf[self.pos..end];
         self.pos = end;
         Ok(b)

@@ -236,8 +236,7 @@ impl Codec {
             reason: r.string()?,
             detail: r.string()?,
             source_topic: r.string()?,
-            source_partition: i32::try_from(r.long()?)
-                .map_err(|_| DecodeError::Malformed("source_partition out of int range".into()))?,
+            source_partition: i32::try_from(r.long()?).map_err(|_| DecodeError::Malformed("source_partition out of int range".into()))?,
             source_offset: r.long()?,
             key: match r.long()? {
                 0 => None,

@@ -25,7 +25,7 @@ fn sample_aggregate(sum: i128) -> AggregatedUsage {
     AggregatedUsage {
         key: WindowKey {
             granularity: Granularity::Hour,
-            window_start: 1_764_000_000_000 - 1_764_000_000_000 % 3_600_000,
+            window_start: 1_764_000_000_000, // a whole hour
             customer_id: "cust-7".into(),
             service: "object-storage".into(),
             usage_type: "TimedStorage-ByteSec".into(),

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use meter_config::Config;
-use meter_kafka::Signal;
 use meter_kafka::reconcile::reconcile;
+use meter_kafka::Signal;
 
 use crate::report::{self, By, Format, UsageArgs};
 use crate::SimArgs;
@@ -106,10 +106,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("\nservice families: {}", families.into_iter().collect::<Vec<_>>().join(", "));
 
     let rec = reconcile(&cfg, &ledger).await?;
-    println!(
-        "{}: {} windows, {} final (latest revision per window)",
-        cfg.topics.aggregates, rec.windows, rec.final_windows
-    );
+    println!("{}: {} windows, {} final (latest revision per window)", cfg.topics.aggregates, rec.windows, rec.final_windows);
     let mut ok = rec.mismatches.is_empty();
     if counters.aggregated != agent.events || counters.total() != agent.events {
         println!("processor outcomes {} do not match the {} events produced", counters.total(), agent.events);

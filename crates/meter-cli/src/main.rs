@@ -127,7 +127,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load()?;
             meter_kafka::admin::ensure_topics(&cfg).await?;
             let applied = meter_clickhouse::migrate(&meter_kafka::sink::connection(&cfg)).await.context("applying migrations")?;
-            println!("topics ready; migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+            println!(
+                "topics ready; migrations applied: {}",
+                if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") }
+            );
         }
         Command::Migrate => {
             init_logging("info");
@@ -141,7 +144,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("only the simulator exists so far: pass --simulate");
             }
             let cfg = load()?;
-            let (stats, ledger) = meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
+            let (stats, ledger) =
+                meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
             println!(
                 "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
                 stats.events,

@@ -132,7 +132,8 @@ pub fn render_usage(rows: &[ReportRow], by: By, format: Format, catalog: &Catalo
                 .map(|c| {
                     let mut m = serde_json::Map::new();
                     for (h, v) in header.iter().zip(c) {
-                        let value = if *h == "events" { v.parse::<i64>().map_or_else(|_| v.clone().into(), Into::into) } else { v.clone().into() };
+                        let value =
+                            if *h == "events" { v.parse::<i64>().map_or_else(|_| v.clone().into(), Into::into) } else { v.clone().into() };
                         m.insert((*h).to_owned(), value);
                     }
                     serde_json::Value::Object(m)
@@ -219,15 +220,12 @@ mod tests {
     fn renders_table_csv_and_json() {
         let c = Catalog::builtin();
         let t = render_usage(&rows(), By::Service, Format::Table, &c);
-        assert_eq!(
-            t,
-            "customer_id  service  usage_type         quantity  unit     events\n\
-             -----------  -------  -----------------  --------  -------  ------\n\
-             cust-0001    compute  BoxUsage:m5.large  1,234,567  seconds   3,600\n"
-                .replace("quantity  unit", "quantity  unit")
-                .replace("-----------------  --------  -------", "-----------------  ---------  -------")
-                .replace("usage_type         quantity", "usage_type          quantity")
-        );
+        let want = [
+            "customer_id  service  usage_type          quantity  unit     events",
+            "-----------  -------  -----------------  ---------  -------  ------",
+            "cust-0001    compute  BoxUsage:m5.large  1,234,567  seconds   3,600",
+        ];
+        assert_eq!(t, want.join("\n") + "\n");
         assert_eq!(
             render_usage(&rows(), By::Service, Format::Csv, &c),
             "customer_id,service,usage_type,quantity,unit,events\ncust-0001,compute,BoxUsage:m5.large,1234567,seconds,3600\n"

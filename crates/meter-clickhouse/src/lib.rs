@@ -46,11 +46,7 @@ pub struct Connection {
 impl Connection {
     /// A client bound to no database (for `CREATE DATABASE`).
     pub fn server_client(&self) -> Client {
-        Client::default()
-            .with_url(&self.url)
-            .with_user(&self.user)
-            .with_password(&self.password)
-            .with_validation(false)
+        Client::default().with_url(&self.url).with_user(&self.user).with_password(&self.password).with_validation(false)
     }
 
     /// A client whose unqualified table names resolve in the configured

@@ -68,12 +68,7 @@ pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
         for stmt in statements(&sql.replace("{db}", db)) {
             server.query(&stmt).execute().await?;
         }
-        client
-            .query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)")
-            .bind(*version)
-            .bind(*name)
-            .execute()
-            .await?;
+        client.query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)").bind(*version).bind(*name).execute().await?;
         done.push((*name).to_owned());
     }
     Ok(done)

@@ -284,9 +284,7 @@ impl Config {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("METER").prefix_separator("__").separator("__").try_parsing(true),
-        );
+        builder = builder.add_source(config::Environment::with_prefix("METER").prefix_separator("__").separator("__").try_parsing(true));
         let cfg: Config = builder.build()?.try_deserialize()?;
         cfg.validate()?;
         Ok(cfg)
@@ -371,5 +369,66 @@ mod tests {
         let f = write("[sink]\nbatch_rows = 0\n[processor]\ncommit_interval_ms = 0\n");
         let err = Config::load(Some(f.path())).unwrap_err().to_string();
         assert!(err.contains("sink.batch_rows") && err.contains("processor.commit_interval_ms"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod compose_tests {
+    //! docker-compose.yml cannot run on the build machines (no Docker
+    //! engine); these tests keep it consistent with the configuration that
+    //! `ops/` and the binaries use.
+
+    use super::*;
+
+    fn compose() -> serde_yaml::Value {
+        let text = include_str!("../../../docker-compose.yml");
+        let mut v: serde_yaml::Value = serde_yaml::from_str(text).expect("docker-compose.yml is valid YAML");
+        // Resolve `<<: *anchor` merge keys as Compose does.
+        v.apply_merge().expect("merge keys resolve");
+        v
+    }
+
+    #[test]
+    fn compose_runs_the_stack_and_every_meter_stage() {
+        let c = compose();
+        let services = c["services"].as_mapping().expect("services");
+        for s in ["kafka", "clickhouse", "init", "agent", "process", "sink"] {
+            assert!(services.contains_key(s), "docker-compose.yml lacks service {s}");
+        }
+        let cmd =
+            |s: &str| c["services"][s]["command"].as_sequence().map(|v| v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "));
+        assert_eq!(cmd("init").as_deref(), Some("meter init"));
+        assert_eq!(cmd("process").as_deref(), Some("meter process"));
+        assert_eq!(cmd("sink").as_deref(), Some("meter sink"));
+        assert_eq!(cmd("agent").as_deref(), Some("meter agent --simulate"));
+        let kafka_env = &c["services"]["kafka"]["environment"];
+        assert_eq!(kafka_env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"].as_i64(), Some(1));
+        assert_eq!(kafka_env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"].as_i64(), Some(1));
+    }
+
+    /// Every METER__SECTION__KEY the compose file sets is a real, valid
+    /// configuration field (unknown fields are rejected by the same
+    /// deserializer the binaries use).
+    #[test]
+    fn compose_environment_uses_real_config_keys() {
+        let c = compose();
+        for service in ["init", "agent", "process", "sink"] {
+            let env = c["services"][service]["environment"].as_mapping().unwrap_or_else(|| panic!("{service} has no environment"));
+            let mut sections: BTreeMap<String, toml::Table> = BTreeMap::new();
+            for (k, v) in env {
+                let Some(key) = k.as_str().and_then(|k| k.strip_prefix("METER__")) else { continue };
+                let (section, field) = key.split_once("__").unwrap_or_else(|| panic!("{key} is not SECTION__KEY"));
+                let value = v.as_str().map(str::to_owned).unwrap_or_else(|| serde_yaml::to_string(v).unwrap().trim().to_owned());
+                sections.entry(section.to_lowercase()).or_default().insert(field.to_lowercase(), toml::Value::String(value));
+            }
+            assert!(sections.contains_key("kafka") && sections.contains_key("clickhouse"), "{service}");
+            let text = toml::to_string(&sections).unwrap();
+            let cfg: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{service}: {e}\n{text}"));
+            cfg.validate().unwrap();
+            // Topic names are the defaults, the same as ops/ and the demo's base names.
+            assert_eq!(cfg.topics.events, "usage.events");
+            assert_eq!(cfg.topics.aggregates, "usage.aggregates");
+            assert_eq!(cfg.topics.dlq, "usage.dlq");
+        }
     }
 }

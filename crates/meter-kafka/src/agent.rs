@@ -59,7 +59,12 @@ async fn settle(pending: &mut VecDeque<DeliveryFuture>, keep: usize) -> anyhow::
 /// Runs the simulator to the end of its duration, pacing simulated seconds
 /// at `speed` times real time (0 = as fast as possible), and writes the
 /// ledger to `ledger_path` once everything is acknowledged.
-pub async fn run_simulated(cfg: &Config, sim_cfg: SimConfig, speed: f64, ledger_path: Option<&Path>) -> anyhow::Result<(AgentStats, Ledger)> {
+pub async fn run_simulated(
+    cfg: &Config,
+    sim_cfg: SimConfig,
+    speed: f64,
+    ledger_path: Option<&Path>,
+) -> anyhow::Result<(AgentStats, Ledger)> {
     let producer = producer(cfg)?;
     let codec = Codec::new()?;
     let mut sim = Simulator::new(sim_cfg);

@@ -93,7 +93,9 @@ pub fn read_latest(cfg: &Config, timeout: Duration) -> anyhow::Result<LatestRevi
         };
         let m = m.context("reading aggregates")?;
         out.records += 1;
-        let a = codec.decode_aggregate(m.payload().unwrap_or_default()).with_context(|| format!("decoding aggregate at offset {}", m.offset()))?;
+        let a = codec
+            .decode_aggregate(m.payload().unwrap_or_default())
+            .with_context(|| format!("decoding aggregate at offset {}", m.offset()))?;
         match out.windows.get(&a.key) {
             Some(prev) if prev.revision >= a.revision => {}
             _ => {

@@ -65,7 +65,11 @@ pub fn caught_up<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(consumer
     let committed = consumer.committed(timeout).ok();
     assignment.elements().iter().all(|e| {
         let Ok((low, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout) else { return false };
-        let next = |list: &Option<rdkafka::TopicPartitionList>| match list.as_ref().and_then(|l| l.find_partition(e.topic(), e.partition())).map(|x| x.offset()) {
+        let next = |list: &Option<rdkafka::TopicPartitionList>| match list
+            .as_ref()
+            .and_then(|l| l.find_partition(e.topic(), e.partition()))
+            .map(|x| x.offset())
+        {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };

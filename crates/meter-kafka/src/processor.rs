@@ -80,7 +80,9 @@ impl Runner<'_> {
             self.buf.clear();
             self.codec.encode_aggregate(a, &mut self.buf);
             let key = a.key.record_key();
-            deliveries.push(send(&self.producer, FutureRecord::to(&self.cfg.topics.aggregates).key(key.as_str()).payload(self.buf.as_slice())).await?);
+            deliveries.push(
+                send(&self.producer, FutureRecord::to(&self.cfg.topics.aggregates).key(key.as_str()).payload(self.buf.as_slice())).await?,
+            );
         }
         for d in self.dead_letters.drain(..) {
             self.buf.clear();
@@ -108,11 +110,13 @@ impl Runner<'_> {
         }
         Ok(revisions.len())
     }
-
 }
 
 /// Sends one record, waiting for queue space when the producer is full.
-async fn send(producer: &FutureProducer, mut record: FutureRecord<'_, impl rdkafka::message::ToBytes + ?Sized, [u8]>) -> anyhow::Result<DeliveryFuture> {
+async fn send(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, impl rdkafka::message::ToBytes + ?Sized, [u8]>,
+) -> anyhow::Result<DeliveryFuture> {
     loop {
         match producer.send_result(record) {
             Ok(f) => return Ok(f),
@@ -136,7 +140,7 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-                .create()
+        .create()
         .context("creating processor consumer")?;
     consumer.subscribe(&[&cfg.topics.events]).context("subscribing to events topic")?;
     let producer: FutureProducer = client_config(&cfg.kafka)
@@ -183,12 +187,7 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         }
     }
     let c = r.engine.counters().clone();
-    info!(
-        aggregated = c.aggregated,
-        duplicates = c.duplicates,
-        dead_lettered = c.dead_lettered(),
-        "processor stopped"
-    );
+    info!(aggregated = c.aggregated, duplicates = c.duplicates, dead_lettered = c.dead_lettered(), "processor stopped");
     Ok(c)
 }
 

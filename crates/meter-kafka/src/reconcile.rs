@@ -50,4 +50,3 @@ pub async fn reconcile(cfg: &Config, ledger: &Ledger) -> anyhow::Result<Reconcil
         windows: latest.windows.len(),
     })
 }
-

@@ -81,7 +81,7 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-                .create()
+        .create()
         .context("creating sink consumer")?;
     consumer.subscribe(&[&cfg.topics.aggregates, &cfg.topics.dlq]).context("subscribing sink")?;
     let mut stats = SinkStats::default();
@@ -92,7 +92,8 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         if shutdown.is_raised() && batch.rows == 0 {
             break;
         }
-        let wait = batch.started.map_or(Duration::from_millis(200), |s| max_wait.saturating_sub(s.elapsed())).min(Duration::from_millis(200));
+        let wait =
+            batch.started.map_or(Duration::from_millis(200), |s| max_wait.saturating_sub(s.elapsed())).min(Duration::from_millis(200));
         let mut idle = false;
         match tokio::time::timeout(wait, consumer.recv()).await {
             Ok(Ok(m)) => {

@@ -2,6 +2,8 @@
 //! `ops/up` starts (each test on its own topics, groups and database).
 //! They fail, rather than skip, when the stack is not running.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure should panic with the error
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,7 +86,14 @@ async fn ledger_equals_clickhouse_and_final_revisions_on_the_topic() {
     let running = start(&cfg);
     // Two simulated hours across a day boundary... of the same past day:
     // minute, hour and day windows all get several revisions.
-    let sim = SimConfig { seed: 7, customers: 5, agent_id: "it-1".into(), start: past_midnight() + 22 * 3_600_000, duration_s: 2 * 3600, customer_prefix: "cust-".into() };
+    let sim = SimConfig {
+        seed: 7,
+        customers: 5,
+        agent_id: "it-1".into(),
+        start: past_midnight() + 22 * 3_600_000,
+        duration_s: 2 * 3600,
+        customer_prefix: "cust-".into(),
+    };
     let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
     let (counters, sink_stats) = running.drain().await;
 
@@ -150,7 +159,14 @@ async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
             .await
             .unwrap();
     }
-    let sim = SimConfig { seed: 3, customers: 3, agent_id: "it-2".into(), start: past_midnight(), duration_s: 600, customer_prefix: "cust-".into() };
+    let sim = SimConfig {
+        seed: 3,
+        customers: 3,
+        agent_id: "it-2".into(),
+        start: past_midnight(),
+        duration_s: 600,
+        customer_prefix: "cust-".into(),
+    };
     let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
     let (counters, sink_stats) = running.drain().await;
 
@@ -163,7 +179,8 @@ async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
 
     // usage.dlq holds each original payload with its reason.
     let codec = Codec::new().unwrap();
-    let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka).set("group.id", "dlq-reader").set("isolation.level", "read_committed").create().unwrap();
+    let consumer: BaseConsumer =
+        meter_kafka::client_config(&cfg.kafka).set("group.id", "dlq-reader").set("isolation.level", "read_committed").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..cfg.topics.partitions {
         tpl.add_partition_offset(&cfg.topics.dlq, p, Offset::Beginning).unwrap();
@@ -178,7 +195,8 @@ async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
         }
     }
     found.sort();
-    let mut expected: Vec<(String, Vec<u8>, String)> = bad.iter().map(|(r, p)| (r.to_string(), p.clone(), cfg.topics.events.clone())).collect();
+    let mut expected: Vec<(String, Vec<u8>, String)> =
+        bad.iter().map(|(r, p)| (r.to_string(), p.clone(), cfg.topics.events.clone())).collect();
     expected.sort();
     assert_eq!(found, expected);
 
@@ -203,7 +221,12 @@ async fn migrations_apply_to_the_local_server_and_are_idempotent() {
     let second = meter_clickhouse::migrate(&conn).await.unwrap();
     assert!(second.is_empty(), "{second:?}");
     let client = conn.client().unwrap();
-    let tables: Vec<String> = client.query("SELECT name FROM system.tables WHERE database = ? ORDER BY name").bind(cfg.clickhouse.database.as_str()).fetch_all().await.unwrap();
+    let tables: Vec<String> = client
+        .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(cfg.clickhouse.database.as_str())
+        .fetch_all()
+        .await
+        .unwrap();
     assert_eq!(tables, vec!["dead_letters", "schema_migrations", "usage_day", "usage_hour", "usage_minute"]);
 }
 

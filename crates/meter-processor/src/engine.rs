@@ -235,7 +235,9 @@ impl Engine {
         }
         match self.catalog.lookup(&e.service, &e.usage_type) {
             Lookup::Known(_) => {}
-            Lookup::UnknownService => return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service))),
+            Lookup::UnknownService => {
+                return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service)))
+            }
             Lookup::UnknownUsageType => {
                 return Err((
                     DeadLetterReason::UnknownUsageType,
@@ -292,14 +294,10 @@ impl Engine {
 
     fn is_duplicate(&self, e: &UsageEvent, partition: i32) -> bool {
         match e.seq {
-            Some(seq) => self
-                .streams
-                .get(&(e.agent_id.clone(), e.customer_id.clone()))
-                .is_some_and(|t| t.is_duplicate(seq)),
-            None => self
-                .unsequenced
-                .get(&(partition, Granularity::Day.window_start(e.event_time)))
-                .is_some_and(|ids| ids.contains(&e.event_id)),
+            Some(seq) => self.streams.get(&(e.agent_id.clone(), e.customer_id.clone())).is_some_and(|t| t.is_duplicate(seq)),
+            None => {
+                self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).is_some_and(|ids| ids.contains(&e.event_id))
+            }
         }
     }
 
@@ -307,10 +305,7 @@ impl Engine {
         match e.seq {
             Some(seq) => self.streams.entry((e.agent_id.clone(), e.customer_id.clone())).or_default().record(seq),
             None => {
-                self.unsequenced
-                    .entry((partition, Granularity::Day.window_start(e.event_time)))
-                    .or_default()
-                    .insert(e.event_id.clone());
+                self.unsequenced.entry((partition, Granularity::Day.window_start(e.event_time))).or_default().insert(e.event_id.clone());
             }
         }
     }
@@ -319,7 +314,10 @@ impl Engine {
         for k in keys {
             if let Some(w) = self.windows.get(k) {
                 if w.sum.checked_add(i128::from(e.quantity)).is_none() || w.count == i64::MAX {
-                    return Err((DeadLetterReason::QuantityOverflow, format!("adding {} would overflow the {} window sum", e.quantity, k.granularity.as_str())));
+                    return Err((
+                        DeadLetterReason::QuantityOverflow,
+                        format!("adding {} would overflow the {} window sum", e.quantity, k.granularity.as_str()),
+                    ));
                 }
             }
         }
@@ -385,7 +383,7 @@ impl Engine {
             !(w.is_final && clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(horizon) <= c.watermark))
         });
         self.unsequenced.retain(|(p, day), _| {
-            !clocks.get(p).is_some_and(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) <= c.watermark)
+            clocks.get(p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark)
         });
         out
     }

@@ -100,13 +100,22 @@ fn each_kind_of_bad_input_gets_its_reason() {
     }
     let empty_customer = UsageEvent { customer_id: String::new(), ..good.clone() };
     let payload = encode(&empty_customer);
-    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload) }, NOW)), DeadLetterReason::EmptyCustomerId);
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload) }, NOW)),
+        DeadLetterReason::EmptyCustomerId
+    );
     let payload = encode(&good);
     assert_eq!(reason(en.process(Input { partition: 0, key: None, payload: Some(&payload) }, NOW)), DeadLetterReason::MissingKey);
     assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c2"), payload: Some(&payload) }, NOW)), DeadLetterReason::KeyMismatch);
     assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: None }, NOW)), DeadLetterReason::EmptyPayload);
-    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(b"garbage bytes") }, NOW)), DeadLetterReason::BadMagic);
-    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload[..20]) }, NOW)), DeadLetterReason::MalformedAvro);
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(b"garbage bytes") }, NOW)),
+        DeadLetterReason::BadMagic
+    );
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload[..20]) }, NOW)),
+        DeadLetterReason::MalformedAvro
+    );
     let big = vec![0xC3; 70_000];
     assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&big) }, NOW)), DeadLetterReason::OversizePayload);
     // Nothing bad reached a window, and the good event is still accepted.
