@@ -79,15 +79,17 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
         agent.events as f64 / agent.elapsed.as_secs_f64().max(1e-9)
     );
     proc_drain.raise();
-    let counters = processor.await.context("processor task")??;
+    let proc_stats = processor.await.context("processor task")??;
+    let counters = &proc_stats.counters;
     let processed_at = started.elapsed();
     sink_drain.raise();
     let sink_stats = sink.await.context("sink task")??;
     println!(
-        "processor: {} aggregated, {} duplicates, {} dead-lettered",
+        "processor: {} aggregated, {} duplicates, {} dead-lettered ({:.0} events/s while consuming)",
         counters.aggregated,
         counters.duplicates,
-        counters.dead_lettered()
+        counters.dead_lettered(),
+        proc_stats.records_per_second()
     );
     println!(
         "sink: {} usage rows and {} dead letters in {} batches ({:.0} rows/s while inserting)",

@@ -159,7 +159,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load()?;
             let shutdown = Signal::default();
             on_signal(shutdown.clone());
-            let c = meter_kafka::processor::run(&cfg, shutdown, Signal::default()).await?;
+            let s = meter_kafka::processor::run(&cfg, shutdown, Signal::default()).await?;
+            let c = &s.counters;
             println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
         }
         Command::Sink => {

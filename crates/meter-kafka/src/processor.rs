@@ -132,7 +132,23 @@ async fn send(
 /// Runs the processor until `shutdown` is raised, or, when `drain` is
 /// raised, until every assigned partition is consumed to its end and every
 /// window is final and published. Returns the outcome counters.
-pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<Counters> {
+/// What a processor run did.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorStats {
+    pub counters: Counters,
+    /// From the first record received to the last one handled: the span
+    /// over which input was consumed (for throughput figures).
+    pub busy: Duration,
+    pub commits: u64,
+}
+
+impl ProcessorStats {
+    pub fn records_per_second(&self) -> f64 {
+        self.counters.total() as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+}
+
+pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<ProcessorStats> {
     let catalog = cfg.catalog().context("loading catalog")?;
     let codec = Codec::new()?;
     let consumer: StreamConsumer = client_config(&cfg.kafka)
@@ -161,6 +177,8 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
     };
     let interval = Duration::from_millis(cfg.processor.commit_interval_ms);
     let mut next_commit = Instant::now() + interval;
+    let mut stats = ProcessorStats::default();
+    let (mut first_record, mut last_record): (Option<Instant>, Option<Instant>) = (None, None);
     info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, "processor started");
     loop {
         if shutdown.is_raised() {
@@ -170,13 +188,19 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
         let mut idle = false;
         match tokio::time::timeout(wait, consumer.recv()).await {
-            Ok(Ok(m)) => r.handle(&m),
+            Ok(Ok(m)) => {
+                r.handle(&m);
+                let now = Instant::now();
+                first_record.get_or_insert(now);
+                last_record = Some(now);
+            }
             Ok(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
             Err(_) => idle = true,
         }
         if Instant::now() >= next_commit {
             let t = Instant::now();
             let emitted = r.commit(&consumer).await?;
+            stats.commits += 1;
             debug!(emitted, handled = r.engine.counters().total(), commit_ms = t.elapsed().as_millis() as u64, "committed");
             next_commit = Instant::now() + interval;
             // Checking the high watermarks blocks on the broker, so only
@@ -187,8 +211,13 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         }
     }
     let c = r.engine.counters().clone();
+    stats.counters = c.clone();
+    stats.busy = match (first_record, last_record) {
+        (Some(a), Some(b)) => b - a,
+        _ => Duration::ZERO,
+    };
     info!(aggregated = c.aggregated, duplicates = c.duplicates, dead_lettered = c.dead_lettered(), "processor stopped");
-    Ok(c)
+    Ok(stats)
 }
 
 /// Dead-letter counts by reason, for printing.

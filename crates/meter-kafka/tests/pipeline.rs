@@ -50,7 +50,7 @@ fn past_midnight() -> i64 {
 }
 
 struct Running {
-    processor: tokio::task::JoinHandle<anyhow::Result<meter_processor::Counters>>,
+    processor: tokio::task::JoinHandle<anyhow::Result<processor::ProcessorStats>>,
     sink: tokio::task::JoinHandle<anyhow::Result<sink::SinkStats>>,
     proc_drain: Signal,
     sink_drain: Signal,
@@ -72,7 +72,8 @@ fn start(cfg: &Arc<Config>) -> Running {
 impl Running {
     async fn drain(self) -> (meter_processor::Counters, sink::SinkStats) {
         self.proc_drain.raise();
-        let counters = tokio::time::timeout(Duration::from_secs(120), self.processor).await.expect("processor drains").unwrap().unwrap();
+        let counters =
+            tokio::time::timeout(Duration::from_secs(120), self.processor).await.expect("processor drains").unwrap().unwrap().counters;
         self.sink_drain.raise();
         let stats = tokio::time::timeout(Duration::from_secs(120), self.sink).await.expect("sink drains").unwrap().unwrap();
         (counters, stats)

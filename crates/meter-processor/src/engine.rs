@@ -382,9 +382,8 @@ impl Engine {
         self.windows.retain(|k, w| {
             !(w.is_final && clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(horizon) <= c.watermark))
         });
-        self.unsequenced.retain(|(p, day), _| {
-            clocks.get(p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark)
-        });
+        self.unsequenced
+            .retain(|(p, day), _| clocks.get(p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark));
         out
     }
 
