@@ -1,14 +1,15 @@
 //! Avro binary encoding primitives (zig-zag varints, length-prefixed bytes,
-//! blocked maps, big-endian two's-complement decimals).
+//! blocked maps, big-endian two's-complement decimals). Public so that
+//! other compact encodings (the processor's state changelog) reuse them.
 
 use std::collections::BTreeMap;
 
 use crate::DecodeError;
 
-pub(crate) struct Writer<'a>(pub(crate) &'a mut Vec<u8>);
+pub struct Writer<'a>(pub &'a mut Vec<u8>);
 
 impl Writer<'_> {
-    pub(crate) fn long(&mut self, v: i64) {
+    pub fn long(&mut self, v: i64) {
         let mut z = ((v << 1) ^ (v >> 63)) as u64;
         while z >= 0x80 {
             self.0.push((z as u8) | 0x80);
@@ -17,22 +18,22 @@ impl Writer<'_> {
         self.0.push(z as u8);
     }
 
-    pub(crate) fn bytes(&mut self, b: &[u8]) {
+    pub fn bytes(&mut self, b: &[u8]) {
         self.long(b.len() as i64);
         self.0.extend_from_slice(b);
     }
 
-    pub(crate) fn string(&mut self, s: &str) {
+    pub fn string(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
 
-    pub(crate) fn boolean(&mut self, b: bool) {
+    pub fn boolean(&mut self, b: bool) {
         self.0.push(u8::from(b));
     }
 
     /// A decimal with scale 0 as the shortest big-endian two's-complement
     /// byte string, as the Avro specification and Java's BigInteger do.
-    pub(crate) fn decimal(&mut self, v: i128) {
+    pub fn decimal(&mut self, v: i128) {
         let be = v.to_be_bytes();
         let mut start = 0;
         while start < 15 {
@@ -46,7 +47,7 @@ impl Writer<'_> {
         self.bytes(&be[start..]);
     }
 
-    pub(crate) fn string_map(&mut self, m: &BTreeMap<String, String>) {
+    pub fn string_map(&mut self, m: &BTreeMap<String, String>) {
         if !m.is_empty() {
             self.long(m.len() as i64);
             for (k, v) in m {
@@ -58,7 +59,7 @@ impl Writer<'_> {
     }
 }
 
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
@@ -68,11 +69,11 @@ fn malformed(msg: &str) -> DecodeError {
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
+    pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
 
-    pub(crate) fn long(&mut self) -> Result<i64, DecodeError> {
+    pub fn long(&mut self) -> Result<i64, DecodeError> {
         let mut z: u64 = 0;
         let mut shift = 0;
         loop {
@@ -93,7 +94,7 @@ impl<'a> Reader<'a> {
         Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
     }
 
-    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.long()?;
         let len = usize::try_from(len).map_err(|_| malformed("negative length"))?;
         let end =
@@ -103,12 +104,12 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
+    pub fn string(&mut self) -> Result<String, DecodeError> {
         let b = self.bytes()?;
         std::str::from_utf8(b).map(str::to_owned).map_err(|_| malformed("string is not valid UTF-8"))
     }
 
-    pub(crate) fn boolean(&mut self) -> Result<bool, DecodeError> {
+    pub fn boolean(&mut self) -> Result<bool, DecodeError> {
         let b = *self.buf.get(self.pos).ok_or_else(|| malformed("truncated: boolean past the end"))?;
         self.pos += 1;
         match b {
@@ -118,7 +119,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub(crate) fn decimal(&mut self) -> Result<i128, DecodeError> {
+    pub fn decimal(&mut self) -> Result<i128, DecodeError> {
         let b = self.bytes()?;
         if b.is_empty() || b.len() > 16 {
             return Err(malformed("decimal must have 1 to 16 bytes"));
@@ -129,7 +130,7 @@ impl<'a> Reader<'a> {
         Ok(i128::from_be_bytes(be))
     }
 
-    pub(crate) fn string_map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {
+    pub fn string_map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {
         let mut m = BTreeMap::new();
         loop {
             let mut count = self.long()?;
@@ -154,7 +155,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+    pub fn finish(&self) -> Result<(), DecodeError> {
         if self.pos == self.buf.len() {
             Ok(())
         } else {

@@ -11,7 +11,7 @@
 //! tests check them byte for byte against `apache-avro`'s generic writer and
 //! reader so the two cannot drift apart.
 
-mod binary;
+pub mod binary;
 
 use std::collections::BTreeMap;
 

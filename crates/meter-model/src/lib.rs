@@ -61,19 +61,22 @@ impl WindowKey {
         self.window_start + self.granularity.size_ms()
     }
 
-    /// The Kafka record key of the window's revisions on `usage.aggregates`.
-    /// Stable and unique per window so that the topic can be compacted.
+    /// The Kafka record key of the window's revisions on `usage.aggregates`:
+    /// its fields joined by `|`, with `\` and `|` inside fields escaped by
+    /// a `\`, so that distinct windows never share a key (the topic is
+    /// compacted by key).
     pub fn record_key(&self) -> String {
-        format!(
-            "{}|{}|{}|{}|{}|{}|{}",
-            self.granularity.as_str(),
-            self.window_start,
-            self.customer_id,
-            self.service,
-            self.usage_type,
-            self.region,
-            self.resource_id
-        )
+        let mut s = format!("{}|{}", self.granularity.as_str(), self.window_start);
+        for f in [&self.customer_id, &self.service, &self.usage_type, &self.region, &self.resource_id] {
+            s.push('|');
+            for c in f.chars() {
+                if c == '|' || c == '\\' {
+                    s.push('\\');
+                }
+                s.push(c);
+            }
+        }
+        s
     }
 }
 
@@ -179,4 +182,25 @@ pub struct DeadLetter {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub dead_lettered_at: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_of_distinct_windows_differ_even_with_separators_in_fields() {
+        let k = |customer: &str, service: &str| WindowKey {
+            granularity: Granularity::Hour,
+            window_start: 0,
+            customer_id: customer.into(),
+            service: service.into(),
+            usage_type: "u".into(),
+            region: "r".into(),
+            resource_id: String::new(),
+        };
+        assert_eq!(k("c", "s").record_key(), "HOUR|0|c|s|u|r|");
+        assert_ne!(k("a|b", "s").record_key(), k("a", "b|s").record_key());
+        assert_ne!(k("a\\", "|s").record_key(), k("a\\|", "s").record_key());
+    }
 }

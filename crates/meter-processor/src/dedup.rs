@@ -60,6 +60,15 @@ impl SeqTracker {
         }
     }
 
+    /// Highest seq seen and the gap ranges below it, for the changelog.
+    pub fn parts(&self) -> (Option<i64>, &BTreeMap<i64, i64>) {
+        (self.high, &self.gaps)
+    }
+
+    pub fn from_parts(high: Option<i64>, gaps: BTreeMap<i64, i64>) -> Self {
+        SeqTracker { high, gaps }
+    }
+
     pub fn gap_count(&self) -> usize {
         self.gaps.len()
     }

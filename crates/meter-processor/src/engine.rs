@@ -7,6 +7,7 @@ use meter_model::catalog::Lookup;
 use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, UsageEvent, WindowKey};
 
 use crate::dedup::SeqTracker;
+use crate::state::{self, StateChange};
 
 /// 2100-01-01T00:00:00Z: event times at or past it are not believable.
 const MAX_EVENT_TIME: Millis = 4_102_444_800_000;
@@ -70,19 +71,19 @@ impl Counters {
     }
 }
 
-#[derive(Debug, Clone)]
-struct WindowState {
-    partition: i32,
-    count: i64,
-    sum: i128,
-    min: i64,
-    max: i64,
-    first: Millis,
-    last: Millis,
-    revision: i64,
-    emitted_sum: i128,
-    is_final: bool,
-    dirty: bool,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WindowState {
+    pub(crate) partition: i32,
+    pub(crate) count: i64,
+    pub(crate) sum: i128,
+    pub(crate) min: i64,
+    pub(crate) max: i64,
+    pub(crate) first: Millis,
+    pub(crate) last: Millis,
+    pub(crate) revision: i64,
+    pub(crate) emitted_sum: i128,
+    pub(crate) is_final: bool,
+    pub(crate) dirty: bool,
 }
 
 /// Event-time progress of one input partition.
@@ -91,6 +92,8 @@ struct PartitionClock {
     watermark: Millis,
     max_event_time: Millis,
     last_record_at: Millis,
+    /// (watermark, max_event_time) as last written to the changelog.
+    saved: (Millis, Millis),
 }
 
 impl PartitionClock {
@@ -113,7 +116,15 @@ pub struct Engine {
     windows: HashMap<WindowKey, WindowState>,
     dirty: Vec<WindowKey>,
     clocks: HashMap<i32, PartitionClock>,
-    streams: HashMap<(String, String), SeqTracker>,
+    /// Dedup state per (agent_id, customer_id), with the input partition
+    /// the stream's events arrive on (a customer's events share one).
+    streams: HashMap<(String, String), (i32, SeqTracker)>,
+    /// Streams changed since the last [`Engine::take_changes`].
+    changed_streams: HashSet<(String, String)>,
+    /// Event ids of seq-less events remembered since the last take_changes.
+    new_unsequenced: Vec<(i32, Millis, String)>,
+    /// Changelog entries produced by flushes and not yet taken.
+    changes: Vec<StateChange>,
     /// Fallback dedup for events without a seq: event ids per partition and
     /// day window, forgotten with the day window.
     unsequenced: HashMap<(i32, Millis), HashSet<String>>,
@@ -132,6 +143,9 @@ impl Engine {
             dirty: Vec::new(),
             clocks: HashMap::new(),
             streams: HashMap::new(),
+            changed_streams: HashSet::new(),
+            new_unsequenced: Vec::new(),
+            changes: Vec::new(),
             unsequenced: HashMap::new(),
             counters: Counters::default(),
         }
@@ -177,6 +191,7 @@ impl Engine {
             watermark: Millis::MIN,
             max_event_time: Millis::MIN,
             last_record_at: now,
+            saved: (Millis::MIN, Millis::MIN),
         });
         clock.last_record_at = now;
         let payload = match input.payload {
@@ -294,7 +309,7 @@ impl Engine {
 
     fn is_duplicate(&self, e: &UsageEvent, partition: i32) -> bool {
         match e.seq {
-            Some(seq) => self.streams.get(&(e.agent_id.clone(), e.customer_id.clone())).is_some_and(|t| t.is_duplicate(seq)),
+            Some(seq) => self.streams.get(&(e.agent_id.clone(), e.customer_id.clone())).is_some_and(|(_, t)| t.is_duplicate(seq)),
             None => {
                 self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).is_some_and(|ids| ids.contains(&e.event_id))
             }
@@ -303,9 +318,17 @@ impl Engine {
 
     fn remember(&mut self, e: &UsageEvent, partition: i32) {
         match e.seq {
-            Some(seq) => self.streams.entry((e.agent_id.clone(), e.customer_id.clone())).or_default().record(seq),
+            Some(seq) => {
+                let id = (e.agent_id.clone(), e.customer_id.clone());
+                let entry = self.streams.entry(id.clone()).or_insert_with(|| (partition, SeqTracker::default()));
+                entry.0 = partition;
+                entry.1.record(seq);
+                self.changed_streams.insert(id);
+            }
             None => {
-                self.unsequenced.entry((partition, Granularity::Day.window_start(e.event_time))).or_default().insert(e.event_id.clone());
+                let day = Granularity::Day.window_start(e.event_time);
+                self.unsequenced.entry((partition, day)).or_default().insert(e.event_id.clone());
+                self.new_unsequenced.push((partition, day, e.event_id.clone()));
             }
         }
     }
@@ -365,26 +388,104 @@ impl Engine {
             clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(lateness) <= c.watermark)
         };
         let mut out = Vec::with_capacity(self.dirty.len());
+        let changes = &mut self.changes;
         for k in self.dirty.drain(..) {
             if let Some(w) = self.windows.get_mut(&k) {
                 w.dirty = false;
                 w.is_final |= closed(&k, w);
-                out.push(emit(k, w));
+                let a = emit(k, w);
+                changes.push(state::window_entry(&a.key, w));
+                out.push(a);
             }
         }
         for (k, w) in self.windows.iter_mut() {
             if !w.is_final && closed(k, w) {
                 w.is_final = true;
-                out.push(emit(k.clone(), w));
+                let a = emit(k.clone(), w);
+                changes.push(state::window_entry(&a.key, w));
+                out.push(a);
             }
         }
         let horizon = self.cfg.correction_horizon_ms;
         self.windows.retain(|k, w| {
-            !(w.is_final && clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(horizon) <= c.watermark))
+            let expired = w.is_final && clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(horizon) <= c.watermark);
+            if expired {
+                changes.push(state::window_tombstone(k, w.partition));
+            }
+            !expired
         });
-        self.unsequenced
-            .retain(|(p, day), _| clocks.get(p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark));
+        self.unsequenced.retain(|&(p, day), ids| {
+            let keep = clocks.get(&p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark);
+            if !keep {
+                changes.extend(ids.iter().map(|id| state::unsequenced_tombstone(p, day, id)));
+            }
+            keep
+        });
+        for (&p, c) in self.clocks.iter_mut() {
+            if c.saved != (c.watermark, c.max_event_time) {
+                c.saved = (c.watermark, c.max_event_time);
+                changes.push(state::clock_entry(p, c.watermark, c.max_event_time));
+            }
+        }
         out
+    }
+
+    /// The state changelog entries for everything changed since the last
+    /// call, to be written in the same transaction as the revisions of the
+    /// preceding [`Engine::flush`] and the consumed offsets. Call right
+    /// after `flush`.
+    pub fn take_changes(&mut self) -> Vec<StateChange> {
+        let mut out = std::mem::take(&mut self.changes);
+        for id in self.changed_streams.drain() {
+            if let Some((p, t)) = self.streams.get(&id) {
+                out.push(state::stream_entry(&id.0, &id.1, *p, t));
+            }
+        }
+        out.extend(self.new_unsequenced.drain(..).map(|(p, day, id)| state::unsequenced_entry(p, day, &id)));
+        out
+    }
+
+    /// Applies one changelog entry (a tombstone when `value` is None) while
+    /// restoring the state of `partition` before processing it.
+    pub fn restore(&mut self, partition: i32, key: &[u8], value: Option<&[u8]>, now: Millis) -> Result<(), meter_avro::DecodeError> {
+        match state::decode_key(key)? {
+            state::Key::Window(k) => match value {
+                None => {
+                    self.windows.remove(&k);
+                }
+                Some(v) => {
+                    let w = state::decode_window(v, partition)?;
+                    self.windows.insert(k, w);
+                }
+            },
+            state::Key::Stream(agent, customer) => match value {
+                None => {
+                    self.streams.remove(&(agent, customer));
+                }
+                Some(v) => {
+                    let t = state::decode_stream(v)?;
+                    self.streams.insert((agent, customer), (partition, t));
+                }
+            },
+            state::Key::Clock(p) => {
+                if let Some(v) = value {
+                    let (watermark, max_event_time) = state::decode_clock(v)?;
+                    let saved = (watermark, max_event_time);
+                    self.clocks.insert(p, PartitionClock { watermark, max_event_time, last_record_at: now, saved });
+                }
+            }
+            state::Key::Unsequenced(p, day, id) => match value {
+                None => {
+                    if let Some(ids) = self.unsequenced.get_mut(&(p, day)) {
+                        ids.remove(&id);
+                    }
+                }
+                Some(_) => {
+                    self.unsequenced.entry((p, day)).or_default().insert(id);
+                }
+            },
+        }
+        Ok(())
     }
 
     /// Forgets the windows and clock of a partition this instance no longer
@@ -395,6 +496,19 @@ impl Engine {
         self.dirty.retain(|k| windows.contains_key(k));
         self.clocks.remove(&partition);
         self.unsequenced.retain(|(p, _), _| *p != partition);
+        self.streams.retain(|_, (p, _)| *p != partition);
+        let streams = &self.streams;
+        self.changed_streams.retain(|id| streams.contains_key(id));
+        self.new_unsequenced.retain(|(p, _, _)| *p != partition);
+        self.changes.retain(|c| c.partition != partition);
+    }
+
+    /// Forgets everything: after an aborted transaction the state must be
+    /// restored from the changelog again.
+    pub fn reset(&mut self) {
+        let counters = std::mem::take(&mut self.counters);
+        *self = Engine::new(self.catalog.clone(), self.codec.clone(), self.cfg.clone());
+        self.counters = counters;
     }
 }
 

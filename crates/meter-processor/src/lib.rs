@@ -9,6 +9,8 @@
 
 mod dedup;
 mod engine;
+mod state;
 
 pub use dedup::SeqTracker;
 pub use engine::{Counters, Engine, EngineConfig, Input, Outcome};
+pub use state::StateChange;
