@@ -32,8 +32,13 @@ enum Command {
     Migrate,
     /// Publish usage events (the simulated fleet with --simulate).
     Agent(AgentArgs),
-    /// Aggregate usage.events into windows on usage.aggregates.
-    Process,
+    /// Aggregate usage.events into windows on usage.aggregates, exactly once.
+    Process {
+        /// Exit once every assigned partition is consumed to its end and
+        /// every window is final and committed (for backfills and tests).
+        #[arg(long)]
+        drain: bool,
+    },
     /// Insert usage.aggregates and usage.dlq into ClickHouse.
     Sink,
     /// Reports from ClickHouse.
@@ -154,12 +159,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ledger.entries.len()
             );
         }
-        Command::Process => {
+        Command::Process { drain } => {
             init_logging("info");
             let cfg = load()?;
             let shutdown = Signal::default();
             on_signal(shutdown.clone());
-            let s = meter_kafka::processor::run(&cfg, shutdown, Signal::default()).await?;
+            let drain_signal = Signal::default();
+            if drain {
+                drain_signal.raise();
+            }
+            let s = meter_kafka::processor::run(&cfg, shutdown, drain_signal).await?;
             let c = &s.counters;
             println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
         }

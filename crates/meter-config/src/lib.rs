@@ -79,6 +79,11 @@ pub struct TopicsConfig {
     /// Records the processor refused, with the reason and original bytes.
     #[serde(default = "default_dlq_topic")]
     pub dlq: String,
+    /// The processor's state changelog (compacted, internal; one partition
+    /// per events partition). Empty: `{processor.group_id}-state`, so that
+    /// every processor group has its own. Use [`Config::state_topic`].
+    #[serde(default)]
+    pub state: String,
     /// Partitions used when `meter init` creates the topics.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -109,6 +114,7 @@ impl Default for TopicsConfig {
             events: default_events_topic(),
             aggregates: default_aggregates_topic(),
             dlq: default_dlq_topic(),
+            state: String::new(),
             partitions: default_partitions(),
             replication_factor: default_replication(),
         }
@@ -154,7 +160,22 @@ pub struct ProcessorConfig {
     /// Consumer group of the processor instances.
     #[serde(default = "default_processor_group")]
     pub group_id: String,
-    /// How often changed windows are emitted and offsets committed.
+    /// Identity of this instance, stable across its restarts: the
+    /// transactional id is `{group_id}-{instance_id}`, so a restarted
+    /// instance fences its predecessor and aborts its open transaction at
+    /// once. Two live instances must not share it. Default: the host name.
+    #[serde(default = "default_instance_id")]
+    pub instance_id: String,
+    /// Consumer group session timeout: how long a dead instance keeps its
+    /// partitions before they move to another instance.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Kafka transaction timeout: how long the transaction of an instance
+    /// that died without a successor may block read_committed readers.
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+    /// How often changed windows are emitted and offsets committed (one
+    /// Kafka transaction each).
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
     /// How long after a window's end events are still folded into it before
@@ -184,6 +205,20 @@ pub struct ProcessorConfig {
 fn default_processor_group() -> String {
     "meter-processor".into()
 }
+fn default_instance_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "meter".into())
+}
+fn default_session_timeout_ms() -> u64 {
+    10_000
+}
+fn default_transaction_timeout_ms() -> u64 {
+    30_000
+}
 fn default_commit_interval_ms() -> u64 {
     1_000
 }
@@ -210,6 +245,9 @@ impl Default for ProcessorConfig {
     fn default() -> Self {
         ProcessorConfig {
             group_id: default_processor_group(),
+            instance_id: default_instance_id(),
+            session_timeout_ms: default_session_timeout_ms(),
+            transaction_timeout_ms: default_transaction_timeout_ms(),
             commit_interval_ms: default_commit_interval_ms(),
             allowed_lateness_ms: default_allowed_lateness_ms(),
             correction_horizon_ms: default_correction_horizon_ms(),
@@ -304,6 +342,9 @@ impl Config {
             check(!t.is_empty(), &format!("topics.{name} must not be empty"));
         }
         check(self.processor.commit_interval_ms > 0, "processor.commit_interval_ms must be positive");
+        check(!self.processor.instance_id.is_empty(), "processor.instance_id must not be empty");
+        check(self.processor.session_timeout_ms >= 6_000, "processor.session_timeout_ms must be at least 6000 (the broker's minimum)");
+        check(self.processor.transaction_timeout_ms >= 1_000, "processor.transaction_timeout_ms must be at least 1000");
         check(self.processor.allowed_lateness_ms >= 0, "processor.allowed_lateness_ms must not be negative");
         check(
             self.processor.correction_horizon_ms >= self.processor.allowed_lateness_ms,
@@ -322,6 +363,15 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The processor's state changelog topic.
+    pub fn state_topic(&self) -> String {
+        if self.topics.state.is_empty() {
+            format!("{}-state", self.processor.group_id)
+        } else {
+            self.topics.state.clone()
         }
     }
 

@@ -10,17 +10,21 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client_config;
 
-/// Creates the events, aggregates and dead-letter topics when missing.
+/// Creates the events, aggregates, dead-letter and state topics when missing.
 /// `usage.aggregates` is compacted: for each window key only the highest
 /// revision matters to its consumers.
 pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(&cfg.kafka).create().context("creating Kafka admin client")?;
     let t = &cfg.topics;
+    let state = cfg.state_topic();
     let replication = || TopicReplication::Fixed(t.replication_factor);
     let topics = [
         NewTopic::new(&t.events, t.partitions, replication()),
         NewTopic::new(&t.aggregates, t.partitions, replication()).set("cleanup.policy", "compact"),
         NewTopic::new(&t.dlq, t.partitions, replication()),
+        // Same partition count as the events topic: the state of events
+        // partition p lives in changelog partition p.
+        NewTopic::new(&state, t.partitions, replication()).set("cleanup.policy", "compact"),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin.create_topics(topics.iter(), &opts).await.context("creating topics")?;
@@ -35,7 +39,7 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     // the next metadata refresh (minutes). Wait until all partitions have
     // leaders.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for topic in [&t.events, &t.aggregates, &t.dlq] {
+    for topic in [&t.events, &t.aggregates, &t.dlq, &state] {
         loop {
             let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5));
             let ready = md.as_ref().is_ok_and(|md| {

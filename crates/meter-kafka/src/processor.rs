@@ -1,27 +1,52 @@
-//! The processor runner: `usage.events` -> engine -> `usage.aggregates` and
-//! `usage.dlq`.
+//! The processor runner: `usage.events` -> engine -> `usage.aggregates`,
+//! `usage.dlq` and the state changelog, exactly once.
 //!
-//! Guarantee (at-least-once): consumed offsets are committed only after
-//! every window revision and dead letter produced from the records before
-//! them has been acknowledged by Kafka. A crash between the two replays
-//! input; window state lives in memory only, so a restarted instance
-//! re-emits windows from the replayed input. The exactly-once design
-//! (transactions carrying output, state changelog and offsets together)
-//! replaces [`Runner::commit`] without changing the loop.
+//! Guarantee: every commit interval one Kafka transaction carries the window
+//! revisions emitted since the last one, the dead letters, the state
+//! changelog entries of every change, and the consumed offsets of every
+//! owned partition (`send_offsets_to_transaction` with the consumer's group
+//! metadata read fresh for that transaction). read_committed readers see all
+//! of it or nothing. Whatever fails, the committed offsets and the committed
+//! changelog describe the same input, so a restarted or new owner restores
+//! the state of a partition from its changelog partition and resumes from
+//! its committed offset: no input is aggregated twice or lost.
+//!
+//! librdkafka pitfalls handled here:
+//! - A consumer that subscribes to a topic created moments ago sees no
+//!   partitions until the next metadata refresh; `admin::ensure_topics`
+//!   waits for leaders.
+//! - Offsets must be sent with the group metadata of the current
+//!   generation: the coordinator then rejects the commit of an instance
+//!   that lost its partitions in a rebalance (zombie fencing, KIP-447), and
+//!   the transaction is aborted instead of double counting.
+//! - Every transaction sends offsets, even with no new input: a transaction
+//!   without offsets is not fenced by the group, so a zombie could commit
+//!   stale changelog entries over its successor's.
+//! - With `isolation.level=read_committed` librdkafka fetches committed
+//!   offsets with `require_stable`, which waits for a predecessor's pending
+//!   transaction; restoring after that fetch sees every committed change.
+//! - Restoring reads the changelog partition to its end under
+//!   read_committed: aborted and open transactions stay invisible.
+//! - A failed commit whose error allows abort (`txn_requires_abort`) is
+//!   aborted; a fatal error (fenced producer) needs a new producer. Either
+//!   way the engine state is dropped and every owned partition is restored
+//!   and rewound to its committed offset.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use meter_avro::Codec;
 use meter_config::Config;
 use meter_model::{DeadLetter, DeadLetterReason};
-use meter_processor::{Counters, Engine, EngineConfig, Input, Outcome};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use meter_processor::{Counters, Engine, EngineConfig, Input, Outcome, StateChange};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use crate::{caught_up, client_config, now_ms, Signal};
@@ -38,16 +63,116 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     }
 }
 
+/// What a processor run did.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorStats {
+    pub counters: Counters,
+    /// From the first record received to the last one handled: the span
+    /// over which input was consumed (for throughput figures).
+    pub busy: Duration,
+    pub commits: u64,
+    pub aborts: u64,
+    pub restores: u64,
+}
+
+impl ProcessorStats {
+    pub fn records_per_second(&self) -> f64 {
+        self.counters.total() as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Rebalance events, recorded by librdkafka's callbacks (which run inside
+/// `poll`) and acted on by the loop before it handles the next record.
+#[derive(Default)]
+struct Ctx {
+    topic: String,
+    events: Mutex<Vec<RebalanceEvent>>,
+}
+
+enum RebalanceEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+impl Ctx {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
+    }
+
+    fn push(&self, e: RebalanceEvent) {
+        match self.events.lock() {
+            Ok(mut v) => v.push(e),
+            Err(poisoned) => poisoned.into_inner().push(e),
+        }
+    }
+
+    fn take(&self) -> Vec<RebalanceEvent> {
+        match self.events.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.push(RebalanceEvent::Revoked(self.partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.push(RebalanceEvent::Assigned(self.partitions(tpl)));
+        }
+    }
+}
+
+/// The restore consumer's context: end-of-partition events are how it knows
+/// it is done, not errors worth logging.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            warn!(error = %error, reason, "restore consumer error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
 struct Runner<'a> {
     cfg: &'a Config,
     codec: Codec,
     engine: Engine,
-    producer: FutureProducer,
-    /// Next offset to commit per events partition.
-    offsets: BTreeMap<i32, i64>,
-    /// Dead letters waiting for the next commit.
+    producer: BaseProducer,
+    restorer: BaseConsumer<QuietEof>,
+    /// Next offset to read per owned events partition (committed offset
+    /// after a restore, then advanced per record).
+    positions: BTreeMap<i32, i64>,
+    /// Owned partitions not restored yet.
+    unrestored: Vec<i32>,
     dead_letters: Vec<DeadLetter>,
+    dirty_input: bool,
+    stats: ProcessorStats,
     buf: Vec<u8>,
+}
+
+fn transactional_producer(cfg: &Config) -> anyhow::Result<BaseProducer> {
+    let producer: BaseProducer = client_config(&cfg.kafka)
+        .set("transactional.id", format!("{}-{}", cfg.processor.group_id, cfg.processor.instance_id))
+        .set("transaction.timeout.ms", cfg.processor.transaction_timeout_ms.to_string())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()
+        .context("creating transactional producer")?;
+    producer.init_transactions(Duration::from_secs(60)).context("initialising transactions")?;
+    Ok(producer)
 }
 
 impl Runner<'_> {
@@ -68,155 +193,323 @@ impl Runner<'_> {
                 dead_lettered_at: now,
             });
         }
-        self.offsets.insert(partition, m.offset() + 1);
+        self.positions.insert(partition, m.offset() + 1);
+        self.dirty_input = true;
     }
 
-    /// Emits changed windows and pending dead letters, waits until Kafka
-    /// acknowledged all of them, then commits the consumed offsets.
-    async fn commit(&mut self, consumer: &StreamConsumer) -> anyhow::Result<usize> {
+    /// Acts on rebalance events: revoked partitions are committed (or, if
+    /// the group already moved on, aborted) and forgotten; assigned ones
+    /// are restored before any of their records is handled.
+    fn rebalance(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        for event in consumer.context().take() {
+            match event {
+                RebalanceEvent::Revoked(parts) => {
+                    info!(?parts, "partitions revoked");
+                    if let Err(e) = self.commit(consumer) {
+                        warn!(error = %e, "commit on revocation failed; its transaction is aborted");
+                        self.recover(consumer)?;
+                    }
+                    for p in parts {
+                        self.engine.drop_partition(p);
+                        self.positions.remove(&p);
+                        self.unrestored.retain(|&u| u != p);
+                    }
+                }
+                RebalanceEvent::Assigned(parts) => {
+                    info!(?parts, "partitions assigned");
+                    self.unrestored.extend(parts);
+                }
+            }
+        }
+        if !self.unrestored.is_empty() {
+            let parts = std::mem::take(&mut self.unrestored);
+            self.restore(consumer, &parts)?;
+        }
+        Ok(())
+    }
+
+    /// Restores `parts` from the changelog and seeks them to their committed
+    /// offsets.
+    fn restore(&mut self, consumer: &BaseConsumer<Ctx>, parts: &[i32]) -> anyhow::Result<()> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let events = &self.cfg.topics.events;
+        let mut tpl = TopicPartitionList::new();
+        for &p in parts {
+            tpl.add_partition(events, p);
+        }
+        // read_committed: waits for pending transactional offsets (require_stable).
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(60)).context("fetching committed offsets")?;
+        let started = Instant::now();
+        for &p in parts {
+            self.engine.drop_partition(p);
+        }
+        let entries = self.restore_partitions(parts)?;
+        for e in committed.elements() {
+            let p = e.partition();
+            let offset = match e.offset() {
+                Offset::Offset(o) => {
+                    self.positions.insert(p, o);
+                    Offset::Offset(o)
+                }
+                _ => {
+                    self.positions.remove(&p);
+                    Offset::Beginning
+                }
+            };
+            // After a failed transaction the fetch position is ahead of the
+            // committed offset; continuing from it would lose input.
+            consumer.seek(events, p, offset, Duration::from_secs(10)).with_context(|| format!("rewinding {events}/{p} to {offset:?}"))?;
+        }
+        self.stats.restores += 1;
+        info!(?parts, entries, ms = started.elapsed().as_millis() as u64, "partition state restored");
+        Ok(())
+    }
+
+    /// Replays the changelog partitions of `parts` into the engine, reading
+    /// each to its end (read_committed: up to the last stable offset).
+    fn restore_partitions(&mut self, parts: &[i32]) -> anyhow::Result<u64> {
+        let topic = &self.cfg.state_topic();
+        let timeout = Duration::from_secs(10);
+        let mut tpl = TopicPartitionList::new();
+        let mut pending = std::collections::HashSet::new();
+        for &p in parts {
+            let (low, high) = self.restorer.fetch_watermarks(topic, p, timeout).with_context(|| format!("watermarks of {topic}/{p}"))?;
+            if high > low {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+                pending.insert(p);
+            }
+        }
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        self.restorer.assign(&tpl)?;
+        let now = now_ms();
+        let mut n = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !pending.is_empty() {
+            match self.restorer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    self.engine
+                        .restore(m.partition(), m.key().unwrap_or_default(), m.payload(), now)
+                        .with_context(|| format!("restoring {topic}/{} offset {}", m.partition(), m.offset()))?;
+                    n += 1;
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    pending.remove(&p);
+                }
+                Some(Err(e)) => warn!(error = %e, "restore consumer error"),
+                None => {}
+            }
+            if Instant::now() > deadline {
+                bail!("restoring {topic} partitions {pending:?} did not reach their end in 300s");
+            }
+        }
+        self.restorer.unassign()?;
+        Ok(n)
+    }
+
+    /// One transaction: revisions, dead letters, changelog entries and the
+    /// offsets of every owned partition.
+    fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
         let revisions = self.engine.flush(now_ms());
-        let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(revisions.len() + self.dead_letters.len());
+        let changes = self.engine.take_changes();
+        if revisions.is_empty() && changes.is_empty() && self.dead_letters.is_empty() && !self.dirty_input {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.producer.begin_transaction().context("beginning transaction")?;
+        let topics = &self.cfg.topics;
+        let state_topic = self.cfg.state_topic();
         for a in &revisions {
             self.buf.clear();
             self.codec.encode_aggregate(a, &mut self.buf);
             let key = a.key.record_key();
-            deliveries.push(
-                send(&self.producer, FutureRecord::to(&self.cfg.topics.aggregates).key(key.as_str()).payload(self.buf.as_slice())).await?,
-            );
+            send(&self.producer, BaseRecord::to(&topics.aggregates).key(key.as_str()).payload(self.buf.as_slice()))?;
         }
-        for d in self.dead_letters.drain(..) {
+        for d in std::mem::take(&mut self.dead_letters) {
             self.buf.clear();
             self.codec.encode_dead_letter(&d, &mut self.buf);
-            let mut record = FutureRecord::to(&self.cfg.topics.dlq).payload(self.buf.as_slice());
+            let mut record = BaseRecord::to(&topics.dlq).payload(self.buf.as_slice());
             if let Some(k) = &d.key {
                 record = record.key(k.as_slice());
             }
-            deliveries.push(send(&self.producer, record).await?);
+            send(&self.producer, record)?;
         }
-        for f in deliveries {
-            match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(anyhow!("producing output failed, offsets not committed: {e}")),
-                Err(_) => return Err(anyhow!("producer dropped output, offsets not committed")),
+        for StateChange { partition, key, value } in &changes {
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&state_topic).partition(*partition).key(key.as_slice());
+            if let Some(v) = value {
+                record = record.payload(v.as_slice());
+            }
+            send(&self.producer, record)?;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (&p, &o) in &self.positions {
+            offsets.add_partition_offset(&topics.events, p, Offset::Offset(o))?;
+        }
+        if offsets.count() > 0 {
+            let group = consumer.group_metadata().ok_or_else(|| anyhow!("consumer has no group metadata"))?;
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, Duration::from_secs(30))
+                .context("sending offsets to transaction")?;
+        }
+        self.producer.commit_transaction(Duration::from_secs(60)).context("committing transaction")?;
+        self.dirty_input = false;
+        self.stats.commits += 1;
+        debug!(revisions = revisions.len(), changes = changes.len(), ms = started.elapsed().as_millis() as u64, "transaction committed");
+        Ok(())
+    }
+
+    /// After a failed transaction: abort it (or rebuild a fenced producer),
+    /// drop all state, and restore and rewind every owned partition.
+    fn recover(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        self.stats.aborts += 1;
+        match self.producer.abort_transaction(Duration::from_secs(30)) {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(error = %e, "abort failed; rebuilding the producer");
+                self.producer = transactional_producer(self.cfg)?;
             }
         }
-        if !self.offsets.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for (&p, &o) in &self.offsets {
-                tpl.add_partition_offset(&self.cfg.topics.events, p, Offset::Offset(o)).context("building offset list")?;
-            }
-            consumer.commit(&tpl, CommitMode::Sync).context("committing offsets")?;
-            self.offsets.clear();
-        }
-        Ok(revisions.len())
+        self.engine.reset();
+        self.dead_letters.clear();
+        self.dirty_input = false;
+        let owned: Vec<i32> = match consumer.assignment() {
+            Ok(a) => a.elements().iter().filter(|e| e.topic() == self.cfg.topics.events).map(|e| e.partition()).collect(),
+            Err(_) => self.positions.keys().copied().collect(),
+        };
+        self.positions.clear();
+        self.restore(consumer, &owned)
     }
 }
 
-/// Sends one record, waiting for queue space when the producer is full.
-async fn send(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, impl rdkafka::message::ToBytes + ?Sized, [u8]>,
-) -> anyhow::Result<DeliveryFuture> {
+/// Enqueues one record, serving delivery reports while the queue is full.
+fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &BaseProducer,
+    mut record: BaseRecord<'_, K, P>,
+) -> anyhow::Result<()> {
     loop {
-        match producer.send_result(record) {
-            Ok(f) => return Ok(f),
-            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                producer.poll(Duration::from_millis(10));
             }
-            Err((e, _)) => return Err(anyhow!("producing output: {e}")),
+            Err((e, _)) => return Err(anyhow!("producing: {e}")),
         }
     }
 }
 
 /// Runs the processor until `shutdown` is raised, or, when `drain` is
-/// raised, until every assigned partition is consumed to its end and every
-/// window is final and published. Returns the outcome counters.
-/// What a processor run did.
-#[derive(Debug, Clone, Default)]
-pub struct ProcessorStats {
-    pub counters: Counters,
-    /// From the first record received to the last one handled: the span
-    /// over which input was consumed (for throughput figures).
-    pub busy: Duration,
-    pub commits: u64,
-}
-
-impl ProcessorStats {
-    pub fn records_per_second(&self) -> f64 {
-        self.counters.total() as f64 / self.busy.as_secs_f64().max(1e-9)
-    }
-}
-
+/// raised, until every owned partition is consumed to its end and every
+/// window is final and committed. Returns what it did.
 pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<ProcessorStats> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || run_blocking(&cfg, &shutdown, &drain)).await.context("processor thread")?
+}
+
+fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Result<ProcessorStats> {
     let catalog = cfg.catalog().context("loading catalog")?;
     let codec = Codec::new()?;
-    let consumer: StreamConsumer = client_config(&cfg.kafka)
+    let ctx = Ctx { topic: cfg.topics.events.clone(), events: Mutex::new(Vec::new()) };
+    let consumer: BaseConsumer<Ctx> = client_config(&cfg.kafka)
         .set("group.id", &cfg.processor.group_id)
+        // Static membership: a restarted instance takes over its own
+        // partitions at once instead of waiting for a rebalance after its
+        // predecessor's session times out.
+        .set("group.instance.id", &cfg.processor.instance_id)
+        .set("session.timeout.ms", cfg.processor.session_timeout_ms.to_string())
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .create()
+        .create_with_context(ctx)
         .context("creating processor consumer")?;
+    let restorer: BaseConsumer<QuietEof> = client_config(&cfg.kafka)
+        .set("group.id", format!("{}-restore", cfg.processor.group_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        // Reach the end quickly: do not wait for more data on empty fetches.
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(QuietEof)
+        .context("creating restore consumer")?;
+    let producer = transactional_producer(cfg)?;
     consumer.subscribe(&[&cfg.topics.events]).context("subscribing to events topic")?;
-    let producer: FutureProducer = client_config(&cfg.kafka)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "10")
-        .set("compression.type", "lz4")
-        .create()
-        .context("creating processor producer")?;
     let mut r = Runner {
         cfg,
         codec: codec.clone(),
         engine: Engine::new(catalog, codec, engine_config(cfg)),
         producer,
-        offsets: BTreeMap::new(),
+        restorer,
+        positions: BTreeMap::new(),
+        unrestored: Vec::new(),
         dead_letters: Vec::new(),
+        dirty_input: false,
+        stats: ProcessorStats::default(),
         buf: Vec::with_capacity(512),
     };
     let interval = Duration::from_millis(cfg.processor.commit_interval_ms);
     let mut next_commit = Instant::now() + interval;
-    let mut stats = ProcessorStats::default();
     let (mut first_record, mut last_record): (Option<Instant>, Option<Instant>) = (None, None);
-    info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, "processor started");
+    info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, instance = %cfg.processor.instance_id, "processor started");
     loop {
         if shutdown.is_raised() {
-            r.commit(&consumer).await?;
+            r.commit(&consumer)?;
             break;
         }
         let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        let polled = consumer.poll(wait);
+        // Rebalance callbacks ran inside poll: act on them before the record.
+        r.rebalance(&consumer)?;
         let mut idle = false;
-        match tokio::time::timeout(wait, consumer.recv()).await {
-            Ok(Ok(m)) => {
-                r.handle(&m);
-                let now = Instant::now();
-                first_record.get_or_insert(now);
-                last_record = Some(now);
+        match polled {
+            Some(Ok(m)) => {
+                // A record fetched before its partition was revoked or
+                // rewound is not ours to handle.
+                let expected = r.positions.get(&m.partition()).copied();
+                if consumer.assignment().is_ok_and(|a| a.find_partition(&cfg.topics.events, m.partition()).is_some())
+                    && expected.is_none_or(|o| m.offset() >= o)
+                {
+                    r.handle(&m);
+                    let now = Instant::now();
+                    first_record.get_or_insert(now);
+                    last_record = Some(now);
+                } else {
+                    debug!(partition = m.partition(), offset = m.offset(), ?expected, "skipping record outside the owned position");
+                }
             }
-            Ok(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
-            Err(_) => idle = true,
+            Some(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
+            None => idle = true,
         }
         if Instant::now() >= next_commit {
-            let t = Instant::now();
-            let emitted = r.commit(&consumer).await?;
-            stats.commits += 1;
-            debug!(emitted, handled = r.engine.counters().total(), commit_ms = t.elapsed().as_millis() as u64, "committed");
+            if let Err(e) = r.commit(&consumer) {
+                warn!(error = %format!("{e:#}"), "transaction failed; aborting and restoring");
+                r.recover(&consumer)?;
+            }
             next_commit = Instant::now() + interval;
             // Checking the high watermarks blocks on the broker, so only
             // when no record arrived for a while.
             if idle && drain.is_raised() && caught_up(&consumer) && r.engine.unsettled_windows() == 0 {
+                r.commit(&consumer)?;
                 break;
             }
         }
     }
-    let c = r.engine.counters().clone();
-    stats.counters = c.clone();
+    let mut stats = std::mem::take(&mut r.stats);
+    stats.counters = r.engine.counters().clone();
     stats.busy = match (first_record, last_record) {
         (Some(a), Some(b)) => b - a,
         _ => Duration::ZERO,
     };
-    info!(aggregated = c.aggregated, duplicates = c.duplicates, dead_lettered = c.dead_lettered(), "processor stopped");
+    info!(
+        aggregated = stats.counters.aggregated,
+        duplicates = stats.counters.duplicates,
+        dead_lettered = stats.counters.dead_lettered(),
+        commits = stats.commits,
+        aborts = stats.aborts,
+        "processor stopped"
+    );
     Ok(stats)
 }
 

@@ -249,7 +249,7 @@ proptest! {
         let make = |i: usize, (seq, dt, q): (i64, i64, i64)| {
             let mut e = event(seq, T0 + dt, q + seq);
             e.event_time = T0 + seq * 60_000 + dt % 1000;
-            if i % unsequenced_every == 0 {
+            if i.is_multiple_of(unsequenced_every) {
                 e.seq = None;
                 e.event_id = format!("u-{seq}");
             }
