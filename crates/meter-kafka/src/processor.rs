@@ -153,6 +153,10 @@ struct Runner<'a> {
     /// Next offset to read per owned events partition (committed offset
     /// after a restore, then advanced per record).
     positions: BTreeMap<i32, i64>,
+    /// Owned partitions, as of the last rebalance event. Kept here because
+    /// asking librdkafka for the assignment is a round trip to its group
+    /// thread, far too slow to do per record.
+    owned: std::collections::BTreeSet<i32>,
     /// Owned partitions not restored yet.
     unrestored: Vec<i32>,
     dead_letters: Vec<DeadLetter>,
@@ -212,11 +216,13 @@ impl Runner<'_> {
                     for p in parts {
                         self.engine.drop_partition(p);
                         self.positions.remove(&p);
+                        self.owned.remove(&p);
                         self.unrestored.retain(|&u| u != p);
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
                     info!(?parts, "partitions assigned");
+                    self.owned.extend(parts.iter().copied());
                     self.unrestored.extend(parts);
                 }
             }
@@ -375,10 +381,7 @@ impl Runner<'_> {
         self.engine.reset();
         self.dead_letters.clear();
         self.dirty_input = false;
-        let owned: Vec<i32> = match consumer.assignment() {
-            Ok(a) => a.elements().iter().filter(|e| e.topic() == self.cfg.topics.events).map(|e| e.partition()).collect(),
-            Err(_) => self.positions.keys().copied().collect(),
-        };
+        let owned: Vec<i32> = self.owned.iter().copied().collect();
         self.positions.clear();
         self.restore(consumer, &owned)
     }
@@ -443,6 +446,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
         producer,
         restorer,
         positions: BTreeMap::new(),
+        owned: Default::default(),
         unrestored: Vec::new(),
         dead_letters: Vec::new(),
         dirty_input: false,
@@ -468,9 +472,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
                 // A record fetched before its partition was revoked or
                 // rewound is not ours to handle.
                 let expected = r.positions.get(&m.partition()).copied();
-                if consumer.assignment().is_ok_and(|a| a.find_partition(&cfg.topics.events, m.partition()).is_some())
-                    && expected.is_none_or(|o| m.offset() >= o)
-                {
+                if r.owned.contains(&m.partition()) && expected.is_none_or(|o| m.offset() >= o) {
                     r.handle(&m);
                     let now = Instant::now();
                     first_record.get_or_insert(now);
