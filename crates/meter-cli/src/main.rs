@@ -1,6 +1,7 @@
 //! `meter`: the one binary of meterline. Each subcommand is a thin shell
 //! around a library crate.
 
+mod chaos;
 mod demo;
 mod report;
 mod time;
@@ -40,7 +41,16 @@ enum Command {
         drain: bool,
     },
     /// Insert usage.aggregates and usage.dlq into ClickHouse.
-    Sink,
+    Sink {
+        /// Exit once both topics are consumed to their end and inserted.
+        #[arg(long)]
+        drain: bool,
+    },
+    /// Fault-injection harness: agents with duplicates, reordering, late
+    /// and poison input; two processors killed with SIGKILL again and
+    /// again; the sink killed; the broker restarted; ClickHouse stopped.
+    /// Then checks everything against the ledger.
+    Chaos(chaos::ChaosArgs),
     /// Reports from ClickHouse.
     Report {
         #[command(subcommand)]
@@ -172,18 +182,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = &s.counters;
             println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
         }
-        Command::Sink => {
+        Command::Sink { drain } => {
             init_logging("info");
             let cfg = load()?;
             let shutdown = Signal::default();
             on_signal(shutdown.clone());
-            let s = meter_kafka::sink::run(&cfg, shutdown, Signal::default()).await?;
+            let drain_signal = Signal::default();
+            if drain {
+                drain_signal.raise();
+            }
+            let s = meter_kafka::sink::run(&cfg, shutdown, drain_signal).await?;
             println!("sink: {} usage rows, {} dead letters in {} batches", s.usage_rows, s.dead_letter_rows, s.batches);
         }
         Command::Report { report } => {
             init_logging("warn");
             let cfg = load()?;
             report::run(&cfg, report).await?;
+        }
+        Command::Chaos(args) => {
+            init_logging("warn");
+            let cfg = load()?;
+            return chaos::run(cfg, args).await;
         }
         Command::Demo(args) => {
             init_logging("warn");

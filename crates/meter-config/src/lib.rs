@@ -194,6 +194,12 @@ pub struct ProcessorConfig {
     /// the wall clock.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: i64,
+    /// NEGATIVE CONTROL ONLY: skip restoring state from the changelog on
+    /// assignment. This breaks exactly-once (a restarted instance re-emits
+    /// windows from partial state); it exists so that `meter chaos
+    /// --negative-control` can show the harness detects a broken guarantee.
+    #[serde(default)]
+    pub unsafe_skip_state_restore: bool,
     /// Payloads larger than this are dead-lettered as `oversize_payload`.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
@@ -253,6 +259,7 @@ impl Default for ProcessorConfig {
             correction_horizon_ms: default_correction_horizon_ms(),
             max_clock_skew_ms: default_max_clock_skew_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            unsafe_skip_state_restore: false,
             max_payload_bytes: default_max_payload_bytes(),
             max_string_bytes: default_max_string_bytes(),
         }

@@ -251,7 +251,12 @@ impl Runner<'_> {
         for &p in parts {
             self.engine.drop_partition(p);
         }
-        let entries = self.restore_partitions(parts)?;
+        let entries = if self.cfg.processor.unsafe_skip_state_restore {
+            warn!("unsafe_skip_state_restore is set: state NOT restored, exactly-once is broken on purpose");
+            0
+        } else {
+            self.restore_partitions(parts)?
+        };
         for e in committed.elements() {
             let p = e.partition();
             let offset = match e.offset() {
@@ -406,7 +411,8 @@ fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?S
 
 /// Runs the processor until `shutdown` is raised, or, when `drain` is
 /// raised, until every owned partition is consumed to its end and every
-/// window is final and committed. Returns what it did.
+/// window the wall clock has closed is final and committed (see
+/// [`meter_processor::Engine::drained`]). Returns what it did.
 pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<ProcessorStats> {
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || run_blocking(&cfg, &shutdown, &drain)).await.context("processor thread")?
@@ -492,7 +498,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
             next_commit = Instant::now() + interval;
             // Checking the high watermarks blocks on the broker, so only
             // when no record arrived for a while.
-            if idle && drain.is_raised() && caught_up(&consumer) && r.engine.unsettled_windows() == 0 {
+            if idle && drain.is_raised() && r.engine.drained() && caught_up(&consumer) {
                 r.commit(&consumer)?;
                 break;
             }

@@ -15,6 +15,10 @@ pub struct Reconciliation {
     pub mismatches: Vec<(String, Mismatch)>,
     pub final_windows: usize,
     pub windows: usize,
+    /// Events aggregated according to the topic's minute windows.
+    pub aggregated_events: i64,
+    /// Windows whose latest revision is not final.
+    pub not_final: Vec<meter_model::WindowKey>,
 }
 
 impl Reconciliation {
@@ -48,5 +52,12 @@ pub async fn reconcile(cfg: &Config, ledger: &Ledger) -> anyhow::Result<Reconcil
         mismatches,
         final_windows: latest.final_count(),
         windows: latest.windows.len(),
+        not_final: latest.windows.values().filter(|a| !a.is_final).map(|a| a.key.clone()).collect(),
+        aggregated_events: latest
+            .windows
+            .values()
+            .filter(|a| a.key.granularity == meter_model::Granularity::Minute)
+            .map(|a| a.event_count)
+            .sum(),
     })
 }

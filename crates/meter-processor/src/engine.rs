@@ -125,6 +125,8 @@ pub struct Engine {
     new_unsequenced: Vec<(i32, Millis, String)>,
     /// Changelog entries produced by flushes and not yet taken.
     changes: Vec<StateChange>,
+    /// Wall-clock time of the last flush.
+    last_flush: Millis,
     /// Fallback dedup for events without a seq: event ids per partition and
     /// day window, forgotten with the day window.
     unsequenced: HashMap<(i32, Millis), HashSet<String>>,
@@ -146,6 +148,7 @@ impl Engine {
             changed_streams: HashSet::new(),
             new_unsequenced: Vec::new(),
             changes: Vec::new(),
+            last_flush: Millis::MIN,
             unsequenced: HashMap::new(),
             counters: Counters::default(),
         }
@@ -160,10 +163,23 @@ impl Engine {
     }
 
     /// Windows whose final revision has not been emitted yet, plus windows
-    /// changed since the last flush. Zero means every result is final and
-    /// published once the last flush is durable.
+    /// changed since the last flush.
     pub fn unsettled_windows(&self) -> usize {
         self.dirty.len() + self.windows.values().filter(|w| !w.is_final && !w.dirty).count()
+    }
+
+    /// True when, as of the last flush, nothing is left to emit: no window
+    /// changed since, every partition was idle long enough at that flush for
+    /// its watermark to follow the wall clock, and every window that
+    /// watermark closes is final. Windows the wall clock has not closed yet
+    /// (e.g. today's day window) stay open.
+    pub fn drained(&self) -> bool {
+        let lateness = self.cfg.allowed_lateness_ms;
+        self.dirty.is_empty()
+            && self.clocks.values().all(|c| self.last_flush.saturating_sub(c.last_record_at) >= self.cfg.idle_timeout_ms)
+            && self.windows.iter().all(|(k, w)| {
+                w.is_final || self.clocks.get(&w.partition).is_none_or(|c| k.window_end().saturating_add(lateness) > c.watermark)
+            })
     }
 
     /// The watermark of `partition`, if it has seen any record.
@@ -379,6 +395,7 @@ impl Engine {
     /// changed since the last flush and for every window whose final
     /// revision is now due. Forgets windows past the correction horizon.
     pub fn flush(&mut self, now: Millis) -> Vec<AggregatedUsage> {
+        self.last_flush = now;
         for clock in self.clocks.values_mut() {
             clock.advance(now, self.cfg.idle_timeout_ms);
         }

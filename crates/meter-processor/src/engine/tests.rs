@@ -302,3 +302,20 @@ fn evicted_windows_leave_tombstones() {
     assert_eq!(later.iter().filter(|c| c.value.is_none()).count(), 3, "minute, hour and day windows expire");
     assert_eq!(en.open_windows(), 0);
 }
+
+#[test]
+fn drained_once_idle_and_closed_windows_are_final_while_today_stays_open() {
+    let mut en = engine();
+    // An event two hours before "now": its minute and hour close, its day does not.
+    let now = T0 + 12 * 3_600_000;
+    feed(&mut en, &event(1, now - 7_200_000, 1), now);
+    en.flush(now);
+    assert!(!en.drained(), "the partition is not idle yet");
+    let later = now + 11_000;
+    let out = en.flush(later);
+    assert!(en.drained());
+    assert_eq!(out.iter().filter(|a| a.is_final).count(), 2, "minute and hour final");
+    assert_eq!(en.unsettled_windows(), 1, "the day window stays open");
+    feed(&mut en, &event(2, now - 7_200_000, 1), later);
+    assert!(!en.drained());
+}
