@@ -236,6 +236,30 @@ fn poison(codec: &Codec, customer: &str, now: i64, sim_start: i64, n: u64) -> Ve
     ]
 }
 
+/// A seq-less event and a second one with the same event_id but another
+/// payload: the first is aggregated (it belongs in the ledger), the second
+/// is dead-lettered as `event_id_conflict`.
+fn conflict_pair(codec: &Codec, customer: &str, t: i64, n: u64) -> (UsageEvent, Vec<u8>, Vec<u8>) {
+    let first = UsageEvent {
+        event_id: format!("chaos-conflict/{customer}/{n}"),
+        agent_id: "chaos-conflict".into(),
+        seq: None,
+        customer_id: customer.to_owned(),
+        service: "cdn".into(),
+        usage_type: "Requests-HTTPS".into(),
+        resource_id: "dist-conflict".into(),
+        region: "edge-eu".into(),
+        quantity: 1000 + n as i64,
+        event_time: t,
+        attributes: Default::default(),
+    };
+    let second = UsageEvent { quantity: first.quantity + 1, ..first.clone() };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    codec.encode_event(&first, &mut a);
+    codec.encode_event(&second, &mut b);
+    (first, a, b)
+}
+
 async fn settle(pending: &mut VecDeque<DeliveryFuture>, keep: usize) -> anyhow::Result<()> {
     while pending.len() > keep {
         let Some(f) = pending.pop_front() else { break };
@@ -307,6 +331,8 @@ async fn inject(cfg: &Config, args: &ChaosArgs, sim_start: i64, progress: Arc<At
     let started = Instant::now();
     let mut events = Vec::new();
     let mut poison_rounds = 0u64;
+    // Usage injected outside the simulators that must be aggregated.
+    let mut extra = Ledger::default();
     for second in 0..sim_seconds {
         let due = started + Duration::from_secs_f64(second as f64 / args.speed);
         tokio::time::sleep_until(due.into()).await;
@@ -355,6 +381,12 @@ async fn inject(cfg: &Config, args: &ChaosArgs, sim_start: i64, progress: Arc<At
                 out.send(key.as_deref(), &payload).await?;
                 *injected.dead_letters.entry(reason.to_string()).or_default() += 1;
             }
+            let t = sim_start + (second as i64) * 1000;
+            let (first, a, b) = conflict_pair(&codec, customer, t, poison_rounds);
+            out.send(Some(customer.as_bytes()), &a).await?;
+            out.send(Some(customer.as_bytes()), &b).await?;
+            extra.record(&first.customer_id, &first.service, &first.usage_type, &first.region, first.event_time, first.quantity);
+            *injected.dead_letters.entry(DeadLetterReason::EventIdConflict.to_string()).or_default() += 1;
         }
         progress.store(second + 1, Ordering::Relaxed);
     }
@@ -364,7 +396,7 @@ async fn inject(cfg: &Config, args: &ChaosArgs, sim_start: i64, progress: Arc<At
     }
     settle(&mut out.pending, 0).await?;
     injected.records = out.sent;
-    let mut ledger = Ledger::default();
+    let mut ledger = extra;
     for sim in &sims {
         ledger.merge(sim.ledger());
     }

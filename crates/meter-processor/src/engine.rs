@@ -122,14 +122,16 @@ pub struct Engine {
     /// Streams changed since the last [`Engine::take_changes`].
     changed_streams: HashSet<(String, String)>,
     /// Event ids of seq-less events remembered since the last take_changes.
-    new_unsequenced: Vec<(i32, Millis, String)>,
+    new_unsequenced: Vec<(i32, Millis, String, u64)>,
     /// Changelog entries produced by flushes and not yet taken.
     changes: Vec<StateChange>,
     /// Wall-clock time of the last flush.
     last_flush: Millis,
     /// Fallback dedup for events without a seq: event ids per partition and
     /// day window, forgotten with the day window.
-    unsequenced: HashMap<(i32, Millis), HashSet<String>>,
+    /// event id -> FNV-1a hash of its payload, to tell a replay (same
+    /// bytes: duplicate) from a conflict (same id, other bytes).
+    unsequenced: HashMap<(i32, Millis), HashMap<String, u64>>,
     counters: Counters,
 }
 
@@ -227,11 +229,13 @@ impl Engine {
         let event = self.codec.decode_event(payload).map_err(|e| (e.reason(), e.to_string()))?;
         self.validate(&event, key, now)?;
         let windows = self.check_time(&event, input.partition)?;
-        if self.is_duplicate(&event, input.partition) {
+        // Only events without a seq are deduplicated by id and need the hash.
+        let payload_hash = if event.seq.is_none() { fnv1a(payload) } else { 0 };
+        if self.is_duplicate(&event, input.partition, payload_hash)? {
             return Ok(false);
         }
         self.check_overflow(&event, &windows)?;
-        self.remember(&event, input.partition);
+        self.remember(&event, input.partition, payload_hash);
         self.aggregate(&event, windows, input.partition);
         if let Some(clock) = self.clocks.get_mut(&input.partition) {
             clock.max_event_time = clock.max_event_time.max(event.event_time);
@@ -323,16 +327,23 @@ impl Engine {
         Ok(keys)
     }
 
-    fn is_duplicate(&self, e: &UsageEvent, partition: i32) -> bool {
+    fn is_duplicate(&self, e: &UsageEvent, partition: i32, payload_hash: u64) -> Result<bool, Rejection> {
         match e.seq {
-            Some(seq) => self.streams.get(&(e.agent_id.clone(), e.customer_id.clone())).is_some_and(|(_, t)| t.is_duplicate(seq)),
+            Some(seq) => Ok(self.streams.get(&(e.agent_id.clone(), e.customer_id.clone())).is_some_and(|(_, t)| t.is_duplicate(seq))),
             None => {
-                self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).is_some_and(|ids| ids.contains(&e.event_id))
+                match self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).and_then(|ids| ids.get(&e.event_id)) {
+                    None => Ok(false),
+                    Some(&h) if h == payload_hash => Ok(true),
+                    Some(_) => Err((
+                        DeadLetterReason::EventIdConflict,
+                        format!("event_id {:?} was seen before with a different payload", e.event_id),
+                    )),
+                }
             }
         }
     }
 
-    fn remember(&mut self, e: &UsageEvent, partition: i32) {
+    fn remember(&mut self, e: &UsageEvent, partition: i32, payload_hash: u64) {
         match e.seq {
             Some(seq) => {
                 let id = (e.agent_id.clone(), e.customer_id.clone());
@@ -343,8 +354,8 @@ impl Engine {
             }
             None => {
                 let day = Granularity::Day.window_start(e.event_time);
-                self.unsequenced.entry((partition, day)).or_default().insert(e.event_id.clone());
-                self.new_unsequenced.push((partition, day, e.event_id.clone()));
+                self.unsequenced.entry((partition, day)).or_default().insert(e.event_id.clone(), payload_hash);
+                self.new_unsequenced.push((partition, day, e.event_id.clone(), payload_hash));
             }
         }
     }
@@ -434,7 +445,7 @@ impl Engine {
         self.unsequenced.retain(|&(p, day), ids| {
             let keep = clocks.get(&p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark);
             if !keep {
-                changes.extend(ids.iter().map(|id| state::unsequenced_tombstone(p, day, id)));
+                changes.extend(ids.keys().map(|id| state::unsequenced_tombstone(p, day, id)));
             }
             keep
         });
@@ -458,7 +469,7 @@ impl Engine {
                 out.push(state::stream_entry(&id.0, &id.1, *p, t));
             }
         }
-        out.extend(self.new_unsequenced.drain(..).map(|(p, day, id)| state::unsequenced_entry(p, day, &id)));
+        out.extend(self.new_unsequenced.drain(..).map(|(p, day, id, hash)| state::unsequenced_entry(p, day, &id, hash)));
         out
     }
 
@@ -497,8 +508,9 @@ impl Engine {
                         ids.remove(&id);
                     }
                 }
-                Some(_) => {
-                    self.unsequenced.entry((p, day)).or_default().insert(id);
+                Some(v) => {
+                    let hash = state::decode_unsequenced(v)?;
+                    self.unsequenced.entry((p, day)).or_default().insert(id, hash);
                 }
             },
         }
@@ -516,7 +528,7 @@ impl Engine {
         self.streams.retain(|_, (p, _)| *p != partition);
         let streams = &self.streams;
         self.changed_streams.retain(|id| streams.contains_key(id));
-        self.new_unsequenced.retain(|(p, _, _)| *p != partition);
+        self.new_unsequenced.retain(|(p, _, _, _)| *p != partition);
         self.changes.retain(|c| c.partition != partition);
     }
 
@@ -527,6 +539,12 @@ impl Engine {
         *self = Engine::new(self.catalog.clone(), self.codec.clone(), self.cfg.clone());
         self.counters = counters;
     }
+}
+
+/// FNV-1a, 64 bit: a payload fingerprint that stays the same across
+/// builds (it is stored in the changelog), unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn emit(key: WindowKey, w: &mut WindowState) -> AggregatedUsage {

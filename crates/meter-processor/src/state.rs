@@ -119,8 +119,12 @@ fn unsequenced_key(partition: i32, day: Millis, id: &str) -> Vec<u8> {
     key
 }
 
-pub(crate) fn unsequenced_entry(partition: i32, day: Millis, id: &str) -> StateChange {
-    StateChange { partition, key: unsequenced_key(partition, day, id), value: Some(vec![]) }
+pub(crate) fn unsequenced_entry(partition: i32, day: Millis, id: &str, payload_hash: u64) -> StateChange {
+    let mut v = Vec::with_capacity(12);
+    let mut w = Writer(&mut v);
+    w.long(VERSION);
+    w.long(payload_hash as i64);
+    StateChange { partition, key: unsequenced_key(partition, day, id), value: Some(v) }
 }
 
 pub(crate) fn unsequenced_tombstone(partition: i32, day: Millis, id: &str) -> StateChange {
@@ -213,4 +217,12 @@ pub(crate) fn decode_clock(v: &[u8]) -> Result<(Millis, Millis), DecodeError> {
     let c = (r.long()?, r.long()?);
     r.finish()?;
     Ok(c)
+}
+
+pub(crate) fn decode_unsequenced(v: &[u8]) -> Result<u64, DecodeError> {
+    let mut r = Reader::new(v);
+    version(&mut r)?;
+    let h = r.long()? as u64;
+    r.finish()?;
+    Ok(h)
 }

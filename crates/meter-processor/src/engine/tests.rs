@@ -319,3 +319,23 @@ fn drained_once_idle_and_closed_windows_are_final_while_today_stays_open() {
     feed(&mut en, &event(2, now - 7_200_000, 1), later);
     assert!(!en.drained());
 }
+
+#[test]
+fn same_event_id_with_another_payload_is_a_conflict_and_survives_restore() {
+    let mut en = engine();
+    let mut e = event(0, T0 + 1_000, 5);
+    e.seq = None;
+    e.event_id = "ext-42".into();
+    assert_eq!(feed(&mut en, &e, NOW), Outcome::Aggregated);
+    assert_eq!(feed(&mut en, &e, NOW), Outcome::Duplicate);
+    let other = UsageEvent { quantity: 6, ..e.clone() };
+    assert!(matches!(feed(&mut en, &other, NOW), Outcome::DeadLetter { reason: DeadLetterReason::EventIdConflict, .. }));
+    en.flush(T0 + 2_000);
+    let log = en.take_changes();
+    let mut restored = engine();
+    for (k, v) in compacted(&log) {
+        restored.restore(0, &k, Some(&v), NOW).unwrap();
+    }
+    assert_eq!(feed(&mut restored, &e, NOW), Outcome::Duplicate);
+    assert!(matches!(feed(&mut restored, &other, NOW), Outcome::DeadLetter { reason: DeadLetterReason::EventIdConflict, .. }));
+}
