@@ -172,15 +172,25 @@ fn child_env(cfg: &Config, instance: &str, negative: bool) -> Vec<(String, Strin
     .collect()
 }
 
-/// Sum of the processor group's committed offsets (not waiting for pending
-/// transactions).
-fn committed_sum(consumer: &BaseConsumer, cfg: &Config) -> Option<i64> {
+/// Per events partition: (committed offset of the processor group, high
+/// watermark). Committed offsets are read without waiting for pending
+/// transactions.
+fn group_progress(consumer: &BaseConsumer, cfg: &Config) -> Option<Vec<(i64, i64)>> {
     let mut tpl = TopicPartitionList::new();
     for p in 0..cfg.topics.partitions {
         tpl.add_partition(&cfg.topics.events, p);
     }
     let c = consumer.committed_offsets(tpl, Duration::from_secs(5)).ok()?;
-    Some(c.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum())
+    let mut out = Vec::new();
+    for p in 0..cfg.topics.partitions {
+        let committed = match c.find_partition(&cfg.topics.events, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        let (_, high) = consumer.fetch_watermarks(&cfg.topics.events, p, Duration::from_secs(5)).ok()?;
+        out.push((committed, high));
+    }
+    Some(out)
 }
 
 /// The poison records: (expected reason, key, payload).
@@ -532,9 +542,11 @@ pub async fn run(mut cfg: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut kills = (0u32, 0u32);
     let mut unexpected_exits = 0u32;
-    let mut pending_recovery: Vec<(Instant, i64)> = Vec::new();
+    // A kill has been recovered from once every partition either committed
+    // past its offset at the kill or is caught up.
+    let mut pending_recovery: Vec<(Instant, Vec<i64>)> = Vec::new();
+    let mut committed_now: Vec<i64> = Vec::new();
     let mut longest_recovery = Duration::ZERO;
-    let mut last_committed = 0i64;
     let mut next = 0;
     let mut clickhouse_down_for = Duration::ZERO;
     let mut clickhouse_stopped_at = None;
@@ -549,7 +561,7 @@ pub async fn run(mut cfg: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
                     let idx = usize::from(action == "kill-p2");
                     procs[idx].kill();
                     kills.0 += 1;
-                    pending_recovery.push((Instant::now(), last_committed));
+                    pending_recovery.push((Instant::now(), committed_now.clone()));
                     tokio::time::sleep(Duration::from_millis(rng.below(2000))).await;
                     procs[idx].start()?;
                 }
@@ -583,13 +595,15 @@ pub async fn run(mut cfg: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
                 unexpected_exits += 1;
             }
         }
-        if let Some(c) = committed_sum(&monitor, &cfg) {
-            if c > last_committed {
-                for (t, _) in pending_recovery.drain(..) {
+        if let Some(state) = group_progress(&monitor, &cfg) {
+            committed_now = state.iter().map(|(c, _)| *c).collect();
+            pending_recovery.retain(|(t, at_kill)| {
+                let recovered = state.iter().enumerate().all(|(p, &(c, high))| c >= high || at_kill.get(p).is_none_or(|&k| c > k));
+                if recovered {
                     longest_recovery = longest_recovery.max(t.elapsed());
                 }
-                last_committed = c;
-            }
+                !recovered
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -619,6 +633,7 @@ pub async fn run(mut cfg: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     for d in &mut drainers {
         wait_for(d, Duration::from_secs(600)).await?;
     }
+    // Kills not recovered from before the drain count until it ended.
     for (t, _) in pending_recovery.drain(..) {
         longest_recovery = longest_recovery.max(t.elapsed());
     }
