@@ -27,6 +27,11 @@
 //!   transaction; restoring after that fetch sees every committed change.
 //! - Restoring reads the changelog partition to its end under
 //!   read_committed: aborted and open transactions stay invisible.
+//! - Rebalance callbacks run inside `poll`. The runner lives in the
+//!   consumer's context so that the revocation callback can commit the open
+//!   transaction before the partitions are released (or abort it when the
+//!   assignment was lost); the loop never polls while holding the runner,
+//!   and takes it out before the consumer closes.
 //! - A failed commit whose error allows abort (`txn_requires_abort`) is
 //!   aborted; a fatal error (fenced producer) needs a new producer. Either
 //!   way the engine state is dropped and every owned partition is restored
@@ -81,51 +86,63 @@ impl ProcessorStats {
     }
 }
 
-/// Rebalance events, recorded by librdkafka's callbacks (which run inside
-/// `poll`) and acted on by the loop before it handles the next record.
-#[derive(Default)]
+/// The consumer's context owns the runner, so that librdkafka's rebalance
+/// callbacks (which run inside `poll`, never while the loop holds the runner)
+/// can commit the open transaction before revoked partitions are released.
 struct Ctx {
     topic: String,
-    events: Mutex<Vec<RebalanceEvent>>,
+    runner: Mutex<Option<Runner>>,
 }
 
-enum RebalanceEvent {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
+fn lock(m: &Mutex<Option<Runner>>) -> std::sync::MutexGuard<'_, Option<Runner>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Ctx {
     fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
         tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
     }
-
-    fn push(&self, e: RebalanceEvent) {
-        match self.events.lock() {
-            Ok(mut v) => v.push(e),
-            Err(poisoned) => poisoned.into_inner().push(e),
-        }
-    }
-
-    fn take(&self) -> Vec<RebalanceEvent> {
-        match self.events.lock() {
-            Ok(mut v) => std::mem::take(&mut *v),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
-    }
 }
 
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.push(RebalanceEvent::Revoked(self.partitions(tpl)));
+    /// Revocation: the open transaction is committed while the partitions
+    /// are still ours (or aborted when the assignment was lost, e.g. after a
+    /// session timeout: the group has moved on and would fence the commit),
+    /// then their state is forgotten.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let parts = self.partitions(tpl);
+        let mut guard = lock(&self.runner);
+        let Some(r) = guard.as_mut() else { return };
+        if consumer.assignment_lost() {
+            warn!(?parts, "assignment lost; aborting the open transaction");
+            r.abort();
+        } else if let Err(e) = r.commit(consumer) {
+            warn!(?parts, error = %format!("{e:#}"), "commit on revocation failed; aborting");
+            r.abort();
+        } else {
+            info!(?parts, "partitions revoked after committing");
+        }
+        for p in parts {
+            r.engine.drop_partition(p);
+            r.positions.remove(&p);
+            r.owned.remove(&p);
+            r.unrestored.retain(|&u| u != p);
         }
     }
 
+    /// Assignment: restored by the loop before any of their records is
+    /// handled (restoring needs the committed offsets, fetched after this).
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            self.push(RebalanceEvent::Assigned(self.partitions(tpl)));
+            let parts = self.partitions(tpl);
+            info!(?parts, "partitions assigned");
+            if let Some(r) = lock(&self.runner).as_mut() {
+                r.owned.extend(parts.iter().copied());
+                r.unrestored.extend(parts);
+            }
         }
     }
 }
@@ -144,8 +161,8 @@ impl ClientContext for QuietEof {
 
 impl ConsumerContext for QuietEof {}
 
-struct Runner<'a> {
-    cfg: &'a Config,
+struct Runner {
+    cfg: Config,
     codec: Codec,
     engine: Engine,
     producer: BaseProducer,
@@ -161,6 +178,10 @@ struct Runner<'a> {
     unrestored: Vec<i32>,
     dead_letters: Vec<DeadLetter>,
     dirty_input: bool,
+    /// Set when a transaction was aborted: state must be restored and the
+    /// owned partitions rewound before handling more records.
+    needs_recover: bool,
+    producer_broken: bool,
     stats: ProcessorStats,
     buf: Vec<u8>,
 }
@@ -179,7 +200,7 @@ fn transactional_producer(cfg: &Config) -> anyhow::Result<BaseProducer> {
     Ok(producer)
 }
 
-impl Runner<'_> {
+impl Runner {
     fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let now = now_ms();
         let partition = m.partition();
@@ -201,31 +222,12 @@ impl Runner<'_> {
         self.dirty_input = true;
     }
 
-    /// Acts on rebalance events: revoked partitions are committed (or, if
-    /// the group already moved on, aborted) and forgotten; assigned ones
-    /// are restored before any of their records is handled.
-    fn rebalance(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
-        for event in consumer.context().take() {
-            match event {
-                RebalanceEvent::Revoked(parts) => {
-                    info!(?parts, "partitions revoked");
-                    if let Err(e) = self.commit(consumer) {
-                        warn!(error = %e, "commit on revocation failed; its transaction is aborted");
-                        self.recover(consumer)?;
-                    }
-                    for p in parts {
-                        self.engine.drop_partition(p);
-                        self.positions.remove(&p);
-                        self.owned.remove(&p);
-                        self.unrestored.retain(|&u| u != p);
-                    }
-                }
-                RebalanceEvent::Assigned(parts) => {
-                    info!(?parts, "partitions assigned");
-                    self.owned.extend(parts.iter().copied());
-                    self.unrestored.extend(parts);
-                }
-            }
+    /// Before handling records: restore newly assigned partitions, and after
+    /// an aborted transaction restore and rewind everything owned.
+    fn prepare(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        if self.needs_recover {
+            self.needs_recover = false;
+            self.recover(consumer)?;
         }
         if !self.unrestored.is_empty() {
             let parts = std::mem::take(&mut self.unrestored);
@@ -240,10 +242,10 @@ impl Runner<'_> {
         if parts.is_empty() {
             return Ok(());
         }
-        let events = &self.cfg.topics.events;
+        let events = self.cfg.topics.events.clone();
         let mut tpl = TopicPartitionList::new();
         for &p in parts {
-            tpl.add_partition(events, p);
+            tpl.add_partition(&events, p);
         }
         // read_committed: waits for pending transactional offsets (require_stable).
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(60)).context("fetching committed offsets")?;
@@ -271,7 +273,7 @@ impl Runner<'_> {
             };
             // After a failed transaction the fetch position is ahead of the
             // committed offset; continuing from it would lose input.
-            consumer.seek(events, p, offset, Duration::from_secs(10)).with_context(|| format!("rewinding {events}/{p} to {offset:?}"))?;
+            consumer.seek(&events, p, offset, Duration::from_secs(10)).with_context(|| format!("rewinding {events}/{p} to {offset:?}"))?;
         }
         self.stats.restores += 1;
         info!(?parts, entries, ms = started.elapsed().as_millis() as u64, "partition state restored");
@@ -372,22 +374,29 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// After a failed transaction: abort it (or rebuild a fenced producer),
-    /// drop all state, and restore and rewind every owned partition.
-    fn recover(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+    /// Aborts the open transaction (rebuilding the producer if it is fenced
+    /// or otherwise unusable) and drops all state; [`Runner::prepare`] then
+    /// restores and rewinds what is still owned.
+    fn abort(&mut self) {
         self.stats.aborts += 1;
-        match self.producer.abort_transaction(Duration::from_secs(30)) {
-            Ok(()) => {}
-            Err(e) => {
-                warn!(error = %e, "abort failed; rebuilding the producer");
-                self.producer = transactional_producer(self.cfg)?;
-            }
+        if let Err(e) = self.producer.abort_transaction(Duration::from_secs(30)) {
+            warn!(error = %e, "abort failed; the producer will be rebuilt");
+            self.producer_broken = true;
         }
         self.engine.reset();
         self.dead_letters.clear();
         self.dirty_input = false;
-        let owned: Vec<i32> = self.owned.iter().copied().collect();
         self.positions.clear();
+        self.needs_recover = true;
+    }
+
+    fn recover(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+        if self.producer_broken {
+            self.producer = transactional_producer(&self.cfg)?;
+            self.producer_broken = false;
+        }
+        let owned: Vec<i32> = self.owned.iter().copied().collect();
+        self.unrestored.retain(|p| !owned.contains(p));
         self.restore(consumer, &owned)
     }
 }
@@ -421,7 +430,7 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
 fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Result<ProcessorStats> {
     let catalog = cfg.catalog().context("loading catalog")?;
     let codec = Codec::new()?;
-    let ctx = Ctx { topic: cfg.topics.events.clone(), events: Mutex::new(Vec::new()) };
+    let ctx = Ctx { topic: cfg.topics.events.clone(), runner: Mutex::new(None) };
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.kafka)
         .set("group.id", &cfg.processor.group_id)
         // Static membership: a restarted instance takes over its own
@@ -445,8 +454,8 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
         .context("creating restore consumer")?;
     let producer = transactional_producer(cfg)?;
     consumer.subscribe(&[&cfg.topics.events]).context("subscribing to events topic")?;
-    let mut r = Runner {
-        cfg,
+    let runner = Runner {
+        cfg: cfg.clone(),
         codec: codec.clone(),
         engine: Engine::new(catalog, codec, engine_config(cfg)),
         producer,
@@ -456,29 +465,67 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
         unrestored: Vec::new(),
         dead_letters: Vec::new(),
         dirty_input: false,
+        needs_recover: false,
+        producer_broken: false,
         stats: ProcessorStats::default(),
         buf: Vec::with_capacity(512),
     };
+    *lock(&consumer.context().runner) = Some(runner);
+    info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, instance = %cfg.processor.instance_id, "processor started");
+    let result = run_loop(cfg, &consumer, shutdown, drain);
+    // Take the runner out before the consumer closes: closing revokes the
+    // partitions, and the callback must find nothing left to commit.
+    let runner = lock(&consumer.context().runner).take();
+    let (first_record, last_record) = result?;
+    let stats = runner
+        .map(|mut r| {
+            let mut s = std::mem::take(&mut r.stats);
+            s.counters = r.engine.counters().clone();
+            s
+        })
+        .unwrap_or_default();
+    let stats = ProcessorStats {
+        busy: match (first_record, last_record) {
+            (Some(a), Some(b)) => b - a,
+            _ => Duration::ZERO,
+        },
+        ..stats
+    };
+    info!(
+        aggregated = stats.counters.aggregated,
+        duplicates = stats.counters.duplicates,
+        dead_lettered = stats.counters.dead_lettered(),
+        commits = stats.commits,
+        aborts = stats.aborts,
+        "processor stopped"
+    );
+    Ok(stats)
+}
+
+type Span = (Option<Instant>, Option<Instant>);
+
+fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain: &Signal) -> anyhow::Result<Span> {
     let interval = Duration::from_millis(cfg.processor.commit_interval_ms);
     let mut next_commit = Instant::now() + interval;
-    let (mut first_record, mut last_record): (Option<Instant>, Option<Instant>) = (None, None);
-    info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, instance = %cfg.processor.instance_id, "processor started");
+    let (mut first_record, mut last_record): Span = (None, None);
     loop {
+        let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        // Never poll while holding the runner: rebalance callbacks lock it.
+        let polled = if shutdown.is_raised() { None } else { consumer.poll(wait) };
+        let mut guard = lock(&consumer.context().runner);
+        let r = guard.as_mut().ok_or_else(|| anyhow!("processor runner missing"))?;
         if shutdown.is_raised() {
-            r.commit(&consumer)?;
+            r.commit(consumer)?;
             break;
         }
-        let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
-        let polled = consumer.poll(wait);
-        // Rebalance callbacks ran inside poll: act on them before the record.
-        r.rebalance(&consumer)?;
+        r.prepare(consumer)?;
         let mut idle = false;
         match polled {
             Some(Ok(m)) => {
                 // A record fetched before its partition was revoked or
                 // rewound is not ours to handle.
                 let expected = r.positions.get(&m.partition()).copied();
-                if r.owned.contains(&m.partition()) && expected.is_none_or(|o| m.offset() >= o) {
+                if r.owned.contains(&m.partition()) && !r.unrestored.contains(&m.partition()) && expected.is_none_or(|o| m.offset() >= o) {
                     r.handle(&m);
                     let now = Instant::now();
                     first_record.get_or_insert(now);
@@ -491,34 +538,21 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
             None => idle = true,
         }
         if Instant::now() >= next_commit {
-            if let Err(e) = r.commit(&consumer) {
+            if let Err(e) = r.commit(consumer) {
                 warn!(error = %format!("{e:#}"), "transaction failed; aborting and restoring");
-                r.recover(&consumer)?;
+                r.abort();
+                r.prepare(consumer)?;
             }
             next_commit = Instant::now() + interval;
             // Checking the high watermarks blocks on the broker, so only
             // when no record arrived for a while.
-            if idle && drain.is_raised() && r.engine.drained() && caught_up(&consumer) {
-                r.commit(&consumer)?;
+            if idle && drain.is_raised() && r.engine.drained() && caught_up(consumer) {
+                r.commit(consumer)?;
                 break;
             }
         }
     }
-    let mut stats = std::mem::take(&mut r.stats);
-    stats.counters = r.engine.counters().clone();
-    stats.busy = match (first_record, last_record) {
-        (Some(a), Some(b)) => b - a,
-        _ => Duration::ZERO,
-    };
-    info!(
-        aggregated = stats.counters.aggregated,
-        duplicates = stats.counters.duplicates,
-        dead_lettered = stats.counters.dead_lettered(),
-        commits = stats.commits,
-        aborts = stats.aborts,
-        "processor stopped"
-    );
-    Ok(stats)
+    Ok((first_record, last_record))
 }
 
 /// Dead-letter counts by reason, for printing.

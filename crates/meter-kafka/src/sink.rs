@@ -175,7 +175,22 @@ async fn flush(
     for ((topic, p), o) in &batch.offsets {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).context("building offset list")?;
     }
-    consumer.commit(&tpl, CommitMode::Sync).context("committing sink offsets")?;
+    // The rows are in ClickHouse; a commit that fails (e.g. the coordinator
+    // is still loading after a broker restart) is retried, and if it keeps
+    // failing the process exits: the batch is then inserted again by the
+    // next owner, which changes nothing (ReplacingMergeTree).
+    let mut attempt = 0;
+    loop {
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => break,
+            Err(e) if attempt < 20 && !shutdown.is_raised() => {
+                attempt += 1;
+                warn!(error = %e, attempt, "committing sink offsets failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+            }
+            Err(e) => return Err(e).context("committing sink offsets"),
+        }
+    }
     stats.batches += 1;
     stats.usage_rows += batch.usage.values().map(|v| v.len() as u64).sum::<u64>();
     stats.dead_letter_rows += batch.dead_letters.len() as u64;
