@@ -134,6 +134,18 @@ fn on_signal(shutdown: Signal) {
     });
 }
 
+/// The shutdown signal of a long-running service (raised by SIGINT or
+/// SIGTERM) and its drain signal (raised from the start with `--drain`).
+fn service_signals(drain: bool) -> (Signal, Signal) {
+    let shutdown = Signal::default();
+    on_signal(shutdown.clone());
+    let drain_signal = Signal::default();
+    if drain {
+        drain_signal.raise();
+    }
+    (shutdown, drain_signal)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let load = || Config::load(cli.config.as_deref()).context("loading configuration");
     match cli.command {
@@ -172,26 +184,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Process { drain } => {
             init_logging("info");
             let cfg = load()?;
-            let shutdown = Signal::default();
-            on_signal(shutdown.clone());
-            let drain_signal = Signal::default();
-            if drain {
-                drain_signal.raise();
-            }
-            let s = meter_kafka::processor::run(&cfg, shutdown, drain_signal).await?;
+            let (shutdown, drain) = service_signals(drain);
+            let s = meter_kafka::processor::run(&cfg, shutdown, drain).await?;
             let c = &s.counters;
             println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
         }
         Command::Sink { drain } => {
             init_logging("info");
             let cfg = load()?;
-            let shutdown = Signal::default();
-            on_signal(shutdown.clone());
-            let drain_signal = Signal::default();
-            if drain {
-                drain_signal.raise();
-            }
-            let s = meter_kafka::sink::run(&cfg, shutdown, drain_signal).await?;
+            let (shutdown, drain) = service_signals(drain);
+            let s = meter_kafka::sink::run(&cfg, shutdown, drain).await?;
             println!("sink: {} usage rows, {} dead letters in {} batches", s.usage_rows, s.dead_letter_rows, s.batches);
         }
         Command::Report { report } => {
