@@ -11,7 +11,7 @@
 //! dead-lettered = records produced; dead letters by reason = what was
 //! injected.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +26,6 @@ use meter_model::ledger::Ledger;
 use meter_model::{DeadLetterReason, UsageEvent};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::time;
@@ -270,56 +269,12 @@ fn conflict_pair(codec: &Codec, customer: &str, t: i64, n: u64) -> (UsageEvent, 
     (first, a, b)
 }
 
-async fn settle(pending: &mut VecDeque<DeliveryFuture>, keep: usize) -> anyhow::Result<()> {
-    while pending.len() > keep {
-        let Some(f) = pending.pop_front() else { break };
-        match f.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => bail!("delivery failed: {e}"),
-            Err(_) => bail!("producer dropped a record"),
-        }
-    }
-    Ok(())
-}
-
-struct Send<'a> {
-    producer: &'a FutureProducer,
-    topic: &'a str,
-    pending: VecDeque<DeliveryFuture>,
-    sent: u64,
-}
-
-impl Send<'_> {
-    async fn send(&mut self, key: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(self.topic).payload(payload);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        loop {
-            match self.producer.send_result(record) {
-                Ok(f) => break self.pending.push_back(f),
-                Err((_, r)) => {
-                    record = r;
-                    let keep = self.pending.len() / 2;
-                    settle(&mut self.pending, keep).await?;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        }
-        self.sent += 1;
-        if self.pending.len() > 50_000 {
-            settle(&mut self.pending, 25_000).await?;
-        }
-        Ok(())
-    }
-}
-
 /// Publishes the two agents' events with duplicates, reordering, late
 /// events and poison. Returns what was sent and the ledger.
 async fn inject(cfg: &Config, args: &ChaosArgs, sim_start: i64, progress: Arc<AtomicU64>) -> anyhow::Result<(Injected, Ledger)> {
     let codec = Codec::new()?;
     let producer = meter_kafka::agent::producer(cfg)?;
-    let mut out = Send { producer: &producer, topic: &cfg.topics.events, pending: VecDeque::new(), sent: 0 };
+    let mut out = meter_kafka::agent::Publisher::new(&producer, &cfg.topics.events);
     let sim_seconds = (args.duration.as_secs_f64() * args.speed) as u64;
     let mut sims: Vec<Simulator> = (0..2u64)
         .map(|i| {
@@ -404,7 +359,7 @@ async fn inject(cfg: &Config, args: &ChaosArgs, sim_start: i64, progress: Arc<At
     for (_, key, payload, _) in delayed {
         out.send(Some(&key), &payload).await?;
     }
-    settle(&mut out.pending, 0).await?;
+    out.finish().await?;
     injected.records = out.sent;
     let mut ledger = extra;
     for sim in &sims {

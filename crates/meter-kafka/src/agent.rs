@@ -44,16 +44,68 @@ pub fn producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
         .context("creating Kafka producer")
 }
 
-async fn settle(pending: &mut VecDeque<DeliveryFuture>, keep: usize) -> anyhow::Result<()> {
-    while pending.len() > keep {
-        let Some(f) = pending.pop_front() else { break };
-        match f.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(anyhow!("event delivery failed: {e}")),
-            Err(_) => return Err(anyhow!("producer dropped an in-flight event")),
-        }
+/// Publishes records to one topic with up to [`MAX_IN_FLIGHT`] deliveries
+/// outstanding, waiting for acknowledgements when the producer's queue is
+/// full. A failed delivery is an error: nothing is dropped silently.
+pub struct Publisher<'a> {
+    producer: &'a FutureProducer,
+    topic: &'a str,
+    pending: VecDeque<DeliveryFuture>,
+    /// Records handed to the producer so far.
+    pub sent: u64,
+}
+
+impl<'a> Publisher<'a> {
+    pub fn new(producer: &'a FutureProducer, topic: &'a str) -> Self {
+        Publisher { producer, topic, pending: VecDeque::new(), sent: 0 }
     }
-    Ok(())
+
+    pub async fn send(&mut self, key: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(self.topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(f) => {
+                    self.pending.push_back(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    let keep = self.pending.len() / 2;
+                    self.settle(keep).await?;
+                    if self.pending.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Err((e, _)) => return Err(anyhow!("producing to {}: {e}", self.topic)),
+            }
+        }
+        self.sent += 1;
+        if self.pending.len() >= MAX_IN_FLIGHT {
+            self.settle(MAX_IN_FLIGHT / 2).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every record sent so far is acknowledged.
+    pub async fn finish(&mut self) -> anyhow::Result<()> {
+        self.settle(0).await?;
+        self.producer.flush(Duration::from_secs(30)).context("flushing producer")
+    }
+
+    async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
+        while self.pending.len() > keep {
+            let Some(f) = self.pending.pop_front() else { break };
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(anyhow!("delivery to {} failed: {e}", self.topic)),
+                Err(_) => return Err(anyhow!("producer dropped an in-flight record")),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs the simulator to the end of its duration, pacing simulated seconds
@@ -68,12 +120,11 @@ pub async fn run_simulated(
     let producer = producer(cfg)?;
     let codec = Codec::new()?;
     let mut sim = Simulator::new(sim_cfg);
-    let topic = cfg.topics.events.as_str();
+    let mut out = Publisher::new(&producer, &cfg.topics.events);
     let started = Instant::now();
     let mut stats = AgentStats::default();
     let mut events = Vec::new();
     let mut payload = Vec::with_capacity(256);
-    let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
     while sim.next_second(&mut events) {
         stats.simulated_seconds += 1;
         if speed > 0.0 {
@@ -83,32 +134,11 @@ pub async fn run_simulated(
         for e in events.drain(..) {
             payload.clear();
             codec.encode_event(&e, &mut payload);
-            let mut record = FutureRecord::to(topic).key(e.customer_id.as_str()).payload(payload.as_slice());
-            loop {
-                match producer.send_result(record) {
-                    Ok(f) => {
-                        pending.push_back(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        let keep = pending.len() / 2;
-                        settle(&mut pending, keep).await?;
-                        if pending.is_empty() {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    }
-                    Err((e, _)) => return Err(anyhow!("producing event: {e}")),
-                }
-            }
-            stats.events += 1;
-            if pending.len() >= MAX_IN_FLIGHT {
-                settle(&mut pending, MAX_IN_FLIGHT / 2).await?;
-            }
+            out.send(Some(e.customer_id.as_bytes()), &payload).await?;
         }
     }
-    settle(&mut pending, 0).await?;
-    producer.flush(Duration::from_secs(30)).context("flushing producer")?;
+    out.finish().await?;
+    stats.events = out.sent;
     stats.elapsed = started.elapsed();
     let ledger = sim.ledger().clone();
     if let Some(path) = ledger_path {

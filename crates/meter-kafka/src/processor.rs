@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use meter_avro::Codec;
 use meter_config::Config;
-use meter_model::{DeadLetter, DeadLetterReason};
+use meter_model::DeadLetter;
 use meter_processor::{Counters, Engine, EngineConfig, Input, Outcome, StateChange};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -553,9 +553,4 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
         }
     }
     Ok((first_record, last_record))
-}
-
-/// Dead-letter counts by reason, for printing.
-pub fn reasons(c: &Counters) -> Vec<(DeadLetterReason, u64)> {
-    c.dead_letters.iter().map(|(r, n)| (*r, *n)).collect()
 }
