@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -25,7 +25,7 @@ pub enum ConfigError {
 
 pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -40,9 +40,11 @@ pub struct Config {
     pub sink: SinkConfig,
     #[serde(default)]
     pub catalog: CatalogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma separated.
@@ -67,7 +69,7 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
     /// Usage events published by agents, keyed by customer_id.
@@ -121,7 +123,7 @@ impl Default for TopicsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
     /// HTTP endpoint of the ClickHouse server.
@@ -154,7 +156,7 @@ impl Default for ClickHouseConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessorConfig {
     /// Consumer group of the processor instances.
@@ -206,6 +208,14 @@ pub struct ProcessorConfig {
     /// Strings longer than this (in bytes) are dead-lettered as `string_too_long`.
     #[serde(default = "default_max_string_bytes")]
     pub max_string_bytes: usize,
+    /// Which customers each agent may publish usage for, e.g.
+    /// `agents = { "host-17" = ["cust-0001"], "edge-2" = ["*"] }` (`*`: any
+    /// customer). When set, an event from an agent not listed, or for a
+    /// customer its agent is not registered for, is dead-lettered as
+    /// `unauthorized` and counted, never aggregated. Empty (the default):
+    /// every agent may publish for every customer.
+    #[serde(default)]
+    pub agents: BTreeMap<String, Vec<String>>,
 }
 
 fn default_processor_group() -> String {
@@ -262,11 +272,12 @@ impl Default for ProcessorConfig {
             unsafe_skip_state_restore: false,
             max_payload_bytes: default_max_payload_bytes(),
             max_string_bytes: default_max_string_bytes(),
+            agents: BTreeMap::new(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     /// Consumer group of the sink instances.
@@ -313,12 +324,100 @@ impl Default for SinkConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogConfig {
     /// Catalog file; the catalog built into the binary when unset.
     #[serde(default)]
     pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address (host:port) serving `/metrics` (Prometheus text format),
+    /// `/health/live` and `/health/ready`. Empty: the component's default,
+    /// `127.0.0.1:9464` for `meter process`, `127.0.0.1:9465` for `meter
+    /// sink`, `127.0.0.1:9466` for `meter agent`. `off` serves nothing. Port
+    /// 0 picks a free port (logged at start).
+    #[serde(default)]
+    pub listen: String,
+    /// How often librdkafka reports the statistics behind the
+    /// `meter_kafka_*` and `meter_consumer_lag_records` metrics; 0 turns
+    /// them off.
+    #[serde(default = "default_kafka_statistics_interval_ms")]
+    pub kafka_statistics_interval_ms: u64,
+    /// A service whose main loop makes no progress for this long answers
+    /// `/health/live` with 503.
+    #[serde(default = "default_liveness_timeout_ms")]
+    pub liveness_timeout_ms: u64,
+}
+
+fn default_kafka_statistics_interval_ms() -> u64 {
+    5_000
+}
+fn default_liveness_timeout_ms() -> u64 {
+    60_000
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: String::new(),
+            kafka_statistics_interval_ms: default_kafka_statistics_interval_ms(),
+            liveness_timeout_ms: default_liveness_timeout_ms(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The address to serve on for a component whose default is `default`,
+    /// or `None` when turned off.
+    pub fn listen_or(&self, default: &str) -> Option<String> {
+        match self.listen.trim() {
+            "" => Some(default.to_owned()),
+            "off" => None,
+            a => Some(a.to_owned()),
+        }
+    }
+}
+
+const MASK: &str = "***";
+
+/// Pass-through librdkafka properties that carry credentials or key material.
+fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "sasl.jaas.config", "ssl.key.pem", "ssl.keystore", "token"].iter().any(|s| k.contains(s))
+}
+
+/// Removes the value at `path` (object keys; array indices as numbers).
+fn remove_path(tree: &mut serde_json::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut node = tree;
+    for seg in parents {
+        node = match node {
+            serde_json::Value::Object(m) => match m.get_mut(seg) {
+                Some(n) => n,
+                None => return false,
+            },
+            serde_json::Value::Array(a) => match seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(n) => n,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match node {
+        serde_json::Value::Object(m) => m.remove(last).is_some(),
+        serde_json::Value::Array(a) => match last.parse::<usize>() {
+            Ok(i) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 impl Config {
@@ -330,12 +429,71 @@ impl Config {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
         builder = builder.add_source(config::Environment::with_prefix("METER").prefix_separator("__").separator("__").try_parsing(true));
-        let cfg: Config = builder.build()?.try_deserialize()?;
-        cfg.validate()?;
-        Ok(cfg)
+        let tree: serde_json::Value = builder.build()?.try_deserialize()?;
+        Config::from_tree(tree)
     }
 
+    /// Deserializes the merged settings, collecting every field that cannot
+    /// be read (unknown, or of the wrong type) and then every invalid value,
+    /// so that one run reports all problems, each with its path.
+    fn from_tree(mut tree: serde_json::Value) -> Result<Config> {
+        let mut problems = Vec::new();
+        let cfg = loop {
+            match serde_path_to_error::deserialize::<_, Config>(&tree) {
+                Ok(cfg) => break cfg,
+                Err(e) => {
+                    let mut path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
+                    let message = e.inner().to_string();
+                    // Make sure the path names an unknown field itself, not
+                    // only its parent.
+                    if let Some(field) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+                        if path.last().map(String::as_str) != Some(field) {
+                            path.push(field.to_owned());
+                        }
+                    }
+                    problems.push(format!("{}: {message}", path.join(".")));
+                    // Drop what could not be read and carry on, to find the
+                    // rest; give up if it cannot be dropped (nothing to gain).
+                    if problems.len() >= 100 || !remove_path(&mut tree, &path) {
+                        return Err(ConfigError::Invalid(problems));
+                    }
+                }
+            }
+        };
+        problems.extend(cfg.problems());
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every invalid value, or Ok.
     pub fn validate(&self) -> Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The configuration as TOML, with secrets (passwords, SASL and TLS key
+    /// material among the pass-through Kafka properties) replaced by `***`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        if !c.clickhouse.password.is_empty() {
+            c.clickhouse.password = MASK.into();
+        }
+        for (k, v) in c.kafka.properties.iter_mut() {
+            if is_secret_property(k) {
+                *v = MASK.into();
+            }
+        }
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+
+    fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut check = |ok: bool, msg: &str| {
             if !ok {
@@ -366,11 +524,17 @@ impl Config {
             self.clickhouse.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !self.clickhouse.database.is_empty(),
             "clickhouse.database must be a non-empty identifier of letters, digits and _",
         );
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
+        check(self.metrics.liveness_timeout_ms > 0, "metrics.liveness_timeout_ms must be positive");
+        if let Some(listen) = self.metrics.listen_or("127.0.0.1:0") {
+            check(
+                listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+                &format!("metrics.listen must be host:port, `off` or empty, not `{listen}`"),
+            );
         }
+        for (agent, customers) in &self.processor.agents {
+            check(!customers.is_empty(), &format!("processor.agents.{agent} lists no customers (use [\"*\"] for any)"));
+        }
+        problems
     }
 
     /// The processor's state changelog topic.
@@ -426,6 +590,50 @@ mod tests {
         let f = write("[sink]\nbatch_rows = 0\n[processor]\ncommit_interval_ms = 0\n");
         let err = Config::load(Some(f.path())).unwrap_err().to_string();
         assert!(err.contains("sink.batch_rows") && err.contains("processor.commit_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        let f = write(
+            "[topics]\nevnts = \"x\"\n[processor]\ncommit_interval_ms = \"soon\"\nsession_timeout_ms = 10\n[sink]\nbatch_rows = 0\n[bogus]\nx = 1\n",
+        );
+        let ConfigError::Invalid(problems) = Config::load(Some(f.path())).unwrap_err() else { panic!("expected Invalid") };
+        let all = problems.join("\n");
+        assert_eq!(problems.len(), 5, "{all}");
+        assert!(problems.iter().any(|p| p.starts_with("topics.evnts: unknown field `evnts`")), "{all}");
+        assert!(problems.iter().any(|p| p.starts_with("bogus: unknown field `bogus`")), "{all}");
+        assert!(problems.iter().any(|p| p.starts_with("processor.commit_interval_ms: invalid type: string \"soon\"")), "{all}");
+        assert!(problems.iter().any(|p| p.contains("processor.session_timeout_ms must be at least 6000")), "{all}");
+        assert!(problems.iter().any(|p| p.contains("sink.batch_rows must be positive")), "{all}");
+    }
+
+    #[test]
+    fn masked_output_hides_secrets_and_keeps_the_rest() {
+        let mut c = Config::default();
+        c.clickhouse.password = "hunter2".into();
+        c.kafka.properties.insert("sasl.password".into(), "s3cret".into());
+        c.kafka.properties.insert("sasl.mechanism".into(), "PLAIN".into());
+        c.processor.agents.insert("host-1".into(), vec!["cust-0001".into()]);
+        let text = c.to_masked_toml();
+        assert!(!text.contains("hunter2") && !text.contains("s3cret"), "{text}");
+        assert!(text.contains("password = \"***\"") && text.contains("\"sasl.password\" = \"***\""), "{text}");
+        assert!(text.contains("PLAIN") && text.contains("cust-0001"), "{text}");
+        // What is printed loads back into the same configuration.
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.processor.agents, c.processor.agents);
+    }
+
+    #[test]
+    fn metrics_listen_defaults_per_component_and_turns_off() {
+        let mut m = MetricsConfig::default();
+        assert_eq!(m.listen_or("127.0.0.1:9464").as_deref(), Some("127.0.0.1:9464"));
+        m.listen = "off".into();
+        assert_eq!(m.listen_or("127.0.0.1:9464"), None);
+        m.listen = "0.0.0.0:9999".into();
+        assert_eq!(m.listen_or("127.0.0.1:9464").as_deref(), Some("0.0.0.0:9999"));
+        let mut c = Config::default();
+        c.metrics.listen = "nonsense".into();
+        assert!(c.validate().unwrap_err().to_string().contains("metrics.listen must be host:port"));
     }
 }
 
