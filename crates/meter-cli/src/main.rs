@@ -59,6 +59,22 @@ enum Command {
     /// Run agent, processor and sink on the local stack, then print a usage
     /// report and a reconciliation against the agent's ledger.
     Demo(demo::DemoArgs),
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE with the METER__* environment applied and print the
+    /// effective configuration, secrets masked. Lists every problem at once
+    /// and exits 2 when there is any.
+    Check {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -146,6 +162,44 @@ fn service_signals(drain: bool) -> (Signal, Signal) {
     (shutdown, drain_signal)
 }
 
+/// A telemetry registry for `component`, served on `metrics.listen` (or
+/// `default_listen`) unless metrics are turned off.
+async fn telemetry(cfg: &Config, component: &'static str, default_listen: &str) -> anyhow::Result<meter_telemetry::Telemetry> {
+    let t = meter_telemetry::Telemetry::new(component);
+    if let Some(addr) = cfg.metrics.listen_or(default_listen) {
+        meter_telemetry::http::serve(&addr, t.clone()).await?;
+    }
+    Ok(t)
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match Config::load(Some(file)) {
+        Ok(cfg) => {
+            print!("{}", cfg.to_masked_toml());
+            if let Err(e) = cfg.catalog() {
+                eprintln!("{}: catalog: {e}", file.display());
+                return Ok(ExitCode::from(2));
+            }
+            if cfg.processor.agents.is_empty() {
+                eprintln!("note: processor.agents is empty: any agent may publish usage for any customer");
+            }
+            eprintln!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(meter_config::ConfigError::Invalid(problems)) => {
+            eprintln!("{}: {} problem(s):", file.display(), problems.len());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let load = || Config::load(cli.config.as_deref()).context("loading configuration");
     match cli.command {
@@ -185,7 +239,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("info");
             let cfg = load()?;
             let (shutdown, drain) = service_signals(drain);
-            let s = meter_kafka::processor::run(&cfg, shutdown, drain).await?;
+            let t = telemetry(&cfg, "processor", "127.0.0.1:9464").await?;
+            let s = meter_kafka::processor::run_observed(&cfg, shutdown, drain, t).await?;
             let c = &s.counters;
             println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
         }
@@ -193,7 +248,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("info");
             let cfg = load()?;
             let (shutdown, drain) = service_signals(drain);
-            let s = meter_kafka::sink::run(&cfg, shutdown, drain).await?;
+            let t = telemetry(&cfg, "sink", "127.0.0.1:9465").await?;
+            let s = meter_kafka::sink::run_observed(&cfg, shutdown, drain, t).await?;
             println!("sink: {} usage rows, {} dead letters in {} batches", s.usage_rows, s.dead_letter_rows, s.batches);
         }
         Command::Report { report } => {
@@ -206,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load()?;
             return chaos::run(cfg, args).await;
         }
+        Command::Config { command: ConfigCommand::Check { file } } => return check_config(&file),
         Command::Demo(args) => {
             init_logging("warn");
             let cfg = load()?;

@@ -47,7 +47,13 @@ batch_ms = 300
 
 fn spawn_processor(config: &std::path::Path, drain: bool) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meter"));
-    cmd.arg("--config").arg(config).arg("process").env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit());
+    cmd.arg("--config")
+        .arg(config)
+        .arg("process")
+        .env("RUST_LOG", "warn")
+        .env("METER__METRICS__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
     if drain {
         cmd.arg("--drain");
     }

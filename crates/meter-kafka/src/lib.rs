@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use meter_config::KafkaConfig;
-use rdkafka::consumer::Consumer;
-use rdkafka::{ClientConfig, Offset};
+use meter_config::{Config, KafkaConfig};
+use meter_telemetry::kafka::{ClientSample, KafkaMetrics};
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics};
 
 /// Base client configuration: brokers plus pass-through properties.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -28,6 +29,80 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+/// [`client_config`] plus librdkafka statistics every
+/// `metrics.kafka_statistics_interval_ms`, for a client whose context is a
+/// [`StatsContext`] (or another context that reports them).
+pub fn observed_client_config(cfg: &Config) -> ClientConfig {
+    let mut c = client_config(&cfg.kafka);
+    if cfg.metrics.kafka_statistics_interval_ms > 0 {
+        c.set("statistics.interval.ms", cfg.metrics.kafka_statistics_interval_ms.to_string());
+    }
+    c
+}
+
+/// A client context that turns librdkafka's statistics into the
+/// `meter_kafka_*` and `meter_consumer_lag_records` metrics.
+#[derive(Clone)]
+pub struct StatsContext {
+    client: &'static str,
+    metrics: KafkaMetrics,
+}
+
+impl StatsContext {
+    /// `client` is `producer` or `consumer`.
+    pub fn new(client: &'static str, metrics: KafkaMetrics) -> Self {
+        StatsContext { client, metrics }
+    }
+
+    pub fn observe(&self, s: &Statistics) {
+        self.metrics.observe(&sample(self.client, s));
+    }
+}
+
+impl ClientContext for StatsContext {
+    fn stats(&self, statistics: Statistics) {
+        self.observe(&statistics);
+    }
+}
+
+impl ConsumerContext for StatsContext {}
+
+/// Delivery failures surface where they matter: in `commit_transaction` for
+/// the processor, in the agent's own delivery handling.
+impl rdkafka::producer::ProducerContext for StatsContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// What [`KafkaMetrics`] needs from one statistics report.
+fn sample(client: &'static str, s: &Statistics) -> ClientSample {
+    ClientSample {
+        client,
+        messages_queued: i64::try_from(s.msg_cnt).unwrap_or(i64::MAX),
+        tx: u64::try_from(s.tx).unwrap_or(0),
+        rx: u64::try_from(s.rx).unwrap_or(0),
+        // Only brokers learned from metadata: the bootstrap entry and the
+        // logical coordinator entries would duplicate them.
+        brokers: s
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0 && b.source == "learned")
+            .map(|b| (b.name.clone(), b.rtt.as_ref().map_or(0, |w| w.avg), b.state == "UP"))
+            .collect(),
+        lag: s
+            .topics
+            .iter()
+            .flat_map(|(topic, t)| {
+                t.partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.consumer_lag >= 0 && p.fetch_state != "none")
+                    .map(move |p| (topic.clone(), p.partition, p.consumer_lag))
+            })
+            .collect(),
+    }
 }
 
 /// Milliseconds since the epoch from the wall clock.

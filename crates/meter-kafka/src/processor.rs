@@ -46,15 +46,18 @@ use meter_avro::Codec;
 use meter_config::Config;
 use meter_model::DeadLetter;
 use meter_processor::{Counters, Engine, EngineConfig, Input, Outcome, StateChange};
+use meter_telemetry::kafka::KafkaMetrics;
+use meter_telemetry::processor::{OutcomesCommitted, ProcessorMetrics, StateRestored, TransactionAborted, TransactionCommitted};
+use meter_telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use crate::{caught_up, client_config, now_ms, Signal};
+use crate::{caught_up, client_config, now_ms, observed_client_config, Signal, StatsContext};
 
 pub fn engine_config(cfg: &Config) -> EngineConfig {
     let p = &cfg.processor;
@@ -65,6 +68,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         idle_timeout_ms: p.idle_timeout_ms,
         max_payload_bytes: p.max_payload_bytes,
         max_string_bytes: p.max_string_bytes,
+        agents: meter_processor::AgentRegistry::new(&p.agents),
     }
 }
 
@@ -92,6 +96,7 @@ impl ProcessorStats {
 struct Ctx {
     topic: String,
     runner: Mutex<Option<Runner>>,
+    stats: StatsContext,
 }
 
 fn lock(m: &Mutex<Option<Runner>>) -> std::sync::MutexGuard<'_, Option<Runner>> {
@@ -104,7 +109,11 @@ impl Ctx {
     }
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: Statistics) {
+        self.stats.observe(&statistics);
+    }
+}
 
 impl ConsumerContext for Ctx {
     /// Revocation: the open transaction is committed while the partitions
@@ -117,11 +126,9 @@ impl ConsumerContext for Ctx {
         let mut guard = lock(&self.runner);
         let Some(r) = guard.as_mut() else { return };
         if consumer.assignment_lost() {
-            warn!(?parts, "assignment lost; aborting the open transaction");
-            r.abort();
+            r.abort("assignment lost before the open transaction committed");
         } else if let Err(e) = r.commit(consumer) {
-            warn!(?parts, error = %format!("{e:#}"), "commit on revocation failed; aborting");
-            r.abort();
+            r.abort(&format!("commit on revocation of {parts:?} failed: {e:#}"));
         } else {
             info!(?parts, "partitions revoked after committing");
         }
@@ -142,6 +149,7 @@ impl ConsumerContext for Ctx {
             if let Some(r) = lock(&self.runner).as_mut() {
                 r.owned.extend(parts.iter().copied());
                 r.unrestored.extend(parts);
+                r.assigned_once = true;
             }
         }
     }
@@ -165,7 +173,7 @@ struct Runner {
     cfg: Config,
     codec: Codec,
     engine: Engine,
-    producer: BaseProducer,
+    producer: BaseProducer<StatsContext>,
     restorer: BaseConsumer<QuietEof>,
     /// Next offset to read per owned events partition (committed offset
     /// after a restore, then advanced per record).
@@ -184,17 +192,24 @@ struct Runner {
     producer_broken: bool,
     stats: ProcessorStats,
     buf: Vec<u8>,
+    metrics: ProcessorMetrics,
+    producer_context: StatsContext,
+    /// Engine counters already counted in the metrics: outcomes are counted
+    /// when their transaction commits, never twice after an abort.
+    counted: Counters,
+    /// A first assignment (possibly empty) has been received.
+    assigned_once: bool,
 }
 
-fn transactional_producer(cfg: &Config) -> anyhow::Result<BaseProducer> {
-    let producer: BaseProducer = client_config(&cfg.kafka)
+fn transactional_producer(cfg: &Config, context: StatsContext) -> anyhow::Result<BaseProducer<StatsContext>> {
+    let producer: BaseProducer<StatsContext> = observed_client_config(cfg)
         .set("transactional.id", format!("{}-{}", cfg.processor.group_id, cfg.processor.instance_id))
         .set("transaction.timeout.ms", cfg.processor.transaction_timeout_ms.to_string())
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .create()
+        .create_with_context(context)
         .context("creating transactional producer")?;
     producer.init_transactions(Duration::from_secs(60)).context("initialising transactions")?;
     Ok(producer)
@@ -276,7 +291,7 @@ impl Runner {
             consumer.seek(&events, p, offset, Duration::from_secs(10)).with_context(|| format!("rewinding {events}/{p} to {offset:?}"))?;
         }
         self.stats.restores += 1;
-        info!(?parts, entries, ms = started.elapsed().as_millis() as u64, "partition state restored");
+        StateRestored { partitions: parts, entries, duration: started.elapsed() }.emit(&self.metrics);
         Ok(())
     }
 
@@ -332,6 +347,7 @@ impl Runner {
             return Ok(());
         }
         let started = Instant::now();
+        let dead_letters = self.dead_letters.len();
         self.producer.begin_transaction().context("beginning transaction")?;
         let topics = &self.cfg.topics;
         let state_topic = self.cfg.state_topic();
@@ -370,14 +386,57 @@ impl Runner {
         self.producer.commit_transaction(Duration::from_secs(60)).context("committing transaction")?;
         self.dirty_input = false;
         self.stats.commits += 1;
-        debug!(revisions = revisions.len(), changes = changes.len(), ms = started.elapsed().as_millis() as u64, "transaction committed");
+        let mut by_kind: BTreeMap<(&'static str, bool), u64> = BTreeMap::new();
+        for a in &revisions {
+            *by_kind.entry((a.key.granularity.as_str(), a.is_final)).or_default() += 1;
+        }
+        TransactionCommitted {
+            revisions: by_kind.into_iter().map(|((g, f), n)| (g, f, n)).collect(),
+            changes: changes.len(),
+            dead_letters,
+            duration: started.elapsed(),
+        }
+        .emit(&self.metrics);
+        self.count_outcomes();
+        self.update_gauges();
         Ok(())
+    }
+
+    /// Counts the outcomes of the records whose transaction just committed.
+    fn count_outcomes(&mut self) {
+        let now = self.engine.counters();
+        let before = &self.counted;
+        let dead_letters = now
+            .dead_letters
+            .iter()
+            .map(|(reason, n)| (reason.as_str(), n - before.dead_letters.get(reason).copied().unwrap_or(0)))
+            .collect();
+        OutcomesCommitted { aggregated: now.aggregated - before.aggregated, duplicates: now.duplicates - before.duplicates, dead_letters }
+            .emit(&self.metrics);
+        self.counted = now.clone();
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.windows_open.set(i64::try_from(self.engine.open_windows()).unwrap_or(i64::MAX));
+        m.dedup_streams.set(i64::try_from(self.engine.dedup_streams()).unwrap_or(i64::MAX));
+        m.partitions_assigned.set(i64::try_from(self.owned.len()).unwrap_or(i64::MAX));
+        m.watermark_delay.reset();
+        let now = now_ms();
+        for &p in &self.owned {
+            if let Some(wm) = self.engine.watermark(p) {
+                m.watermark_delay.with_label_values(&[&p.to_string()]).set((now - wm) as f64 / 1000.0);
+            }
+        }
     }
 
     /// Aborts the open transaction (rebuilding the producer if it is fenced
     /// or otherwise unusable) and drops all state; [`Runner::prepare`] then
     /// restores and rewinds what is still owned.
-    fn abort(&mut self) {
+    fn abort(&mut self, error: &str) {
+        TransactionAborted { error }.emit(&self.metrics);
+        // What was handled in the aborted transaction is handled again.
+        self.counted = self.engine.counters().clone();
         self.stats.aborts += 1;
         if let Err(e) = self.producer.abort_transaction(Duration::from_secs(30)) {
             warn!(error = %e, "abort failed; the producer will be rebuilt");
@@ -392,7 +451,7 @@ impl Runner {
 
     fn recover(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
         if self.producer_broken {
-            self.producer = transactional_producer(&self.cfg)?;
+            self.producer = transactional_producer(&self.cfg, self.producer_context.clone())?;
             self.producer_broken = false;
         }
         let owned: Vec<i32> = self.owned.iter().copied().collect();
@@ -402,8 +461,8 @@ impl Runner {
 }
 
 /// Enqueues one record, serving delivery reports while the queue is full.
-fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
-    producer: &BaseProducer,
+fn send<C: ProducerContext<DeliveryOpaque = ()>, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &BaseProducer<C>,
     mut record: BaseRecord<'_, K, P>,
 ) -> anyhow::Result<()> {
     loop {
@@ -423,15 +482,26 @@ fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?S
 /// window the wall clock has closed is final and committed (see
 /// [`meter_processor::Engine::drained`]). Returns what it did.
 pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<ProcessorStats> {
-    let cfg = cfg.clone();
-    tokio::task::spawn_blocking(move || run_blocking(&cfg, &shutdown, &drain)).await.context("processor thread")?
+    run_observed(cfg, shutdown, drain, Telemetry::new("processor")).await
 }
 
-fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Result<ProcessorStats> {
+/// [`run`], reporting metrics and health to `telemetry` (which the caller
+/// may serve with [`meter_telemetry::http::serve`]).
+pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemetry: Telemetry) -> anyhow::Result<ProcessorStats> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || run_blocking(&cfg, &shutdown, &drain, &telemetry)).await.context("processor thread")?
+}
+
+fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Telemetry) -> anyhow::Result<ProcessorStats> {
     let catalog = cfg.catalog().context("loading catalog")?;
     let codec = Codec::new()?;
-    let ctx = Ctx { topic: cfg.topics.events.clone(), runner: Mutex::new(None) };
-    let consumer: BaseConsumer<Ctx> = client_config(&cfg.kafka)
+    let metrics = ProcessorMetrics::register(telemetry);
+    let kafka_metrics = KafkaMetrics::register(telemetry);
+    telemetry.health().set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
+    telemetry.health().beat();
+    let ctx =
+        Ctx { topic: cfg.topics.events.clone(), runner: Mutex::new(None), stats: StatsContext::new("consumer", kafka_metrics.clone()) };
+    let consumer: BaseConsumer<Ctx> = observed_client_config(cfg)
         .set("group.id", &cfg.processor.group_id)
         // Static membership: a restarted instance takes over its own
         // partitions at once instead of waiting for a rebalance after its
@@ -452,7 +522,8 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
         .set("fetch.wait.max.ms", "10")
         .create_with_context(QuietEof)
         .context("creating restore consumer")?;
-    let producer = transactional_producer(cfg)?;
+    let producer_context = StatsContext::new("producer", kafka_metrics);
+    let producer = transactional_producer(cfg, producer_context.clone())?;
     consumer.subscribe(&[&cfg.topics.events]).context("subscribing to events topic")?;
     let runner = Runner {
         cfg: cfg.clone(),
@@ -469,10 +540,15 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
         producer_broken: false,
         stats: ProcessorStats::default(),
         buf: Vec::with_capacity(512),
+        metrics,
+        producer_context,
+        counted: Counters::default(),
+        assigned_once: false,
     };
     *lock(&consumer.context().runner) = Some(runner);
     info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, instance = %cfg.processor.instance_id, "processor started");
-    let result = run_loop(cfg, &consumer, shutdown, drain);
+    let result = run_loop(cfg, &consumer, shutdown, drain, telemetry);
+    telemetry.health().set_not_ready("stopped");
     // Take the runner out before the consumer closes: closing revokes the
     // partitions, and the callback must find nothing left to commit.
     let runner = lock(&consumer.context().runner).take();
@@ -504,7 +580,8 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal) -> anyhow::Resu
 
 type Span = (Option<Instant>, Option<Instant>);
 
-fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain: &Signal) -> anyhow::Result<Span> {
+fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain: &Signal, telemetry: &Telemetry) -> anyhow::Result<Span> {
+    let health = telemetry.health();
     let interval = Duration::from_millis(cfg.processor.commit_interval_ms);
     let mut next_commit = Instant::now() + interval;
     let (mut first_record, mut last_record): Span = (None, None);
@@ -518,7 +595,13 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
             r.commit(consumer)?;
             break;
         }
+        health.beat();
         r.prepare(consumer)?;
+        if !r.assigned_once {
+            health.set_not_ready("waiting for a partition assignment");
+        } else {
+            health.set_ready();
+        }
         let mut idle = false;
         match polled {
             Some(Ok(m)) => {
@@ -539,8 +622,7 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
         }
         if Instant::now() >= next_commit {
             if let Err(e) = r.commit(consumer) {
-                warn!(error = %format!("{e:#}"), "transaction failed; aborting and restoring");
-                r.abort();
+                r.abort(&format!("{e:#}"));
                 r.prepare(consumer)?;
             }
             next_commit = Instant::now() + interval;

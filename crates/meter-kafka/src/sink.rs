@@ -15,12 +15,17 @@ use meter_avro::Codec;
 use meter_clickhouse::{seconds, Connection, DeadLetterRow, UsageRow};
 use meter_config::Config;
 use meter_model::Granularity;
+use meter_telemetry::kafka::KafkaMetrics;
+use meter_telemetry::sink::{BatchInserted, InsertFailed, SinkMetrics};
+use meter_telemetry::{Health, Telemetry};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use crate::{caught_up, client_config, Signal};
+use crate::{caught_up, observed_client_config, Signal, StatsContext};
+
+type SinkConsumer = StreamConsumer<StatsContext>;
 
 pub fn connection(cfg: &Config) -> Connection {
     Connection {
@@ -74,21 +79,33 @@ async fn insert_batch(client: &clickhouse::Client, batch: &Batch) -> Result<(), 
 /// Runs the sink until `shutdown`, or, once `drain` is raised, until both
 /// topics are consumed to their end and everything is inserted.
 pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<SinkStats> {
+    run_observed(cfg, shutdown, drain, Telemetry::new("sink")).await
+}
+
+/// [`run`], reporting metrics and health to `telemetry`. Ready while
+/// inserts succeed; not ready while ClickHouse refuses them.
+pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemetry: Telemetry) -> anyhow::Result<SinkStats> {
     let codec = Codec::new()?;
     let client = connection(cfg).client()?;
-    let consumer: StreamConsumer = client_config(&cfg.kafka)
+    let metrics = SinkMetrics::register(&telemetry);
+    let health = telemetry.health();
+    health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
+    health.beat();
+    let consumer: SinkConsumer = observed_client_config(cfg)
         .set("group.id", &cfg.sink.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .create()
+        .create_with_context(StatsContext::new("consumer", KafkaMetrics::register(&telemetry)))
         .context("creating sink consumer")?;
     consumer.subscribe(&[&cfg.topics.aggregates, &cfg.topics.dlq]).context("subscribing sink")?;
     let mut stats = SinkStats::default();
     let mut batch = Batch::default();
     let max_wait = Duration::from_millis(cfg.sink.batch_ms);
     info!(database = %cfg.clickhouse.database, "sink started");
+    health.set_ready();
     loop {
+        health.beat();
         if shutdown.is_raised() && batch.rows == 0 {
             break;
         }
@@ -135,13 +152,14 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
         }
         let due = batch.rows >= cfg.sink.batch_rows || batch.started.is_some_and(|s| s.elapsed() >= max_wait);
         if due || (shutdown.is_raised() && batch.rows > 0) {
-            flush(cfg, &client, &consumer, &mut batch, &mut stats, &shutdown).await?;
+            flush(cfg, &client, &consumer, &mut batch, &mut stats, &shutdown, (health, &metrics)).await?;
         }
         // Checking the high watermarks blocks on the broker, so only when idle.
         if idle && drain.is_raised() && batch.rows == 0 && caught_up(&consumer) {
             break;
         }
     }
+    health.set_not_ready("stopped");
     info!(usage_rows = stats.usage_rows, dead_letter_rows = stats.dead_letter_rows, batches = stats.batches, "sink stopped");
     Ok(stats)
 }
@@ -149,10 +167,11 @@ pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Resul
 async fn flush(
     cfg: &Config,
     client: &clickhouse::Client,
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     batch: &mut Batch,
     stats: &mut SinkStats,
     shutdown: &Signal,
+    (health, metrics): (&Health, &SinkMetrics),
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(cfg.sink.backoff_ms);
     let started = Instant::now();
@@ -161,7 +180,11 @@ async fn flush(
             Ok(()) => break,
             Err(e) => {
                 stats.retries += 1;
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, rows = batch.rows, "ClickHouse insert failed; retrying");
+                let error = e.to_string();
+                InsertFailed { error: &error, rows: batch.rows, retry_in: backoff }.emit(metrics);
+                // Alive and retrying, but not doing its job.
+                health.beat();
+                health.set_not_ready(format!("ClickHouse inserts failing: {error}"));
                 if shutdown.is_raised() {
                     anyhow::bail!("ClickHouse insert failed during shutdown; offsets not committed: {e}");
                 }
@@ -170,7 +193,9 @@ async fn flush(
             }
         }
     }
-    stats.insert_time += started.elapsed();
+    let insert_duration = started.elapsed();
+    stats.insert_time += insert_duration;
+    health.set_ready();
     let mut tpl = TopicPartitionList::new();
     for ((topic, p), o) in &batch.offsets {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).context("building offset list")?;
@@ -194,7 +219,9 @@ async fn flush(
     stats.batches += 1;
     stats.usage_rows += batch.usage.values().map(|v| v.len() as u64).sum::<u64>();
     stats.dead_letter_rows += batch.dead_letters.len() as u64;
-    debug!(rows = batch.rows, "batch inserted and committed");
+    let mut rows_by_table: Vec<(&str, u64)> = batch.usage.iter().map(|(g, rows)| (g.table(), rows.len() as u64)).collect();
+    rows_by_table.push(("dead_letters", batch.dead_letters.len() as u64));
+    BatchInserted { rows_by_table: &rows_by_table, duration: insert_duration }.emit(metrics);
     *batch = Batch::default();
     Ok(())
 }

@@ -118,10 +118,11 @@ pub enum DeadLetterReason {
     FutureTimestamp,
     TooLate,
     EventIdConflict,
+    Unauthorized,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 17] = [
+    pub const ALL: [DeadLetterReason; 18] = [
         Self::EmptyPayload,
         Self::OversizePayload,
         Self::BadMagic,
@@ -139,6 +140,7 @@ impl DeadLetterReason {
         Self::FutureTimestamp,
         Self::TooLate,
         Self::EventIdConflict,
+        Self::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -160,6 +162,7 @@ impl DeadLetterReason {
             Self::FutureTimestamp => "future_timestamp",
             Self::TooLate => "too_late",
             Self::EventIdConflict => "event_id_conflict",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }

@@ -6,6 +6,7 @@ use meter_avro::Codec;
 use meter_model::catalog::Lookup;
 use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, UsageEvent, WindowKey};
 
+use crate::auth::AgentRegistry;
 use crate::dedup::SeqTracker;
 use crate::state::{self, StateChange};
 
@@ -22,6 +23,8 @@ pub struct EngineConfig {
     pub idle_timeout_ms: Millis,
     pub max_payload_bytes: usize,
     pub max_string_bytes: usize,
+    /// Agents and the customers they may publish for.
+    pub agents: AgentRegistry,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +36,7 @@ impl Default for EngineConfig {
             idle_timeout_ms: 10_000,
             max_payload_bytes: 64 * 1024,
             max_string_bytes: 256,
+            agents: AgentRegistry::default(),
         }
     }
 }
@@ -160,6 +164,11 @@ impl Engine {
         &self.counters
     }
 
+    /// (agent, customer) seq streams held in dedup state.
+    pub fn dedup_streams(&self) -> usize {
+        self.streams.len()
+    }
+
     pub fn open_windows(&self) -> usize {
         self.windows.len()
     }
@@ -268,6 +277,7 @@ impl Engine {
         if e.attributes.iter().any(|(k, v)| k.len() > max || v.len() > max) {
             return Err((DeadLetterReason::StringTooLong, format!("an attribute is longer than {max} bytes")));
         }
+        self.cfg.agents.check(&e.agent_id, &e.customer_id).map_err(|detail| (DeadLetterReason::Unauthorized, detail))?;
         match self.catalog.lookup(&e.service, &e.usage_type) {
             Lookup::Known(_) => {}
             Lookup::UnknownService => {

@@ -7,10 +7,12 @@
 //! flush, one new revision carrying the window's running totals. The Kafka
 //! runner (`meter-kafka`) decides when output and offsets become durable.
 
+mod auth;
 mod dedup;
 mod engine;
 mod state;
 
+pub use auth::AgentRegistry;
 pub use dedup::SeqTracker;
 pub use engine::{Counters, Engine, EngineConfig, Input, Outcome};
 pub use state::StateChange;

@@ -339,3 +339,27 @@ fn same_event_id_with_another_payload_is_a_conflict_and_survives_restore() {
     assert_eq!(feed(&mut restored, &e, NOW), Outcome::Duplicate);
     assert!(matches!(feed(&mut restored, &other, NOW), Outcome::DeadLetter { reason: DeadLetterReason::EventIdConflict, .. }));
 }
+
+#[test]
+fn unregistered_agents_are_dead_lettered_without_touching_totals_or_dedup_state() {
+    let mut agents = std::collections::BTreeMap::new();
+    agents.insert("a1".to_owned(), vec!["c1".to_owned()]);
+    let cfg = EngineConfig { agents: AgentRegistry::new(&agents), ..EngineConfig::default() };
+    let mut en = Engine::new(Catalog::builtin(), Codec::new().unwrap(), cfg);
+    assert_eq!(feed(&mut en, &event(1, T0, 10), NOW), Outcome::Aggregated);
+    // Another agent claiming c1's usage, with a seq a1 has not used yet.
+    let intruder = UsageEvent { agent_id: "a2".into(), event_id: meter_model::event_id("a2", "c1", 2), ..event(2, T0 + 1000, 1000) };
+    let Outcome::DeadLetter { reason, detail } = feed(&mut en, &intruder, NOW) else { panic!("intruder aggregated") };
+    assert_eq!((reason, detail.as_str()), (DeadLetterReason::Unauthorized, "agent \"a2\" is not registered"));
+    // a1 publishing for a customer it is not registered for.
+    let other = UsageEvent { customer_id: "c2".into(), ..event(3, T0 + 2000, 1000) };
+    assert!(matches!(feed(&mut en, &other, NOW), Outcome::DeadLetter { reason: DeadLetterReason::Unauthorized, .. }));
+    assert_eq!(en.dedup_streams(), 1, "refused events leave no dedup state");
+    // a1's own next seq is still accepted: nothing was consumed by the refusals.
+    assert_eq!(feed(&mut en, &event(2, T0 + 3000, 5), NOW), Outcome::Aggregated);
+    let out = en.flush(T0 + 120_000);
+    let day = latest(&out, Granularity::Day)[0];
+    assert_eq!((day.key.customer_id.as_str(), day.quantity_sum, day.event_count), ("c1", 15, 2));
+    assert_eq!(out.iter().filter(|a| a.key.customer_id == "c2").count(), 0);
+    assert_eq!(en.counters().dead_letters.get(&DeadLetterReason::Unauthorized), Some(&2));
+}
