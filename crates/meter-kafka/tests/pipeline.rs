@@ -243,3 +243,51 @@ fn migrations_apply_to_current_clickhouse_through_chdb() {
     assert!(out.status.success(), "chdb check failed (ops/install installs chdb):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("chdb: ok"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_agents_are_dead_lettered_and_totals_stay_exact() {
+    let mut cfg = unique_config("auth");
+    let sim = |seed, agent_id: &str| SimConfig {
+        seed,
+        customers: 3,
+        agent_id: agent_id.into(),
+        start: past_midnight() + 5 * 3_600_000,
+        duration_s: 300,
+        customer_prefix: "cust-".into(),
+    };
+    let customers = meter_agent::Simulator::new(sim(1, "x")).customers().to_vec();
+    let first = customers[0].clone();
+    // it-legit may publish for all three customers, it-narrow only for the
+    // first; it-rogue is not registered at all.
+    cfg.processor.agents.insert("it-legit".into(), customers.clone());
+    cfg.processor.agents.insert("it-narrow".into(), vec![first.clone()]);
+    let cfg = Arc::new(cfg);
+    setup(&cfg).await;
+    let running = start(&cfg);
+
+    let (legit, legit_ledger) = agent::run_simulated(&cfg, sim(21, "it-legit"), 0.0, None).await.unwrap();
+    let (rogue, _) = agent::run_simulated(&cfg, sim(22, "it-rogue"), 0.0, None).await.unwrap();
+    let (narrow, narrow_ledger) = agent::run_simulated(&cfg, sim(23, "it-narrow"), 0.0, None).await.unwrap();
+    let (counters, _) = running.drain().await;
+
+    // Only the first customer's share of it-narrow's usage counts.
+    let mut expected = legit_ledger.clone();
+    let mut narrow_allowed = meter_model::ledger::Ledger::default();
+    narrow_allowed.entries = narrow_ledger.entries.iter().filter(|(k, _)| k.customer_id == first).map(|(k, t)| (k.clone(), *t)).collect();
+    expected.merge(&narrow_allowed);
+    let narrow_refused = narrow.events - u64::try_from(narrow_allowed.event_count()).unwrap();
+    assert!(narrow_refused > 0 && narrow_allowed.event_count() > 0, "the narrow agent must publish on both sides of its registration");
+
+    let unauthorized = rogue.events + narrow_refused;
+    assert_eq!(counters.dead_letters.get(&DeadLetterReason::Unauthorized), Some(&unauthorized));
+    assert_eq!(counters.dead_lettered(), unauthorized, "nothing else was refused");
+    assert_eq!(counters.aggregated, legit.events + narrow.events - narrow_refused);
+
+    let client = sink::connection(&cfg).client().unwrap();
+    let in_clickhouse: u64 =
+        client.query("SELECT count() FROM dead_letters FINAL WHERE reason = ?").bind("unauthorized").fetch_one().await.unwrap();
+    assert_eq!(in_clickhouse, unauthorized);
+    let rec = reconcile::reconcile(&cfg, &expected).await.unwrap();
+    assert!(rec.mismatches.is_empty(), "{}", rec.summary());
+    assert_eq!(rec.events, expected.event_count());
+}
