@@ -417,6 +417,14 @@ impl PriceBook {
     pub fn version_for_month(&self, month: YearMonth) -> Option<&Version> {
         self.versions.iter().rev().find(|v| v.effective_from <= month.first_day())
     }
+
+    /// The `usage_minute` range `[from, to)` (epoch milliseconds) to load for
+    /// rating `month`, or `None` when its version has no per-run minimum
+    /// (then no minute rows are needed at all).
+    pub fn minute_series_range(&self, month: YearMonth) -> Option<(i64, i64)> {
+        let max = self.version_for_month(month)?.prices.iter().filter_map(|p| p.minimum_seconds).max()?;
+        Some(crate::runs::minute_series_range(month, max))
+    }
 }
 
 impl Version {
@@ -434,6 +442,16 @@ impl Version {
             }
         }
         default
+    }
+
+    /// The (service, usage_type) pairs with a per-run minimum in any region:
+    /// rating needs their per-resource minute series.
+    pub fn usage_types_with_minimum(&self) -> Vec<(&str, &str)> {
+        let mut v: Vec<(&str, &str)> =
+            self.prices.iter().filter(|p| p.minimum_seconds.is_some()).map(|p| (p.service.as_str(), p.usage_type.as_str())).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// Prices by (service, usage_type, region or "*"), for listing.

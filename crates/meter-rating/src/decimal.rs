@@ -2,7 +2,6 @@
 //! binary floating point, and the fixed internal scale.
 
 use std::fmt;
-use std::str::FromStr;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::de::{self, Deserializer, Visitor};
@@ -51,10 +50,8 @@ impl<'de> Deserialize<'de> for Dec {
                 f.write_str("a decimal as a string (e.g. \"0.0104\") or an integer")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Dec, E> {
-                Decimal::from_str_exact(s.trim())
-                    .or_else(|_| Decimal::from_str(s.trim()))
-                    .map(Dec)
-                    .map_err(|e| E::custom(format!("{s:?} is not a decimal: {e}")))
+                // Exact: more digits than a Decimal holds is an error, not a silent rounding.
+                Decimal::from_str_exact(s.trim()).map(Dec).map_err(|e| E::custom(format!("{s:?} is not a decimal: {e}")))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dec, E> {
                 Ok(Dec(Decimal::from(v)))

@@ -55,3 +55,17 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// True only for [`Error::Internal`]: a defect of the rating core, to
+    /// be reported, not fixed by changing the input.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Error::Internal(_))
+    }
+
+    /// Whether the same call can succeed later unchanged: only reading a
+    /// price book file (the file system); everything else is deterministic.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Read { .. })
+    }
+}

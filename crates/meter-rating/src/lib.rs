@@ -8,6 +8,25 @@
 //! places (see there for why a fixed scale); invoice lines are rounded half
 //! to even to the currency's minor unit, and an invoice total is the sum of
 //! its rounded lines.
+//!
+//! ```
+//! use meter_model::Catalog;
+//! use meter_rating::{rate_month, fixture::Scenario, PriceBook, YearMonth};
+//!
+//! let book = PriceBook::sample()?;
+//! let catalog = Catalog::builtin();
+//! for warning in book.validate(&catalog)? {
+//!     eprintln!("price book: {warning}");
+//! }
+//! let month: YearMonth = "2026-02".parse()?;
+//! // In production: usage_day rows of the month (FINAL), and usage_minute rows in
+//! // `book.minute_series_range(month)` for `version.usage_types_with_minimum()`.
+//! let (days, minutes) = Scenario::golden()?.usage(month)?;
+//! let rated = rate_month(&book, &catalog, month, &days, &minutes)?;
+//! let acme = rated.invoices.iter().find(|i| i.customer_id == "acme").unwrap();
+//! assert_eq!(acme.total.to_string(), "2615.80");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod book;
 pub mod date;

@@ -29,6 +29,10 @@ fn sample_price_book_prices_every_catalog_usage_type() {
     assert!(warnings.iter().all(|w| w.contains("key_by_resource")), "{warnings:#?}");
     assert!(!warnings.iter().any(|w| w.contains("no default")), "{warnings:#?}");
     let v = book.version_for(2026, 2).unwrap();
+    let feb: YearMonth = "2026-02".parse().unwrap();
+    // RDS's 10-minute minimum is the longest: 600 minutes of lookahead, one minute of lookbehind.
+    assert_eq!(book.minute_series_range(feb), Some((feb.start_millis() - 60_000, feb.end_millis() + 600 * 60_000)));
+    assert_eq!(v.usage_types_with_minimum().len(), 5);
     for u in Catalog::builtin().usage_types() {
         assert!(v.price_for(&u.service, &u.name, "us-east-1").is_some(), "{}/{} unpriced", u.service, u.name);
     }
@@ -110,6 +114,21 @@ fn rating_one_customer_alone_gives_the_same_lines() {
     assert_eq!(one.lines, globex);
     // And again: identical output, identical ids.
     assert_eq!(rate_month(&book, &catalog, month, &rows, &minutes).unwrap(), all);
+    // Ids are a pure function of (kind, month, version, key): pinned so a change cannot slip through.
+    let l = all.lines.iter().find(|l| l.key.customer_id == "acme" && l.key.usage_type == "Requests-PUT").unwrap();
+    assert_eq!(
+        l.line_id,
+        meter_rating::line_id::line_id(&["invoice-line", "2026-02", "2026-01", "acme", "object-storage", "Requests-PUT", "us-east-1"])
+    );
+    assert_eq!(l.line_id, "ac4b2dd0f55ecbd3e0b65a373ccdfd98");
+    let ids: std::collections::HashSet<&str> = all
+        .lines
+        .iter()
+        .map(|l| l.line_id.as_str())
+        .chain(all.daily.iter().map(|d| d.line_id.as_str()))
+        .chain(all.invoices.iter().map(|i| i.invoice_id.as_str()))
+        .collect();
+    assert_eq!(ids.len(), all.lines.len() + all.daily.len() + all.invoices.len());
 }
 
 #[test]
