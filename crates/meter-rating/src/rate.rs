@@ -190,47 +190,22 @@ struct DayUsage {
     uplift: i128,
 }
 
-/// Rate `month`: `usage` holds the month's daily rows (any number of
-/// customers), `minutes` the per-resource minute series of usage types with
-/// a per-run minimum (see [`crate::runs::minute_series_range`] for the
-/// range to pass). Minute rows of other usage types, and of customers with
-/// no daily row, are ignored; for the rest, the in-month minutes must add up
-/// to the daily rows per resource and day ([`Error::MinuteMismatch`]).
-pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: &[UsageRow], minutes: &[MinuteRow]) -> Result<RatedMonth> {
-    let version = book.version_for_month(month).ok_or(Error::NoVersion { month })?;
-    let mut resolved: BTreeMap<LineKey, Resolved<'_>> = BTreeMap::new();
-    let mut days: BTreeMap<LineKey, BTreeMap<Date, DayUsage>> = BTreeMap::new();
-    // Daily usage per resource for minimum-priced keys, to check against the minute series.
-    let mut resource_days: BTreeMap<(LineKey, String), BTreeMap<Date, i128>> = BTreeMap::new();
+type ResourceDays = BTreeMap<(LineKey, String), BTreeMap<Date, i128>>;
+type Series = BTreeMap<(LineKey, String), Vec<(i64, i128)>>;
 
-    for row in usage {
-        let key = LineKey {
-            customer_id: row.customer_id.clone(),
-            service: row.service.clone(),
-            usage_type: row.usage_type.clone(),
-            region: row.region.clone(),
-        };
-        if !month.contains(row.day) {
-            return Err(Error::DayOutsideMonth { key: key.to_string(), day: row.day.to_string(), month });
-        }
-        if row.quantity < 0 {
-            return Err(Error::NegativeQuantity { key: key.to_string(), quantity: row.quantity });
-        }
-        if !resolved.contains_key(&key) {
-            let r = resolve(catalog, version, &key)?;
-            resolved.insert(key.clone(), r);
-        }
-        let has_minimum = resolved.get(&key).is_some_and(|r| r.minimum.is_some());
-        let d = days.entry(key.clone()).or_default().entry(row.day).or_default();
-        d.usage = add(d.usage, row.quantity, &key)?;
-        if has_minimum {
-            let e = resource_days.entry((key, row.resource_id.clone())).or_default().entry(row.day).or_insert(0);
-            *e = e.checked_add(row.quantity).ok_or_else(|| Error::Overflow { context: "usage sum".into() })?;
-        }
-    }
-
+/// The checked minute series of every minimum-priced (key, resource) of the
+/// customers in `usage`, sorted by minute.
+fn minute_series<'a>(
+    catalog: &Catalog,
+    version: &'a crate::book::Version,
+    month: YearMonth,
+    usage: &[UsageRow],
+    minutes: &[MinuteRow],
+    resolved: &mut BTreeMap<LineKey, Resolved<'a>>,
+    resource_days: &ResourceDays,
+) -> Result<Series> {
     let customers: std::collections::BTreeSet<&str> = usage.iter().map(|r| r.customer_id.as_str()).collect();
-    let mut series: BTreeMap<(LineKey, String), Vec<(i64, i128)>> = BTreeMap::new();
+    let mut series: Series = BTreeMap::new();
     for m in minutes {
         // The daily rows select the customers being rated (e.g. `--customer C`).
         if !customers.contains(m.customer_id.as_str()) {
@@ -274,7 +249,7 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
         }
     }
     // The minute series must add up to the daily rows, both ways, or runs would bill usage that the days do not show.
-    let mut minute_days: BTreeMap<(LineKey, String), BTreeMap<Date, i128>> = BTreeMap::new();
+    let mut minute_days: ResourceDays = BTreeMap::new();
     for (k, s) in &series {
         let per_day = minute_days.entry(k.clone()).or_default();
         for &(t, q) in s {
@@ -294,6 +269,49 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
             }
         }
     }
+    Ok(series)
+}
+
+/// Rate `month`: `usage` holds the month's daily rows (any number of
+/// customers), `minutes` the per-resource minute series of usage types with
+/// a per-run minimum (see [`crate::runs::minute_series_range`] for the
+/// range to pass). Minute rows of other usage types, and of customers with
+/// no daily row, are ignored; for the rest, the in-month minutes must add up
+/// to the daily rows per resource and day ([`Error::MinuteMismatch`]).
+pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: &[UsageRow], minutes: &[MinuteRow]) -> Result<RatedMonth> {
+    let version = book.version_for_month(month).ok_or(Error::NoVersion { month })?;
+    let mut resolved: BTreeMap<LineKey, Resolved<'_>> = BTreeMap::new();
+    let mut days: BTreeMap<LineKey, BTreeMap<Date, DayUsage>> = BTreeMap::new();
+    // Daily usage per resource for minimum-priced keys, to check against the minute series.
+    let mut resource_days: ResourceDays = BTreeMap::new();
+
+    for row in usage {
+        let key = LineKey {
+            customer_id: row.customer_id.clone(),
+            service: row.service.clone(),
+            usage_type: row.usage_type.clone(),
+            region: row.region.clone(),
+        };
+        if !month.contains(row.day) {
+            return Err(Error::DayOutsideMonth { key: key.to_string(), day: row.day.to_string(), month });
+        }
+        if row.quantity < 0 {
+            return Err(Error::NegativeQuantity { key: key.to_string(), quantity: row.quantity });
+        }
+        if !resolved.contains_key(&key) {
+            let r = resolve(catalog, version, &key)?;
+            resolved.insert(key.clone(), r);
+        }
+        let has_minimum = resolved.get(&key).is_some_and(|r| r.minimum.is_some());
+        let d = days.entry(key.clone()).or_default().entry(row.day).or_default();
+        d.usage = add(d.usage, row.quantity, &key)?;
+        if has_minimum {
+            let e = resource_days.entry((key, row.resource_id.clone())).or_default().entry(row.day).or_insert(0);
+            *e = e.checked_add(row.quantity).ok_or_else(|| Error::Overflow { context: "usage sum".into() })?;
+        }
+    }
+
+    let series = minute_series(catalog, version, month, usage, minutes, &mut resolved, &resource_days)?;
     for ((key, _), s) in &series {
         let Some(minimum) = resolved.get(key).and_then(|r| r.minimum) else { continue };
         for (day, extra) in uplift_by_day(s, minimum, month) {
