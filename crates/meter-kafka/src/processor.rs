@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use meter_avro::Codec;
 use meter_config::Config;
-use meter_model::DeadLetter;
+use meter_model::{DeadLetter, Millis};
 use meter_processor::{Counters, Engine, EngineConfig, Input, Outcome, StateChange};
 use meter_telemetry::kafka::KafkaMetrics;
 use meter_telemetry::processor::{OutcomesCommitted, ProcessorMetrics, StateRestored, TransactionAborted, TransactionCommitted};
@@ -424,8 +424,9 @@ impl Runner {
         m.watermark_delay.reset();
         let now = now_ms();
         for &p in &self.owned {
-            if let Some(wm) = self.engine.watermark(p) {
-                m.watermark_delay.with_label_values(&[&p.to_string()]).set((now - wm) as f64 / 1000.0);
+            // A partition that has seen no record has no watermark yet.
+            if let Some(wm) = self.engine.watermark(p).filter(|&wm| wm > Millis::MIN) {
+                m.watermark_delay.with_label_values(&[&p.to_string()]).set(now.saturating_sub(wm) as f64 / 1000.0);
             }
         }
     }

@@ -347,9 +347,9 @@ impl PriceBook {
     /// its pricing unit is the catalog's and reachable from the base unit,
     /// minimums only on seconds. Every problem is reported in one
     /// [`Error::Invalid`]. On success, returns warnings that do not stop
-    /// rating (a catalog usage type without a default price in a version;
-    /// a per-run minimum on a usage type the catalog does not key by
-    /// resource, whose minute series therefore cannot be per resource).
+    /// rating (a catalog usage type without a default price in a version).
+    /// A per-run minimum on a usage type the catalog does not key by
+    /// resource is a problem: its minute series cannot be per resource.
     pub fn validate(&self, catalog: &Catalog) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
@@ -378,7 +378,9 @@ impl PriceBook {
                     if base != "seconds" {
                         problems.push(format!("{where_}: minimum_seconds needs base unit seconds, not {base}"));
                     } else if !info.key_by_resource {
-                        warnings.push(format!(
+                        // Without per-resource windows there are no runs to
+                        // apply the minimum to: rating would misbill.
+                        problems.push(format!(
                             "{where_}: minimum_seconds is set but the catalog does not key this usage type by resource_id (set key_by_resource = true)"
                         ));
                     }
@@ -516,10 +518,13 @@ rate = "0.090"
         assert_eq!(rate("eu-west-1"), "0.107");
         assert_eq!(rate("us-east-1"), "0.096");
         assert!(v1.price_for("compute", "BoxUsage:t3.micro", "us-east-1").is_none());
-        // Against the built-in catalog: valid, with warnings for what is not priced and for the unkeyed minimum.
+        // Against the built-in catalog: valid, with warnings for what is not priced.
         let warnings = b.validate(&Catalog::builtin()).unwrap();
-        assert!(warnings.iter().any(|w| w.contains("key_by_resource")), "{warnings:?}");
         assert!(warnings.iter().any(|w| w.contains("compute/BoxUsage:t3.micro")), "{warnings:?}");
+        // A catalog that does not key instances by resource cannot carry a per-run minimum.
+        let unkeyed = Catalog::parse(&meter_model::catalog::BUILTIN_CATALOG.replace("key_by_resource = true", "")).unwrap();
+        let Err(Error::Invalid(problems)) = b.validate(&unkeyed) else { panic!("an unkeyed minimum must be refused") };
+        assert!(problems.iter().any(|p| p.contains("key_by_resource")), "{problems:?}");
     }
 
     #[test]
