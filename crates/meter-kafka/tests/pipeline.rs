@@ -272,8 +272,9 @@ async fn unauthorized_agents_are_dead_lettered_and_totals_stay_exact() {
 
     // Only the first customer's share of it-narrow's usage counts.
     let mut expected = legit_ledger.clone();
-    let mut narrow_allowed = meter_model::ledger::Ledger::default();
-    narrow_allowed.entries = narrow_ledger.entries.iter().filter(|(k, _)| k.customer_id == first).map(|(k, t)| (k.clone(), *t)).collect();
+    let narrow_allowed = meter_model::ledger::Ledger {
+        entries: narrow_ledger.entries.iter().filter(|(k, _)| k.customer_id == first).map(|(k, t)| (k.clone(), *t)).collect(),
+    };
     expected.merge(&narrow_allowed);
     let narrow_refused = narrow.events - u64::try_from(narrow_allowed.event_count()).unwrap();
     assert!(narrow_refused > 0 && narrow_allowed.event_count() > 0, "the narrow agent must publish on both sides of its registration");
