@@ -12,6 +12,7 @@ use crate::{check_identifier, Connection, Result};
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "0001_usage_tables", include_str!("../../../schemas/clickhouse/0001_usage_tables.sql")),
     (2, "0002_dead_letters", include_str!("../../../schemas/clickhouse/0002_dead_letters.sql")),
+    (3, "0003_rating", include_str!("../../../schemas/clickhouse/0003_rating.sql")),
 ];
 
 #[derive(clickhouse::Row, serde::Serialize, serde::Deserialize)]
@@ -81,7 +82,7 @@ mod tests {
     #[test]
     fn splits_the_shipped_migrations_into_create_statements() {
         let n: Vec<usize> = MIGRATIONS.iter().map(|(_, _, sql)| statements(sql).len()).collect();
-        assert_eq!(n, vec![3, 1]);
+        assert_eq!(n, vec![3, 1, 4]);
         for (_, _, sql) in MIGRATIONS {
             for s in statements(sql) {
                 assert!(s.starts_with("CREATE TABLE IF NOT EXISTS {db}."), "{s}");
