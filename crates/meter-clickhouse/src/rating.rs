@@ -329,6 +329,10 @@ pub const SQL_MINUTE_SERIES: &str =
           GROUP BY customer_id, service, usage_type, region, resource_id, window_start) \
     ORDER BY customer_id, service, usage_type, region, resource_id, window_start";
 
+/// The minute series rating needs: the range `[from, to)` in epoch ms and
+/// the (service, usage_type) pairs priced with a per-run minimum.
+pub type MinuteSeries = ((i64, i64), Vec<(String, String)>);
+
 /// A month's usage as rating takes it.
 #[derive(Debug, Default)]
 pub struct MonthUsage {
@@ -353,7 +357,7 @@ pub async fn month_usage(
     month: YearMonth,
     customer: Option<&str>,
     include_open: bool,
-    minimum: Option<((i64, i64), Vec<(String, String)>)>,
+    minimum: Option<MinuteSeries>,
 ) -> Result<MonthUsage> {
     let c = customer.unwrap_or("");
     let rows: Vec<DayRow> =
