@@ -340,7 +340,44 @@ async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
     assert!(stdout.contains("audit 2026-02: FAILED"), "{stdout}");
     assert_eq!(stdout.lines().count(), 3, "exactly the two differences and the verdict: {stdout}");
 
+    // The read-only analyst (ops/) runs every example of docs/analysts.md on this data, and cannot write.
+    let analyst = clickhouse::Client::default()
+        .with_url(&cfg.clickhouse.url)
+        .with_user("analyst")
+        .with_password(std::env::var("METER_ANALYST_PASSWORD").unwrap_or_default())
+        .with_database(&cfg.clickhouse.database)
+        .with_validation(false);
+    let examples = analyst_examples();
+    assert!(examples.len() >= 10, "{examples:?}");
+    for sql in &examples {
+        analyst.query(sql).execute().await.unwrap_or_else(|e| panic!("docs/analysts.md example fails as analyst: {e}\n{sql}"));
+    }
+    let refused = analyst.query("INSERT INTO invoices (customer_id) VALUES ('mallory')").execute().await;
+    assert!(refused.is_err(), "the analyst user must be read-only");
+
     conn.server_client().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
+}
+
+/// The ```sql blocks of docs/analysts.md.
+fn analyst_examples() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/analysts.md")).unwrap();
+    let mut out = Vec::new();
+    let mut block: Option<String> = None;
+    for line in text.lines() {
+        match (&mut block, line.trim()) {
+            (None, "```sql") => block = Some(String::new()),
+            (Some(b), "```") => {
+                out.push(b.trim().to_owned());
+                block = None;
+            }
+            (Some(b), _) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 async fn futures_counts(client: &clickhouse::Client, tables: &[&str]) -> Vec<u64> {

@@ -18,7 +18,7 @@ mod query;
 pub mod rating;
 mod rows;
 
-pub use migrate::{migrate, MIGRATIONS};
+pub use migrate::{migrate, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 pub use query::{latest_totals, usage_report, ReportGrouping, ReportRow};
 pub use rows::{seconds, DeadLetterRow, UsageRow};
 

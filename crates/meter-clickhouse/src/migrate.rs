@@ -15,6 +15,10 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "0003_rating", include_str!("../../../schemas/clickhouse/0003_rating.sql")),
 ];
 
+/// The table recording applied migrations (`{db}` is the database).
+pub const SCHEMA_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
+    (version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) ENGINE = ReplacingMergeTree() ORDER BY version";
+
 #[derive(clickhouse::Row, serde::Serialize, serde::Deserialize)]
 struct Applied {
     version: u32,
@@ -52,13 +56,7 @@ pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
     let db = &conn.database;
     let server = conn.server_client();
     server.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
-    server
-        .query(&format!(
-            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) \
-             ENGINE = ReplacingMergeTree() ORDER BY version"
-        ))
-        .execute()
-        .await?;
+    server.query(&SCHEMA_MIGRATIONS_TABLE.replace("{db}", db)).execute().await?;
     let client: Client = conn.client()?;
     let applied: Vec<Applied> = client.query("SELECT version, name FROM schema_migrations FINAL").fetch_all().await?;
     let mut done = Vec::new();

@@ -1,12 +1,14 @@
 //! Every rating, report and audit query (`meter_clickhouse::checked_queries`)
 //! runs on the local ClickHouse 18.16 (`ops/up`) and on current ClickHouse
-//! through chDB, against the migrated schema with a few rows in each table.
+//! through chDB, against the migrated schema with a few rows in each table;
+//! the chDB run also takes the examples of docs/analysts.md (the end-to-end
+//! test in meter-cli runs them on 18.16 as the analyst user).
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure should panic with the error
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use meter_clickhouse::{checked_queries, migrate, with_literals, Connection, MIGRATIONS};
+use meter_clickhouse::{checked_queries, migrate, with_literals, Connection, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 
 /// Sample rows for every table the queries read (`{db}` is the database).
 const SAMPLE_ROWS: &[&str] = &[
@@ -49,13 +51,19 @@ fn every_query_runs_on_current_clickhouse_through_chdb() {
         std::fs::write(dir.path().join(format!("{name}.sql")), sql).unwrap();
     }
     // check_chdb.py applies the files in order in one session: sample rows, then every query.
-    let mut text = String::from("USE {db};\n");
+    let mut text = format!("{SCHEMA_MIGRATIONS_TABLE};\nUSE {{db}};\n");
     for stmt in SAMPLE_ROWS {
         text += &format!("{stmt};\n");
     }
     let queries = checked_queries();
     for (name, sql, args) in &queries {
         text += &format!("-- {name}\n{};\n", with_literals(sql, args));
+    }
+    // The examples of docs/analysts.md too.
+    let examples = analyst_examples();
+    assert!(examples.len() >= 10);
+    for sql in &examples {
+        text += &format!("{sql};\n");
     }
     std::fs::write(dir.path().join("9999_queries.sql"), text).unwrap();
     let out = std::process::Command::new("python3")
@@ -70,6 +78,28 @@ fn every_query_runs_on_current_clickhouse_through_chdb() {
         .iter()
         .map(|(_, _, s)| s.lines().filter(|l| !l.trim_start().starts_with("--") && l.trim_end().ends_with(';')).count())
         .sum();
-    let want = migration_statements + 1 + SAMPLE_ROWS.len() + queries.len();
+    let want = migration_statements + 2 + SAMPLE_ROWS.len() + queries.len() + examples.len();
     assert!(stdout.contains(&format!("{} statements", want)), "expected {want} statements: {stdout}");
+}
+
+/// The ```sql blocks of docs/analysts.md.
+fn analyst_examples() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/analysts.md")).unwrap();
+    let mut out = Vec::new();
+    let mut block: Option<String> = None;
+    for line in text.lines() {
+        match (&mut block, line.trim()) {
+            (None, "```sql") => block = Some(String::new()),
+            (Some(b), "```") => {
+                out.push(b.trim().to_owned());
+                block = None;
+            }
+            (Some(b), _) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
 }
