@@ -282,6 +282,11 @@ async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
     assert!(again.contains("published 0 invoice lines"), "{again}");
     assert_eq!(futures_counts(&client, &["rated_usage", "invoice_lines", "invoices"]).await, counts);
 
+    // Rating one customer touches only that customer's lines (and changes nothing here either).
+    let one = meter_ok(&cfg, &["rate", "--month", "2026-02", "--customer", "globex"]);
+    assert!(one.contains("invoice_lines: 0 new, 0 changed, 3 unchanged, 0 removed"), "{one}");
+    assert!(one.contains("invoices:      0 new, 0 changed, 1 unchanged, 0 removed"), "{one}");
+
     // Reports, checked against golden files.
     for (name, args) in [
         ("cost_by_customer.txt", vec!["report", "cost", "--month", "2026-02"]),

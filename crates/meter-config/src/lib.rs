@@ -609,6 +609,21 @@ mod tests {
     }
 
     #[test]
+    fn rating_section_and_invoice_topic() {
+        let c = Config::default();
+        assert_eq!(c.topics.invoice_lines, "billing.invoice_lines");
+        assert_eq!(c.rating.price_book, None);
+        let f = write("[rating]\nprice_book = \"/etc/meter/prices.toml\"\n[topics]\ninvoice_lines = \"b.lines\"\n");
+        let c = Config::load(Some(f.path())).unwrap();
+        assert_eq!(c.rating.price_book.as_deref(), Some(Path::new("/etc/meter/prices.toml")));
+        assert_eq!(c.topics.invoice_lines, "b.lines");
+        let f = write("[rating]\nprice_bok = \"x\"\n[topics]\ninvoice_lines = \"\"\n");
+        let Err(ConfigError::Invalid(problems)) = Config::load(Some(f.path())) else { panic!("accepted") };
+        assert!(problems.iter().any(|p| p.starts_with("rating.price_bok")), "{problems:?}");
+        assert!(problems.iter().any(|p| p == "topics.invoice_lines must not be empty"), "{problems:?}");
+    }
+
+    #[test]
     fn unknown_fields_and_bad_values_are_rejected() {
         let f = write("[topics]\nevnts = \"x\"\n");
         assert!(Config::load(Some(f.path())).is_err());
