@@ -41,14 +41,18 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     // the next metadata refresh (minutes). Wait until all partitions have
     // leaders.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for topic in [&t.events, &t.aggregates, &t.dlq, &state, &t.invoice_lines] {
+    let want = usize::try_from(t.partitions).unwrap_or(0);
+    // Invoice lines are shared by every configuration that rates (demo and
+    // test runs use their own usage topics but the same billing topic): any
+    // partition count serves them, since nothing depends on their partitioning.
+    for (topic, partitions) in [(&t.events, want), (&t.aggregates, want), (&t.dlq, want), (&state, want), (&t.invoice_lines, 1)] {
         loop {
             let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5));
             let ready = md.as_ref().is_ok_and(|md| {
                 md.topics().iter().any(|mt| {
                     mt.name() == topic.as_str()
                         && mt.error().is_none()
-                        && mt.partitions().len() >= usize::try_from(t.partitions).unwrap_or(0)
+                        && mt.partitions().len() >= partitions
                         && mt.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
                 })
             });
