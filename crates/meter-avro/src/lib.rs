@@ -7,11 +7,14 @@
 //!
 //! `apache-avro` parses the schemas and computes the fingerprints once, at
 //! start-up. The per-record encoders and decoders are written out by hand for
-//! these three schemas: no `Value` tree, no schema resolution per record. Unit
+//! these schemas (the InvoiceLine codec is in [`invoice`]): no `Value` tree, no schema resolution per record. Unit
 //! tests check them byte for byte against `apache-avro`'s generic writer and
 //! reader so the two cannot drift apart.
 
 pub mod binary;
+pub mod invoice;
+
+pub use invoice::EncodeError;
 
 use std::collections::BTreeMap;
 
@@ -24,6 +27,7 @@ use binary::{Reader, Writer};
 pub const USAGE_EVENT_AVSC: &str = include_str!("../../../schemas/avro/usage_event.avsc");
 pub const AGGREGATED_USAGE_AVSC: &str = include_str!("../../../schemas/avro/aggregated_usage.avsc");
 pub const DEAD_LETTER_AVSC: &str = include_str!("../../../schemas/avro/dead_letter.avsc");
+pub const INVOICE_LINE_AVSC: &str = include_str!("../../../schemas/avro/invoice_line.avsc");
 
 const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
@@ -71,12 +75,13 @@ fn header(name: &'static str, avsc: &str) -> Result<[u8; HEADER_LEN], SchemaErro
     Ok(h)
 }
 
-/// Encoders and decoders for the three payload schemas. Cheap to clone.
+/// Encoders and decoders for the payload schemas. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Codec {
     event_header: [u8; HEADER_LEN],
     aggregate_header: [u8; HEADER_LEN],
     dead_letter_header: [u8; HEADER_LEN],
+    invoice_line_header: [u8; HEADER_LEN],
 }
 
 impl Codec {
@@ -85,6 +90,7 @@ impl Codec {
             event_header: header("UsageEvent", USAGE_EVENT_AVSC)?,
             aggregate_header: header("AggregatedUsage", AGGREGATED_USAGE_AVSC)?,
             dead_letter_header: header("DeadLetter", DEAD_LETTER_AVSC)?,
+            invoice_line_header: header("InvoiceLine", INVOICE_LINE_AVSC)?,
         })
     }
 

@@ -1,8 +1,12 @@
 //! `meter`: the one binary of meterline. Each subcommand is a thin shell
 //! around a library crate.
 
+mod audit;
 mod chaos;
+mod cost_report;
 mod demo;
+mod prices;
+mod rate;
 mod report;
 mod time;
 
@@ -51,6 +55,17 @@ enum Command {
     /// again; the sink killed; the broker restarted; ClickHouse stopped.
     /// Then checks everything against the ledger.
     Chaos(chaos::ChaosArgs),
+    /// The price book: `meter prices load` writes it to ClickHouse.
+    Prices {
+        #[command(subcommand)]
+        command: prices::PricesCommand,
+    },
+    /// Rate a month's final usage into rated lines, invoice lines and
+    /// invoices (idempotent) and publish changed invoice lines.
+    Rate(rate::RateArgs),
+    /// Reconcile a month: minute/hour/day usage, rated lines, invoice lines
+    /// and invoices. Exit code 1 on any difference.
+    Audit(audit::AuditArgs),
     /// Reports from ClickHouse.
     Report {
         #[command(subcommand)]
@@ -256,6 +271,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("warn");
             let cfg = load()?;
             report::run(&cfg, report).await?;
+        }
+        Command::Prices { command } => {
+            init_logging("warn");
+            prices::run(&load()?, command).await?;
+        }
+        Command::Rate(args) => {
+            init_logging("warn");
+            rate::run(&load()?, &args).await?;
+        }
+        Command::Audit(args) => {
+            init_logging("warn");
+            return audit::run(&load()?, &args).await;
         }
         Command::Chaos(args) => {
             init_logging("warn");

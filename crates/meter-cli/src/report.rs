@@ -15,6 +15,16 @@ pub enum ReportCommand {
     /// Usage per customer and usage type between two instants (latest
     /// revision of each window).
     Usage(UsageArgs),
+    /// Cost of a rated month by customer, service, usage type or day.
+    Cost(crate::cost_report::CostArgs),
+    /// Month-to-date invoice preview of one customer with its tier
+    /// breakdown, rated now from usage in ClickHouse (nothing is written).
+    Invoice(crate::cost_report::InvoiceArgs),
+    /// Customers with the highest invoice totals of a rated month.
+    Top(crate::cost_report::TopArgs),
+    /// Cost-and-Usage-Report-style CSV of a rated month: one line item per
+    /// customer, usage type, region and day.
+    Cur(crate::cost_report::CurArgs),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +64,10 @@ pub async fn run(cfg: &Config, cmd: ReportCommand) -> anyhow::Result<()> {
             let rows = usage(cfg, &args).await?;
             print!("{}", render_usage(&rows, args.by, args.format, &cfg.catalog()?));
         }
+        ReportCommand::Cost(args) => crate::cost_report::cost(cfg, &args).await?,
+        ReportCommand::Invoice(args) => crate::cost_report::invoice(cfg, &args).await?,
+        ReportCommand::Top(args) => crate::cost_report::top(cfg, &args).await?,
+        ReportCommand::Cur(args) => crate::cost_report::cur(cfg, &args).await?,
     }
     Ok(())
 }
@@ -145,7 +159,7 @@ pub fn render_usage(rows: &[ReportRow], by: By, format: Format, catalog: &Catalo
     }
 }
 
-fn csv_field(v: &str) -> String {
+pub fn csv_field(v: &str) -> String {
     if v.contains([',', '"', '\n']) {
         format!("\"{}\"", v.replace('"', "\"\""))
     } else {
@@ -153,7 +167,7 @@ fn csv_field(v: &str) -> String {
     }
 }
 
-fn group_digits(s: &str) -> String {
+pub fn group_digits(s: &str) -> String {
     let (sign, digits) = s.strip_prefix('-').map_or(("", s), |d| ("-", d));
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
@@ -163,6 +177,41 @@ fn group_digits(s: &str) -> String {
         out.push(ch);
     }
     format!("{sign}{out}")
+}
+
+/// Rows as a table (columns in `right` right-aligned), CSV, or JSON objects
+/// whose values are strings except for the columns in `numbers` (exact
+/// decimals stay strings so no reader turns money into floating point).
+pub fn render(header: &[&str], cells: &[Vec<String>], right: &[usize], numbers: &[&str], format: Format) -> String {
+    match format {
+        Format::Csv => {
+            let mut s = header.join(",") + "\n";
+            for c in cells {
+                s += &c.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",");
+                s.push('\n');
+            }
+            s
+        }
+        Format::Json => {
+            let items: Vec<serde_json::Value> = cells
+                .iter()
+                .map(|c| {
+                    let mut m = serde_json::Map::new();
+                    for (h, v) in header.iter().zip(c) {
+                        let value = if numbers.contains(h) {
+                            v.parse::<i64>().map_or_else(|_| v.clone().into(), Into::into)
+                        } else {
+                            v.clone().into()
+                        };
+                        m.insert((*h).to_owned(), value);
+                    }
+                    serde_json::Value::Object(m)
+                })
+                .collect();
+            serde_json::to_string_pretty(&items).unwrap_or_default() + "\n"
+        }
+        Format::Table => table(header, cells, right),
+    }
 }
 
 /// A plain text table; columns in `right` are right-aligned.
@@ -196,7 +245,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>], right: &[usize]) -> String {
         s += &line(r.iter().map(String::as_str).collect());
     }
     if rows.is_empty() {
-        s += "(no usage in this period)\n";
+        s += "(no rows)\n";
     }
     s
 }

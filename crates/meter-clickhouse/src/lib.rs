@@ -11,11 +11,14 @@
 //! configuration, values are bound with `?` (escaped client-side by the
 //! crate, the only parameter mechanism 18.16 understands).
 
+pub mod audit;
+pub mod cost;
 mod migrate;
 mod query;
+pub mod rating;
 mod rows;
 
-pub use migrate::{migrate, MIGRATIONS};
+pub use migrate::{migrate, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 pub use query::{latest_totals, usage_report, ReportGrouping, ReportRow};
 pub use rows::{seconds, DeadLetterRow, UsageRow};
 
@@ -30,6 +33,10 @@ pub enum Error {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("invalid identifier {0:?}: use letters, digits and _")]
     InvalidIdentifier(String),
+    /// A value that does not fit its column (ours or the input's: the
+    /// message says which value; retrying does not help).
+    #[error("value out of range: {0}")]
+    Value(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,4 +71,51 @@ pub fn check_identifier(name: &str) -> Result<()> {
     } else {
         Err(Error::InvalidIdentifier(name.to_owned()))
     }
+}
+
+/// Every rating, report and audit query with sample arguments written as SQL
+/// literals, in bind order: the chDB test runs each of them on current
+/// ClickHouse (the integration tests run them on the local 18.16 through
+/// the functions that use them).
+pub fn checked_queries() -> Vec<(String, String, Vec<&'static str>)> {
+    let month = ["'2026-02-01'", "'2026-02-01'", "'acme'", "'acme'"];
+    let range = ["1769904000", "1772323200", "''", "''"];
+    let mut q: Vec<(String, String, Vec<&'static str>)> = vec![
+        ("stored price book".into(), rating::SQL_STORED_PRICE_BOOK.into(), vec![]),
+        ("month usage".into(), rating::SQL_MONTH_USAGE.into(), range.to_vec()),
+        (
+            "minute series".into(),
+            rating::SQL_MINUTE_SERIES.into(),
+            vec!["1769903940", "1772359200", "'acme'", "'acme'", "['compute/BoxUsage:t3.micro','database/InstanceUsage:db.t3.medium']"],
+        ),
+        ("stored rated usage".into(), rating::SQL_STORED_RATED_USAGE.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
+        ("stored invoice lines".into(), rating::SQL_STORED_INVOICE_LINES.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
+        ("stored invoices".into(), rating::SQL_STORED_INVOICES.into(), vec!["'2026-02-01'", "'2026-01'", "'acme'", "'acme'"]),
+        ("top customers".into(), cost::SQL_TOP_CUSTOMERS.into(), vec!["'2026-02-01'", "'2026-02-01'", "10"]),
+        ("cur export".into(), cost::SQL_CUR.into(), month.to_vec()),
+        ("audit rated by day".into(), audit::SQL_RATED_BY_DAY.into(), month.to_vec()),
+        ("audit lines".into(), audit::SQL_LINES.into(), month.to_vec()),
+        ("audit invoices".into(), audit::SQL_INVOICES.into(), month.to_vec()),
+    ];
+    for g in cost::CostGrouping::ALL {
+        q.push((format!("cost by {g:?}"), cost::cost_sql(g), month.to_vec()));
+    }
+    for t in ["usage_minute", "usage_hour", "usage_day"] {
+        q.push((format!("audit {t}"), audit::usage_sql(t), range.to_vec()));
+    }
+    q
+}
+
+/// `sql` with each `?` replaced by the next of `args` (SQL literals), for
+/// running a query outside the client (chDB, clickhouse-client).
+pub fn with_literals(sql: &str, args: &[&str]) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut args = args.iter();
+    for ch in sql.chars() {
+        match (ch, args.len()) {
+            ('?', n) if n > 0 => out.push_str(args.next().copied().unwrap_or("")),
+            _ => out.push(ch),
+        }
+    }
+    out
 }

@@ -12,7 +12,12 @@ use crate::{check_identifier, Connection, Result};
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "0001_usage_tables", include_str!("../../../schemas/clickhouse/0001_usage_tables.sql")),
     (2, "0002_dead_letters", include_str!("../../../schemas/clickhouse/0002_dead_letters.sql")),
+    (3, "0003_rating", include_str!("../../../schemas/clickhouse/0003_rating.sql")),
 ];
+
+/// The table recording applied migrations (`{db}` is the database).
+pub const SCHEMA_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
+    (version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) ENGINE = ReplacingMergeTree() ORDER BY version";
 
 #[derive(clickhouse::Row, serde::Serialize, serde::Deserialize)]
 struct Applied {
@@ -51,13 +56,7 @@ pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
     let db = &conn.database;
     let server = conn.server_client();
     server.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
-    server
-        .query(&format!(
-            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) \
-             ENGINE = ReplacingMergeTree() ORDER BY version"
-        ))
-        .execute()
-        .await?;
+    server.query(&SCHEMA_MIGRATIONS_TABLE.replace("{db}", db)).execute().await?;
     let client: Client = conn.client()?;
     let applied: Vec<Applied> = client.query("SELECT version, name FROM schema_migrations FINAL").fetch_all().await?;
     let mut done = Vec::new();
@@ -81,7 +80,7 @@ mod tests {
     #[test]
     fn splits_the_shipped_migrations_into_create_statements() {
         let n: Vec<usize> = MIGRATIONS.iter().map(|(_, _, sql)| statements(sql).len()).collect();
-        assert_eq!(n, vec![3, 1]);
+        assert_eq!(n, vec![3, 1, 4]);
         for (_, _, sql) in MIGRATIONS {
             for s in statements(sql) {
                 assert!(s.starts_with("CREATE TABLE IF NOT EXISTS {db}."), "{s}");

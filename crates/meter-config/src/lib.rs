@@ -42,6 +42,8 @@ pub struct Config {
     pub catalog: CatalogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub rating: RatingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -86,6 +88,10 @@ pub struct TopicsConfig {
     /// every processor group has its own. Use [`Config::state_topic`].
     #[serde(default)]
     pub state: String,
+    /// Monthly invoice lines published by `meter rate` (Avro InvoiceLine,
+    /// keyed by line id, compacted: the latest value of a line id wins).
+    #[serde(default = "default_invoice_lines_topic")]
+    pub invoice_lines: String,
     /// Partitions used when `meter init` creates the topics.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -103,6 +109,9 @@ fn default_aggregates_topic() -> String {
 fn default_dlq_topic() -> String {
     "usage.dlq".into()
 }
+fn default_invoice_lines_topic() -> String {
+    "billing.invoice_lines".into()
+}
 fn default_partitions() -> i32 {
     6
 }
@@ -117,6 +126,7 @@ impl Default for TopicsConfig {
             aggregates: default_aggregates_topic(),
             dlq: default_dlq_topic(),
             state: String::new(),
+            invoice_lines: default_invoice_lines_topic(),
             partitions: default_partitions(),
             replication_factor: default_replication(),
         }
@@ -382,6 +392,16 @@ impl MetricsConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatingConfig {
+    /// Price book file (TOML, see `schemas/pricebook.toml`) used by `meter
+    /// prices load`, `meter rate` and the invoice preview; the sample price
+    /// book built into the binary when unset.
+    #[serde(default)]
+    pub price_book: Option<PathBuf>,
+}
+
 const MASK: &str = "***";
 
 /// Pass-through librdkafka properties that carry credentials or key material.
@@ -503,7 +523,12 @@ impl Config {
         check(!self.kafka.brokers.trim().is_empty(), "kafka.brokers must not be empty");
         check(self.topics.partitions > 0, "topics.partitions must be positive");
         check(self.topics.replication_factor > 0, "topics.replication_factor must be positive");
-        for (name, t) in [("events", &self.topics.events), ("aggregates", &self.topics.aggregates), ("dlq", &self.topics.dlq)] {
+        for (name, t) in [
+            ("events", &self.topics.events),
+            ("aggregates", &self.topics.aggregates),
+            ("dlq", &self.topics.dlq),
+            ("invoice_lines", &self.topics.invoice_lines),
+        ] {
             check(!t.is_empty(), &format!("topics.{name} must not be empty"));
         }
         check(self.processor.commit_interval_ms > 0, "processor.commit_interval_ms must be positive");
@@ -581,6 +606,21 @@ mod tests {
         assert_eq!(c.topics.events, "x.events");
         assert_eq!(c.sink.batch_rows, 7);
         assert_eq!(c.topics.dlq, "usage.dlq");
+    }
+
+    #[test]
+    fn rating_section_and_invoice_topic() {
+        let c = Config::default();
+        assert_eq!(c.topics.invoice_lines, "billing.invoice_lines");
+        assert_eq!(c.rating.price_book, None);
+        let f = write("[rating]\nprice_book = \"/etc/meter/prices.toml\"\n[topics]\ninvoice_lines = \"b.lines\"\n");
+        let c = Config::load(Some(f.path())).unwrap();
+        assert_eq!(c.rating.price_book.as_deref(), Some(Path::new("/etc/meter/prices.toml")));
+        assert_eq!(c.topics.invoice_lines, "b.lines");
+        let f = write("[rating]\nprice_bok = \"x\"\n[topics]\ninvoice_lines = \"\"\n");
+        let Err(ConfigError::Invalid(problems)) = Config::load(Some(f.path())) else { panic!("accepted") };
+        assert!(problems.iter().any(|p| p.starts_with("rating.price_bok")), "{problems:?}");
+        assert!(problems.iter().any(|p| p == "topics.invoice_lines must not be empty"), "{problems:?}");
     }
 
     #[test]

@@ -10,9 +10,10 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client_config;
 
-/// Creates the events, aggregates, dead-letter and state topics when missing.
-/// `usage.aggregates` is compacted: for each window key only the highest
-/// revision matters to its consumers.
+/// Creates the events, aggregates, dead-letter, state and invoice-line topics
+/// when missing. `usage.aggregates` and `billing.invoice_lines` are
+/// compacted: for each window key (line id) only the latest value matters to
+/// its consumers.
 pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(&cfg.kafka).create().context("creating Kafka admin client")?;
     let t = &cfg.topics;
@@ -25,6 +26,7 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
         // Same partition count as the events topic: the state of events
         // partition p lives in changelog partition p.
         NewTopic::new(&state, t.partitions, replication()).set("cleanup.policy", "compact"),
+        NewTopic::new(&t.invoice_lines, t.partitions, replication()).set("cleanup.policy", "compact"),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin.create_topics(topics.iter(), &opts).await.context("creating topics")?;
@@ -39,14 +41,18 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     // the next metadata refresh (minutes). Wait until all partitions have
     // leaders.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for topic in [&t.events, &t.aggregates, &t.dlq, &state] {
+    let want = usize::try_from(t.partitions).unwrap_or(0);
+    // Invoice lines are shared by every configuration that rates (demo and
+    // test runs use their own usage topics but the same billing topic): any
+    // partition count serves them, since nothing depends on their partitioning.
+    for (topic, partitions) in [(&t.events, want), (&t.aggregates, want), (&t.dlq, want), (&state, want), (&t.invoice_lines, 1)] {
         loop {
             let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5));
             let ready = md.as_ref().is_ok_and(|md| {
                 md.topics().iter().any(|mt| {
                     mt.name() == topic.as_str()
                         && mt.error().is_none()
-                        && mt.partitions().len() >= usize::try_from(t.partitions).unwrap_or(0)
+                        && mt.partitions().len() >= partitions
                         && mt.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
                 })
             });

@@ -228,7 +228,20 @@ async fn migrations_apply_to_the_local_server_and_are_idempotent() {
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(tables, vec!["dead_letters", "schema_migrations", "usage_day", "usage_hour", "usage_minute"]);
+    assert_eq!(
+        tables,
+        vec![
+            "dead_letters",
+            "invoice_lines",
+            "invoices",
+            "price_book",
+            "rated_usage",
+            "schema_migrations",
+            "usage_day",
+            "usage_hour",
+            "usage_minute"
+        ]
+    );
 }
 
 #[test]
