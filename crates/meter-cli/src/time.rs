@@ -2,36 +2,18 @@
 
 use std::time::Duration;
 
+use meter_rating::Date;
+
 const DAY_MS: i64 = 86_400_000;
 
 pub fn day_floor(ms: i64) -> i64 {
     ms - ms.rem_euclid(DAY_MS)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// days_from_civil).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `YYYY-MM-DD` for epoch milliseconds.
+/// `YYYY-MM-DD` for epoch milliseconds (the calendar is meter-rating's
+/// [`Date`], shared with the rating periods).
 pub fn format_date(ms: i64) -> String {
-    let z = ms.div_euclid(DAY_MS) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    Date::from_millis(ms).map_or_else(|| format!("{ms} ms"), |d| d.to_string())
 }
 
 /// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS]Z` (UTC) or epoch seconds, to epoch
@@ -45,12 +27,8 @@ pub fn parse_instant(s: &str) -> Result<i64, String> {
         Some((d, t)) => (d, Some(t.strip_suffix('Z').ok_or_else(err)?)),
         None => (s, None),
     };
-    let parts: Vec<i64> = date.split('-').map(str::parse).collect::<Result<_, _>>().map_err(|_| err())?;
-    let [y, m, d] = parts[..] else { return Err(err()) };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return Err(err());
-    }
-    let mut ms = days_from_civil(y, m, d) * DAY_MS;
+    let date: Date = date.parse().map_err(|_| err())?;
+    let mut ms = date.start_millis();
     if let Some(t) = time {
         let hms: Vec<i64> = t.split(':').map(str::parse).collect::<Result<_, _>>().map_err(|_| err())?;
         let (h, mi, sec) = match hms[..] {
@@ -91,6 +69,7 @@ mod tests {
         assert_eq!(parse_instant("2026-11-26"), Ok(1_795_651_200_000));
         assert_eq!(parse_instant("2026-11-26T01:02:03Z"), Ok(1_795_651_200_000 + 3_723_000));
         assert!(parse_instant("2026-13-01").is_err());
+        assert!(parse_instant("2026-02-30").is_err());
         assert!(parse_instant("yesterday").is_err());
         assert_eq!(format_date(1_795_651_200_000 + 5), "2026-11-26");
         assert_eq!(format_date(0), "1970-01-01");
