@@ -352,7 +352,7 @@ async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
         .with_password(std::env::var("METER_ANALYST_PASSWORD").unwrap_or_default())
         .with_database(&cfg.clickhouse.database)
         .with_validation(false);
-    let examples = analyst_examples();
+    let examples = meter_clickhouse::analyst_examples();
     assert!(examples.len() >= 10, "{examples:?}");
     for sql in &examples {
         analyst.query(sql).execute().await.unwrap_or_else(|e| panic!("docs/analysts.md example fails as analyst: {e}\n{sql}"));
@@ -361,28 +361,6 @@ async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
     assert!(refused.is_err(), "the analyst user must be read-only");
 
     conn.server_client().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
-}
-
-/// The ```sql blocks of docs/analysts.md.
-fn analyst_examples() -> Vec<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/analysts.md")).unwrap();
-    let mut out = Vec::new();
-    let mut block: Option<String> = None;
-    for line in text.lines() {
-        match (&mut block, line.trim()) {
-            (None, "```sql") => block = Some(String::new()),
-            (Some(b), "```") => {
-                out.push(b.trim().to_owned());
-                block = None;
-            }
-            (Some(b), _) => {
-                b.push_str(line);
-                b.push('\n');
-            }
-            _ => {}
-        }
-    }
-    out
 }
 
 async fn futures_counts(client: &clickhouse::Client, tables: &[&str]) -> Vec<u64> {

@@ -22,6 +22,31 @@ pub use migrate::{migrate, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 pub use query::{latest_totals, usage_report, ReportGrouping, ReportRow};
 pub use rows::{seconds, DeadLetterRow, UsageRow};
 
+/// The analysts' guide, `docs/analysts.md`.
+pub const ANALYSTS_GUIDE: &str = include_str!("../../../docs/analysts.md");
+
+/// The example queries of the analysts' guide (its ```sql blocks), so that
+/// tests can run every documented query on each supported ClickHouse.
+pub fn analyst_examples() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut block: Option<String> = None;
+    for line in ANALYSTS_GUIDE.lines() {
+        match (&mut block, line.trim()) {
+            (None, "```sql") => block = Some(String::new()),
+            (Some(b), "```") => {
+                out.push(b.trim().to_owned());
+                block = None;
+            }
+            (Some(b), _) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 use clickhouse::Client;
 
 #[derive(Debug, thiserror::Error)]

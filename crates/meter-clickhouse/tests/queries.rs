@@ -60,7 +60,7 @@ fn every_query_runs_on_current_clickhouse_through_chdb() {
         text += &format!("-- {name}\n{};\n", with_literals(sql, args));
     }
     // The examples of docs/analysts.md too.
-    let examples = analyst_examples();
+    let examples = meter_clickhouse::analyst_examples();
     assert!(examples.len() >= 10);
     for sql in &examples {
         text += &format!("{sql};\n");
@@ -80,26 +80,4 @@ fn every_query_runs_on_current_clickhouse_through_chdb() {
         .sum();
     let want = migration_statements + 2 + SAMPLE_ROWS.len() + queries.len() + examples.len();
     assert!(stdout.contains(&format!("{} statements", want)), "expected {want} statements: {stdout}");
-}
-
-/// The ```sql blocks of docs/analysts.md.
-fn analyst_examples() -> Vec<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/analysts.md")).unwrap();
-    let mut out = Vec::new();
-    let mut block: Option<String> = None;
-    for line in text.lines() {
-        match (&mut block, line.trim()) {
-            (None, "```sql") => block = Some(String::new()),
-            (Some(b), "```") => {
-                out.push(b.trim().to_owned());
-                block = None;
-            }
-            (Some(b), _) => {
-                b.push_str(line);
-                b.push('\n');
-            }
-            _ => {}
-        }
-    }
-    out
 }
