@@ -1,4 +1,7 @@
-//! The deterministic fleet simulator behind `meter agent --simulate`.
+//! The agent's logic: the deterministic fleet simulator behind `meter agent
+//! --simulate` (this file), the /proc sampler ([`procfs`]), the spool that
+//! keeps events and seqs across crashes ([`spool`]) and the agent's counters
+//! ([`stats`]). The Kafka runner is `meter_kafka::agent`.
 //!
 //! A seeded fleet of customers, each with EC2-like instances, an S3-like
 //! bucket, an RDS-like database and a CloudFront-like distribution, emits one
@@ -6,6 +9,10 @@
 //! settings always produce the same events, seqs and ledger. No I/O: the
 //! Kafka runner in `meter-kafka` publishes what [`Simulator::next_second`]
 //! returns.
+
+pub mod procfs;
+pub mod spool;
+pub mod stats;
 
 use std::collections::HashMap;
 
