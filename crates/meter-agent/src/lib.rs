@@ -135,6 +135,17 @@ impl Simulator {
         &self.customers
     }
 
+    /// Simulated resources (instances, buckets, databases, distributions).
+    pub fn resource_count(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// Event time of the second [`Simulator::next_second`] produces next;
+    /// None once the duration is done.
+    pub fn next_time(&self) -> Option<Millis> {
+        (self.second < self.cfg.duration_s).then(|| self.cfg.start + (self.second as i64) * 1000)
+    }
+
     /// Events of the next simulated second, appended to `out`; false once
     /// the configured duration has been produced.
     pub fn next_second(&mut self, out: &mut Vec<UsageEvent>) -> bool {

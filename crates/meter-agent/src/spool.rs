@@ -151,13 +151,16 @@ struct Segment {
     bytes: u64,
 }
 
+/// An event inside a batch body: (seq, key start, key end, payload start,
+/// payload end).
+type EventSpan = (i64, usize, usize, usize, usize);
+
 /// A parsed batch body: its events as (seq, key range, payload range).
 #[derive(Debug, Default)]
 struct Cursor {
     body: Vec<u8>,
     first: u64,
-    /// (seq, key start, key end, payload start, payload end)
-    events: Vec<(i64, usize, usize, usize, usize)>,
+    events: Vec<EventSpan>,
     /// Next event of `events` to hand out.
     pos: usize,
     /// Segment first index and byte offset of the next batch to read.
@@ -216,7 +219,7 @@ fn le_u64(b: &[u8], at: usize) -> Option<u64> {
 
 /// Parses a batch body into (first index, tick time, events); None if it is
 /// malformed (the CRC matched, so this is a bug or a foreign file).
-fn parse_body(body: &[u8]) -> Option<(u64, i64, Vec<(i64, usize, usize, usize, usize)>)> {
+fn parse_body(body: &[u8]) -> Option<(u64, i64, Vec<EventSpan>)> {
     let first = le_u64(body, 0)?;
     let tick = le_u64(body, 8)? as i64;
     let count = le_u32(body, 16)? as usize;

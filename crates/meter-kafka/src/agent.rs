@@ -1,26 +1,44 @@
-//! Publishes the simulator's events to `usage.events` through an idempotent
-//! producer.
+//! The agent's Kafka edge.
 //!
-//! Guarantee: when [`run_simulated`] returns Ok, every event it generated
-//! was acknowledged by all in-sync replicas exactly once (the idempotent
-//! producer removes retry duplicates), and the returned ledger is their
-//! ground truth. On Err, some events may not have been delivered.
+//! [`run_agent`] is `meter agent`: a source (the /proc sampler or the
+//! simulator) emits one tick per second; each tick's events get their seq
+//! per (agent, customer), are appended to the spool (a write-ahead log on
+//! disk) and only then handed to an idempotent producer. Guarantee: every
+//! event that was appended reaches `usage.events` at least once, whatever
+//! happens to Kafka (down, slow) or to the agent (SIGTERM, SIGKILL): the
+//! acknowledged position is checkpointed, and everything after it is sent
+//! again on the next start or after a failed delivery, in order, while new
+//! ticks keep being appended. Copies carry the same (agent, customer, seq),
+//! which the processor deduplicates, and a seq is never used for two
+//! different events. What the spool cannot keep (full, or the disk failed)
+//! is counted and logged, never silently lost.
+//!
+//! [`run_simulated`] is the in-memory path of the demo and the tests: when it
+//! returns Ok, every event it generated was acknowledged by all in-sync
+//! replicas exactly once (the idempotent producer removes retry duplicates),
+//! and the returned ledger is their ground truth. On Err, some events may
+//! not have been delivered.
 
-use std::collections::VecDeque;
-use std::path::Path;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use meter_agent::procfs::{self, Sampler, Tick};
+use meter_agent::spool::{Batch, Fsync, Spool, SpoolSettings};
+use meter_agent::stats::AgentStats as Counters;
 use meter_agent::{SimConfig, Simulator};
 use meter_avro::Codec;
-use meter_config::Config;
+use meter_config::{AgentConfig, Config, FsyncPolicy};
 use meter_model::ledger::Ledger;
+use meter_model::{event_id, Millis};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use tracing::info;
+use tracing::{error, info, warn};
 
-use crate::client_config;
+use crate::{client_config, now_ms, Signal};
 
 /// Outstanding deliveries before the agent waits for acknowledgements.
 const MAX_IN_FLIGHT: usize = 100_000;
@@ -146,4 +164,372 @@ pub async fn run_simulated(
     }
     info!(events = stats.events, seconds = stats.simulated_seconds, elapsed_ms = stats.elapsed.as_millis() as u64, "agent finished");
     Ok((stats, ledger))
+}
+
+/// Where `meter agent`'s ticks come from.
+pub enum Source {
+    /// The host, sampled from /proc once per wall-clock second.
+    Host { sampler: Sampler, proc_root: PathBuf, interfaces: Vec<String>, disks: Vec<String> },
+    /// The simulated fleet, `speed` simulated seconds per wall-clock second
+    /// (0: as fast as possible). Resumes after the last tick in the spool.
+    Simulated { sim: Box<Simulator>, speed: f64 },
+}
+
+impl Source {
+    /// The host sampler configured by `[agent]`.
+    pub fn host(a: &AgentConfig) -> Source {
+        let host = procfs::HostIdentity {
+            agent_id: a.agent_id.clone(),
+            customer_id: a.customer_id.clone(),
+            region: a.region.clone(),
+            resource_id: a.host_resource_id().to_owned(),
+        };
+        let settings = procfs::SamplerSettings { clock_ticks_per_second: a.clock_ticks_per_second, counter_bits: a.counter_bits };
+        Source::Host {
+            sampler: Sampler::new(host, settings),
+            proc_root: a.proc_root.clone(),
+            interfaces: a.interfaces.clone(),
+            disks: a.disks.clone(),
+        }
+    }
+}
+
+/// What a finished [`run_agent`] reports.
+#[derive(Debug)]
+pub struct AgentRun {
+    /// Ground truth of the events kept (spooled): for the simulator, every
+    /// second of its run, including those before a restart; for the host
+    /// sampler, what this process emitted. None unless asked for.
+    pub ledger: Option<Ledger>,
+    /// Whether everything spooled was acknowledged before returning.
+    pub drained: bool,
+    pub elapsed: Duration,
+}
+
+/// The producer of `meter agent`: idempotent, acks=all, lz4, and deliveries
+/// time out after `agent.delivery_timeout_ms` so that a dead broker turns
+/// into a resend from the spool rather than an unbounded in-memory queue.
+pub fn agent_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
+    client_config(&cfg.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "50")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", (cfg.agent.max_in_flight * 2).max(1000).to_string())
+        .set("message.timeout.ms", cfg.agent.delivery_timeout_ms.to_string())
+        .create()
+        .context("creating Kafka producer")
+}
+
+fn spool_settings(a: &AgentConfig, state_dir: &Path) -> SpoolSettings {
+    SpoolSettings {
+        dir: state_dir.join("spool"),
+        max_bytes: a.spool_max_bytes,
+        segment_bytes: a.spool_segment_bytes,
+        fsync: match a.fsync {
+            FsyncPolicy::Always => Fsync::Always,
+            FsyncPolicy::Interval => Fsync::Interval(Duration::from_millis(a.fsync_interval_ms)),
+            FsyncPolicy::Never => Fsync::Never,
+        },
+    }
+}
+
+/// Subtracts `minus` from `ledger` (events the spool could not keep).
+fn subtract(ledger: &mut Ledger, minus: &Ledger) {
+    for (k, t) in &minus.entries {
+        if let Some(e) = ledger.entries.get_mut(k) {
+            e.event_count -= t.event_count;
+            e.quantity_sum -= t.quantity_sum;
+            if e.event_count == 0 && e.quantity_sum == 0 {
+                ledger.entries.remove(k);
+            }
+        }
+    }
+}
+
+/// Runs the agent until the source ends (simulator) and everything is
+/// acknowledged, or until `shutdown` is raised; then flushes (waits up to
+/// `agent.shutdown_timeout_ms` for outstanding deliveries), syncs the spool
+/// and checkpoints. `identity` names the stream the state folder belongs
+/// to (agent id and source); a folder of another identity is refused.
+pub async fn run_agent(
+    cfg: &Config,
+    state_dir: &Path,
+    identity: &str,
+    mut source: Source,
+    stats: Arc<Counters>,
+    shutdown: Signal,
+    keep_ledger: bool,
+) -> anyhow::Result<AgentRun> {
+    let a = &cfg.agent;
+    let started = Instant::now();
+    let (mut spool, rec) = Spool::open(spool_settings(a, state_dir), identity)?;
+    if rec.truncated_bytes > 0 {
+        warn!(bytes = rec.truncated_bytes, "cut off a torn tick at the end of the spool (it was never sent)");
+    }
+    if rec.unacked > 0 {
+        info!(events = rec.unacked, "sending the unacknowledged tail of the spool again");
+        Counters::add(&stats.replayed, rec.unacked);
+    }
+    let mut seqs: HashMap<String, i64> = rec.seqs;
+    let mut last_tick: Option<Millis> = rec.last_tick;
+    // The simulator resumes after the last tick kept (or dropped) before a
+    // restart; the skipped seconds still count in its ledger.
+    // Wall-clock start of the paced simulation and seconds emitted since.
+    let mut sim_t0 = Instant::now();
+    let mut sim_k = 0u64;
+    if let Source::Simulated { sim, .. } = &mut source {
+        let mut skipped = Vec::new();
+        let mut n = 0u64;
+        while let (Some(t), Some(last)) = (sim.next_time(), last_tick) {
+            if t > last {
+                break;
+            }
+            skipped.clear();
+            sim.next_second(&mut skipped);
+            n += 1;
+        }
+        if n > 0 {
+            info!(seconds = n, "simulator resumes after the last spooled tick");
+        }
+        sim_t0 = Instant::now();
+    }
+    let producer = agent_producer(cfg)?;
+    let codec = Codec::new()?;
+    let topic = cfg.topics.events.as_str();
+    let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
+    let mut ticks: Vec<Tick> = Vec::new();
+    let mut batch = Batch::default();
+    let mut payload = Vec::with_capacity(256);
+    let mut own_ledger = keep_ledger.then(Ledger::default);
+    let mut dropped_ledger = Ledger::default();
+    let mut source_done = false;
+    let mut shutting_down: Option<Instant> = None;
+    let mut resend_after: Option<Instant> = None;
+    let mut next_checkpoint = Instant::now() + Duration::from_millis(a.checkpoint_interval_ms);
+    let mut next_host_sample = Instant::now();
+    let mut dropped_logged = Instant::now() - Duration::from_secs(3600);
+    let shutdown_timeout = Duration::from_millis(a.shutdown_timeout_ms);
+
+    loop {
+        let now = Instant::now();
+        if shutting_down.is_none() && shutdown.is_raised() {
+            info!("shutting down: flushing the spool");
+            shutting_down = Some(now);
+        }
+        // 1. Ticks that are due.
+        let mut wake = now + Duration::from_millis(100);
+        if shutting_down.is_none() && !source_done {
+            match &mut source {
+                Source::Simulated { sim, speed } => {
+                    let mut emitted = 0u64;
+                    // Catch up with every due second, each at its own time;
+                    // as fast as possible: a bounded chunk per turn so that
+                    // deliveries interleave.
+                    while let Some(t) = sim.next_time() {
+                        let due = if *speed > 0.0 { sim_t0 + Duration::from_secs_f64(sim_k as f64 / *speed) } else { now };
+                        if due > now || (*speed <= 0.0 && emitted >= 10) {
+                            wake = wake.min(due.max(now));
+                            break;
+                        }
+                        let mut events = Vec::new();
+                        sim.next_second(&mut events);
+                        ticks.push(Tick { time: t, events });
+                        sim_k += 1;
+                        emitted += 1;
+                    }
+                    if *speed > 0.0 && emitted > 1 {
+                        Counters::add(&stats.caught_up_ticks, emitted - 1);
+                    }
+                    if sim.next_time().is_none() {
+                        source_done = true;
+                    }
+                }
+                Source::Host { sampler, proc_root, interfaces, disks } => {
+                    if now >= next_host_sample {
+                        match procfs::read_sample(proc_root, interfaces, disks) {
+                            Ok(sample) => {
+                                let before = sampler.anomalies;
+                                let n = sampler.observe(sample, now_ms(), &mut ticks);
+                                if n > 1 {
+                                    Counters::add(&stats.caught_up_ticks, n - 1);
+                                    warn!(seconds = n - 1, "sampler fell behind; caught up with one tick per missed second");
+                                }
+                                let after = sampler.anomalies;
+                                Counters::add(&stats.counter_resets, after.resets - before.resets);
+                                Counters::add(&stats.counter_wraps, after.wraps - before.wraps);
+                                if after.resets > before.resets {
+                                    warn!(resets = after.resets - before.resets, "a kernel counter went down; counted from 0");
+                                }
+                            }
+                            // The next good sample covers the gap: the
+                            // baseline is kept, nothing is lost.
+                            Err(e) => warn!(error = %e, "cannot sample /proc; retrying next second"),
+                        }
+                        // Just after the next wall-clock second boundary.
+                        let ms = now_ms().rem_euclid(1000);
+                        next_host_sample = Instant::now() + Duration::from_millis((1000 - ms) as u64 + 5);
+                    }
+                    wake = wake.min(next_host_sample);
+                }
+            }
+        }
+        // 2. Seq, encode, append to the spool (before anything is sent).
+        for tick in ticks.drain(..) {
+            let n = tick.events.len() as u64;
+            Counters::add(&stats.generated, n);
+            Counters::add(&stats.ticks, 1);
+            batch.start(tick.time);
+            let mut events = tick.events;
+            for e in &mut events {
+                let seq = seqs.entry(e.customer_id.clone()).or_insert(0);
+                *seq += 1;
+                e.seq = Some(*seq);
+                e.event_id = event_id(&e.agent_id, &e.customer_id, *seq);
+                payload.clear();
+                codec.encode_event(e, &mut payload);
+                batch.push(*seq, e.customer_id.as_bytes(), &payload);
+            }
+            last_tick = Some(last_tick.map_or(tick.time, |t| t.max(tick.time)));
+            let kept = match spool.append(&mut batch) {
+                Ok(k) => k,
+                Err(e) => {
+                    error!(error = %e, "cannot append to the spool");
+                    false
+                }
+            };
+            if kept {
+                Counters::add(&stats.spooled, n);
+                if let Some(l) = own_ledger.as_mut() {
+                    for e in &events {
+                        l.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
+                    }
+                }
+            } else {
+                // Give the seqs back: nothing with them was kept or sent.
+                for e in events.iter().rev() {
+                    if let Some(s) = seqs.get_mut(&e.customer_id) {
+                        *s -= 1;
+                    }
+                    dropped_ledger.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
+                }
+                Counters::add(&stats.dropped, n);
+                if dropped_logged.elapsed() >= Duration::from_secs(10) {
+                    dropped_logged = Instant::now();
+                    error!(
+                        events = n,
+                        tick = tick.time,
+                        dropped_total = Counters::get(&stats.dropped),
+                        spool_bytes = spool.bytes(),
+                        "spool full or failing: dropped a tick (counted in meter_agent_events_dropped_total)"
+                    );
+                }
+            }
+        }
+        // 3. Hand spooled events to the producer, up to max_in_flight.
+        if resend_after.is_some_and(|t| Instant::now() >= t) {
+            resend_after = None;
+        }
+        if resend_after.is_none() {
+            while pending.len() < a.max_in_flight {
+                let Some(r) = spool.peek()? else { break };
+                let record = FutureRecord::<[u8], [u8]>::to(topic).key(r.key).payload(r.payload);
+                match producer.send_result(record) {
+                    Ok(f) => {
+                        pending.push_back((r.index, f));
+                        spool.advance();
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
+                    Err((e, _)) => return Err(anyhow!("producing to {topic}: {e}")),
+                }
+            }
+        }
+        // 4. Checkpoint, sync, gauges.
+        if Instant::now() >= next_checkpoint {
+            spool.checkpoint(&seqs, last_tick)?;
+            next_checkpoint = Instant::now() + Duration::from_millis(a.checkpoint_interval_ms);
+        }
+        spool.sync(false)?;
+        Counters::set(&stats.spool_bytes, spool.bytes());
+        Counters::set(&stats.backlog, spool.backlog());
+        // 5. Done?
+        let all_acked = spool.backlog() == 0 && pending.is_empty();
+        if let Some(since) = shutting_down {
+            if all_acked || since.elapsed() >= shutdown_timeout {
+                break;
+            }
+        } else if source_done && all_acked {
+            break;
+        }
+        // 6. Wait for a delivery, the next tick or a 100 ms heartbeat.
+        let wake_at = tokio::time::Instant::from_std(wake.max(Instant::now()));
+        let front = async {
+            match pending.front_mut() {
+                Some((_, f)) => Some(f.await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = front => {
+                let Some(mut res) = res else { continue };
+                loop {
+                    let Some((index, _)) = pending.pop_front() else { break };
+                    match res {
+                        Ok(Ok(_)) => {
+                            spool.ack(index);
+                            Counters::add(&stats.produced, 1);
+                        }
+                        failed => {
+                            let reason = match failed {
+                                Ok(Err((e, _))) => e.to_string(),
+                                _ => "the producer dropped the delivery".into(),
+                            };
+                            Counters::add(&stats.delivery_failures, 1);
+                            // Everything after the acknowledged position goes
+                            // again, in order, once the backoff has passed.
+                            pending.clear();
+                            let again = spool.rewind_to_acked()?;
+                            Counters::add(&stats.replayed, again);
+                            warn!(error = %reason, resend = again, backlog = spool.backlog(), "delivery failed; sending again from the spool in 1 s");
+                            resend_after = Some(Instant::now() + Duration::from_secs(1));
+                            break;
+                        }
+                    }
+                    // Settle every delivery that is already done in one go.
+                    match pending.front_mut().and_then(|(_, f)| ready_now(f)) {
+                        Some(next) => res = next,
+                        None => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+    }
+    // Flush: outstanding deliveries get what is left of the shutdown time.
+    let _ = producer.flush(Duration::from_millis(200));
+    spool.sync(true)?;
+    spool.checkpoint(&seqs, last_tick)?;
+    Counters::set(&stats.spool_bytes, spool.bytes());
+    Counters::set(&stats.backlog, spool.backlog());
+    let drained = spool.backlog() == 0;
+    let ledger = match source {
+        Source::Simulated { sim, .. } if keep_ledger => {
+            let mut l = sim.ledger().clone();
+            subtract(&mut l, &dropped_ledger);
+            Some(l)
+        }
+        _ => own_ledger,
+    };
+    info!(summary = %stats.summary(), drained, "agent stopped");
+    Ok(AgentRun { ledger, drained, elapsed: started.elapsed() })
+}
+
+/// The delivery result if it is already there, without waiting.
+fn ready_now(f: &mut DeliveryFuture) -> Option<<DeliveryFuture as std::future::Future>::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(std::pin::Pin::new(f), &mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
 }
