@@ -62,8 +62,7 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         return check(&cfg, &args).await;
     }
     if args.simulate && args.state_dir.is_none() {
-        let (stats, ledger) =
-            meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
+        let (stats, ledger) = meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
         println!(
             "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
             stats.events,
@@ -111,7 +110,10 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         println!("{}", usage_report(cfg.agent.clock_ticks_per_second, run.elapsed)?);
     }
     if !run.drained {
-        eprintln!("agent: stopped with {} events not yet acknowledged; they stay in the spool for the next start", AgentStats::get(&stats.backlog));
+        eprintln!(
+            "agent: stopped with {} events not yet acknowledged; they stay in the spool for the next start",
+            AgentStats::get(&stats.backlog)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -127,7 +129,10 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
         let mut events = Vec::new();
         sim.next_second(&mut events);
         println!("  source             simulator: {} customers, {} resources", sim.customers().len(), sim.resource_count());
-        println!("  state              {}", args.state_dir.as_ref().map_or("in memory (no --state-dir)".into(), |d| d.display().to_string()));
+        println!(
+            "  state              {}",
+            args.state_dir.as_ref().map_or("in memory (no --state-dir)".into(), |d| d.display().to_string())
+        );
         println!("first second: {} events", events.len());
         for e in events.iter().take(20) {
             println!("  {} {:<14} {:<28} {:<22} {:>14}", e.customer_id, e.service, e.usage_type, e.resource_id, e.quantity);
@@ -167,7 +172,12 @@ fn usage_report(clock_ticks: u64, wall: Duration) -> anyhow::Result<String> {
     let cpu_s = (ticks(14) + ticks(15)) as f64 / clock_ticks.max(1) as f64;
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kb = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
     };
     let wall_s = wall.as_secs_f64().max(0.001);
     Ok(format!(
@@ -179,4 +189,3 @@ fn usage_report(clock_ticks: u64, wall: Duration) -> anyhow::Result<String> {
         kb("VmRSS:") as f64 / 1024.0
     ))
 }
-
