@@ -167,6 +167,8 @@ pub async fn run_simulated(
 }
 
 /// Where `meter agent`'s ticks come from.
+// One per process: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     /// The host, sampled from /proc once per wall-clock second.
     Host { sampler: Sampler, proc_root: PathBuf, interfaces: Vec<String>, disks: Vec<String> },
@@ -295,7 +297,7 @@ pub async fn run_agent(
         }
         sim_t0 = Instant::now();
     }
-    let producer = agent_producer(cfg)?;
+    let mut producer = agent_producer(cfg)?;
     let codec = Codec::new()?;
     let topic = cfg.topics.events.as_str();
     let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
@@ -441,6 +443,18 @@ pub async fn run_agent(
                         spool.advance();
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
+                    Err((e, _)) if producer.client().fatal_error().is_some() => {
+                        // The idempotent producer gave up (e.g. after
+                        // timeouts it could not recover from): a new one
+                        // starts a new producer id; the spool resends.
+                        warn!(error = %e, "Kafka producer failed fatally; starting a new one and sending again from the spool");
+                        Counters::add(&stats.delivery_failures, 1);
+                        pending.clear();
+                        producer = agent_producer(cfg)?;
+                        Counters::add(&stats.replayed, spool.rewind_to_acked()?);
+                        resend_after = Some(Instant::now() + Duration::from_secs(1));
+                        break;
+                    }
                     Err((e, _)) => return Err(anyhow!("producing to {topic}: {e}")),
                 }
             }
@@ -493,6 +507,10 @@ pub async fn run_agent(
                             Counters::add(&stats.replayed, again);
                             warn!(error = %reason, resend = again, backlog = spool.backlog(), "delivery failed; sending again from the spool in 1 s");
                             resend_after = Some(Instant::now() + Duration::from_secs(1));
+                            if let Some((code, reason)) = producer.client().fatal_error() {
+                                warn!(?code, %reason, "Kafka producer failed fatally; starting a new one");
+                                producer = agent_producer(cfg)?;
+                            }
                             break;
                         }
                     }
