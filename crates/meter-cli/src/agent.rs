@@ -62,6 +62,10 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         return check(&cfg, &args).await;
     }
     if args.simulate && args.state_dir.is_none() {
+        let sc = args.sim.sim_config();
+        let fleet = meter_agent::Simulator::new(sc.clone());
+        println!("fleet: {} resources, {} customers", fleet.resource_count(), fleet.customers().len());
+        drop(fleet);
         let (stats, ledger) = meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
         println!(
             "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
@@ -79,7 +83,7 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         let sc = args.sim.sim_config();
         let identity = format!("simulator agent_id={} seed={} customers={} start={}", sc.agent_id, sc.seed, sc.customers, sc.start);
         let sim = meter_agent::Simulator::new(sc);
-        tracing::info!(resources = sim.resource_count(), customers = sim.customers().len(), "simulated fleet");
+        println!("fleet: {} resources, {} customers", sim.resource_count(), sim.customers().len());
         let dir = args.state_dir.clone().unwrap_or_default();
         (Source::Simulated { sim: Box::new(sim), speed: args.speed }, dir, identity)
     } else {
