@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use meter_model::{Millis, UsageEvent};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -39,7 +40,7 @@ fn parse_err(file: &'static str, message: impl Into<String>) -> ProcError {
 }
 
 /// One reading of the host's cumulative counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {
     /// Busy CPU time of all CPUs in USER_HZ ticks: user + nice + system +
     /// irq + softirq + steal (guest time is already inside user and nice).
@@ -66,6 +67,14 @@ pub fn parse_stat(text: &str) -> Result<u64> {
     }
     // user nice system idle iowait irq softirq steal [guest guest_nice]
     Ok([f[0], f[1], f[2], f[5], f[6], f[7]].iter().fold(0u64, |a, &x| a.saturating_add(x)))
+}
+
+/// Boot time (`btime`, epoch seconds) from /proc/stat.
+pub fn parse_btime(text: &str) -> Result<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .ok_or_else(|| parse_err("stat", "no btime line"))
 }
 
 /// MemTotal - MemAvailable from /proc/meminfo, in bytes.
@@ -158,6 +167,16 @@ pub fn read_sample(root: &Path, interfaces: &[String], disks: &[String]) -> Resu
     Ok(Sample { cpu_busy_ticks: parse_stat(&read("stat")?)?, mem_used_bytes: parse_meminfo(&read("meminfo")?)?, net, disks: disk })
 }
 
+/// This boot's id and start (epoch ms) under `root`: counters only continue
+/// across an agent restart within the same boot. A root without a boot id
+/// (fixtures) has the empty id.
+pub fn read_boot(root: &Path) -> Result<(String, Millis)> {
+    let stat_path = root.join("stat");
+    let stat = std::fs::read_to_string(&stat_path).map_err(|source| ProcError::Read { path: stat_path, source })?;
+    let id = std::fs::read_to_string(root.join("sys/kernel/random/boot_id")).map(|s| s.trim().to_owned()).unwrap_or_default();
+    Ok((id, parse_btime(&stat)?.saturating_mul(1000)))
+}
+
 /// How a counter moved between two readings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delta {
@@ -220,6 +239,21 @@ pub struct HostIdentity {
 pub struct SamplerSettings {
     pub clock_ticks_per_second: u64,
     pub counter_bits: u32,
+    /// At most this many seconds are caught up after a gap; the usage of a
+    /// longer gap is spread over its last `max_catch_up_s` seconds (totals
+    /// stay exact, timestamps are compressed; counted and logged).
+    pub max_catch_up_s: u64,
+}
+
+/// What a restarted sampler needs to continue exactly where the last one
+/// stopped: the last sample, its boundary and the CPU remainder, within
+/// one boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamplerState {
+    pub boot_id: String,
+    pub sample: Sample,
+    pub boundary: Millis,
+    pub cpu_remainder: u64,
 }
 
 /// Counts of counter anomalies seen so far.
@@ -240,6 +274,12 @@ pub struct Sampler {
     /// CPU ticks x 1000 not yet emitted as whole milliseconds.
     cpu_remainder: u64,
     pub anomalies: Anomalies,
+    /// Seconds whose usage was folded into later seconds because a gap
+    /// exceeded `max_catch_up_s`.
+    pub compressed_seconds: u64,
+    /// After a reboot: the boot's second; the next sample is measured from
+    /// zero counters at that time.
+    boot_baseline: Option<Millis>,
 }
 
 /// The usage of one second.
@@ -253,7 +293,46 @@ pub struct Tick {
 
 impl Sampler {
     pub fn new(host: HostIdentity, settings: SamplerSettings) -> Self {
-        Sampler { host, settings, prev: None, cpu_remainder: 0, anomalies: Anomalies::default() }
+        Sampler {
+            host,
+            settings,
+            prev: None,
+            cpu_remainder: 0,
+            anomalies: Anomalies::default(),
+            compressed_seconds: 0,
+            boot_baseline: None,
+        }
+    }
+
+    /// The state to persist with the ticks just emitted; None before the
+    /// first sample.
+    pub fn state(&self, boot_id: &str) -> Option<SamplerState> {
+        self.prev.as_ref().map(|(sample, boundary)| SamplerState {
+            boot_id: boot_id.to_owned(),
+            sample: sample.clone(),
+            boundary: *boundary,
+            cpu_remainder: self.cpu_remainder,
+        })
+    }
+
+    /// Continues from a persisted state. In the same boot the next sample
+    /// covers the whole time the agent was down; after a reboot the
+    /// counters restarted from 0 at `boot_ms`, so everything counted since
+    /// then is usage not yet emitted (memory excepted, a gauge).
+    pub fn restore(&mut self, state: Option<SamplerState>, boot_id: &str, boot_ms: Millis) {
+        match state {
+            Some(s) if s.boot_id == boot_id => {
+                self.cpu_remainder = s.cpu_remainder;
+                self.prev = Some((s.sample, s.boundary));
+            }
+            Some(_) => {
+                // The counters count from zero since the boot: the next
+                // sample's baseline is all zeros at the boot.
+                self.prev = None;
+                self.boot_baseline = Some(boot_ms - boot_ms.rem_euclid(1000));
+            }
+            None => {}
+        }
     }
 
     /// The boundary of the last observed sample (the next tick starts there).
@@ -277,6 +356,11 @@ impl Sampler {
     /// second). Returns how many ticks were appended.
     pub fn observe(&mut self, sample: Sample, now: Millis, out: &mut Vec<Tick>) -> u64 {
         let boundary = now - now.rem_euclid(1000);
+        if let (None, Some(boot)) = (&self.prev, self.boot_baseline.take()) {
+            let zero = |m: &BTreeMap<String, (u64, u64)>| m.keys().map(|k| (k.clone(), (0, 0))).collect();
+            let base = Sample { cpu_busy_ticks: 0, mem_used_bytes: 0, net: zero(&sample.net), disks: zero(&sample.disks) };
+            self.prev = Some((base, boot.min(boundary)));
+        }
         let Some((prev, prev_boundary)) = self.prev.take() else {
             self.prev = Some((sample, boundary));
             return 0;
@@ -287,7 +371,16 @@ impl Sampler {
             self.prev = Some((prev, prev_boundary));
             return 0;
         }
-        let n = ((boundary - prev_boundary) / 1000) as u64;
+        let mut n = ((boundary - prev_boundary) / 1000) as u64;
+        let mut prev_boundary = prev_boundary;
+        let cap = self.settings.max_catch_up_s.max(1);
+        if n > cap {
+            // Never silently skipped: the whole delta lands in the last
+            // `cap` seconds.
+            self.compressed_seconds += n - cap;
+            prev_boundary = boundary - (cap as i64) * 1000;
+            n = cap;
+        }
         // CPU: 64-bit cumulative ticks (u64 on every kernel).
         let cpu_ticks = match counter_delta(prev.cpu_busy_ticks, sample.cpu_busy_ticks, 64) {
             Delta::Counted(v) => v,

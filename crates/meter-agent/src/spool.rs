@@ -15,8 +15,11 @@
 //! Layout of `dir`: `checkpoint.json` (written to a temporary file and
 //! renamed) and segments `{first_event_index:020}.seg`, each a sequence of
 //! batches `[u32 body_len][u32 crc32(body)][body]` with body
-//! `[u64 first_index][i64 tick_time][u32 count]` then per event
-//! `[i64 seq][u16 key_len][key][u32 payload_len][payload]` (little endian).
+//! `[u64 first_index][i64 tick_time][u32 count][u32 meta_len][meta]` then
+//! per event `[i64 seq][u16 key_len][key][u32 payload_len][payload]`
+//! (little endian). A batch holds the ticks of one turn of the agent; `meta`
+//! is the source's state after them (the sampler's baseline), so that a
+//! restart continues exactly where the log ends.
 //! A segment is deleted once all its events are acknowledged.
 
 use std::collections::{BTreeMap, HashMap};
@@ -88,6 +91,8 @@ pub struct Recovered {
     pub unacked: u64,
     /// Bytes of a torn or corrupt tail that were cut off.
     pub truncated_bytes: u64,
+    /// `meta` of the last batch in the log that had one.
+    pub last_meta: Option<Vec<u8>>,
 }
 
 /// One batch (a tick's events) being built before it is appended.
@@ -100,11 +105,16 @@ pub struct Batch {
 
 const HEADER: usize = 8;
 const BODY_HEADER: usize = 8 + 8 + 4;
+const META_AT: usize = BODY_HEADER;
 
 impl Batch {
-    pub fn start(&mut self, tick_time: i64) {
+    /// Starts a batch whose last tick begins at `tick_time`, carrying
+    /// `meta` (the source's state after this batch; may be empty).
+    pub fn start(&mut self, tick_time: i64, meta: &[u8]) {
         self.body.clear();
         self.body.extend_from_slice(&[0; BODY_HEADER]);
+        self.body.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        self.body.extend_from_slice(meta);
         self.count = 0;
         self.tick_time = tick_time;
     }
@@ -217,14 +227,22 @@ fn le_u64(b: &[u8], at: usize) -> Option<u64> {
     })
 }
 
-/// Parses a batch body into (first index, tick time, events); None if it is
-/// malformed (the CRC matched, so this is a bug or a foreign file).
-fn parse_body(body: &[u8]) -> Option<(u64, i64, Vec<EventSpan>)> {
+/// A parsed batch: first index, tick time, meta range, events.
+type Parsed = (u64, i64, (usize, usize), Vec<EventSpan>);
+
+/// Parses a batch body; None if it is malformed (the CRC matched, so this
+/// is a bug or a foreign file).
+fn parse_body(body: &[u8]) -> Option<Parsed> {
     let first = le_u64(body, 0)?;
     let tick = le_u64(body, 8)? as i64;
     let count = le_u32(body, 16)? as usize;
+    let meta_len = le_u32(body, META_AT)? as usize;
+    let meta = (META_AT + 4, META_AT + 4 + meta_len);
+    if meta.1 > body.len() {
+        return None;
+    }
     let mut events = Vec::with_capacity(count);
-    let mut at = BODY_HEADER;
+    let mut at = meta.1;
     for _ in 0..count {
         let seq = le_u64(body, at)? as i64;
         let klen = usize::from(u16::from_le_bytes([*body.get(at + 8)?, *body.get(at + 9)?]));
@@ -237,7 +255,7 @@ fn parse_body(body: &[u8]) -> Option<(u64, i64, Vec<EventSpan>)> {
         events.push((seq, ks, ks + klen, ps, ps + plen));
         at = ps + plen;
     }
-    (at == body.len()).then_some((first, tick, events))
+    (at == body.len()).then_some((first, tick, meta, events))
 }
 
 impl Spool {
@@ -298,13 +316,16 @@ impl Spool {
                     if crc32(body) != crc {
                         return None;
                     }
-                    let (bfirst, tick, events) = parse_body(body)?;
+                    let (bfirst, tick, meta, events) = parse_body(body)?;
                     if bfirst != expected {
                         return None;
                     }
-                    Some((len, tick, events, body))
+                    Some((len, tick, meta, events, body))
                 })();
-                let Some((len, tick, events, body)) = ok else { break };
+                let Some((len, tick, meta, events, body)) = ok else { break };
+                if meta.1 > meta.0 {
+                    rec.last_meta = Some(body[meta.0..meta.1].to_vec());
+                }
                 for &(seq, ks, ke, _, _) in &events {
                     let customer = String::from_utf8_lossy(&body[ks..ke]).into_owned();
                     let s = rec.seqs.entry(customer).or_insert(0);
@@ -501,7 +522,7 @@ impl Spool {
             let mut body = std::mem::take(&mut self.cursor.body);
             body.resize(len, 0);
             f.read_exact_at(&mut body, self.cursor.next_offset + HEADER as u64).map_err(io(&seg.path))?;
-            let Some((first, _, events)) = parse_body(&body) else {
+            let Some((first, _, _, events)) = parse_body(&body) else {
                 return Err(SpoolError::Io {
                     path: seg.path.clone(),
                     source: std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt batch in a segment this agent wrote"),
@@ -584,7 +605,7 @@ mod tests {
 
     fn tick(spool: &mut Spool, t: i64, seqs: &mut HashMap<String, i64>, n: usize) -> bool {
         let mut b = Batch::default();
-        b.start(t);
+        b.start(t, format!("meta {t}").as_bytes());
         for i in 0..n {
             let c = format!("c{}", i % 3);
             let s = seqs.entry(c.clone()).or_insert(0);
@@ -625,6 +646,7 @@ mod tests {
         assert_eq!(rec.unacked, 217 - 100);
         assert_eq!(rec.seqs, seqs, "seqs recovered from checkpoint + log");
         assert_eq!(rec.last_tick, Some(30_000));
+        assert_eq!(rec.last_meta.as_deref(), Some(&b"meta 30000"[..]));
         let again = drain(&mut s);
         assert_eq!(again.first().unwrap().0, 100);
         assert_eq!(again.len(), 117);

@@ -27,6 +27,9 @@ pub struct AgentStats {
     /// `meter_agent_ticks_caught_up_total`: seconds emitted late because the
     /// agent fell behind the one-second cadence (never skipped).
     pub caught_up_ticks: AtomicU64,
+    /// `meter_agent_seconds_compressed_total`: seconds of a gap longer than
+    /// `agent.max_catch_up_s` whose usage was spread over later seconds.
+    pub compressed_seconds: AtomicU64,
     /// `meter_agent_counter_resets_total` / `_wraps_total`: kernel counters
     /// that went down (reset: counted from 0; wrap: across the top).
     pub counter_resets: AtomicU64,
@@ -54,7 +57,7 @@ impl AgentStats {
     pub fn summary(&self) -> String {
         let g = Self::get;
         format!(
-            "{} generated, {} spooled, {} produced, {} replayed, {} dropped, {} delivery failures, {} ticks ({} caught up), {} counter resets, {} wraps, spool {} bytes / {} events behind",
+            "{} generated, {} spooled, {} produced, {} replayed, {} dropped, {} delivery failures, {} ticks ({} caught up, {} compressed), {} counter resets, {} wraps, spool {} bytes / {} events behind",
             g(&self.generated),
             g(&self.spooled),
             g(&self.produced),
@@ -63,6 +66,7 @@ impl AgentStats {
             g(&self.delivery_failures),
             g(&self.ticks),
             g(&self.caught_up_ticks),
+            g(&self.compressed_seconds),
             g(&self.counter_resets),
             g(&self.counter_wraps),
             g(&self.spool_bytes),

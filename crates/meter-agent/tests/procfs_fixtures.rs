@@ -19,7 +19,7 @@ fn fixture(t: &str) -> PathBuf {
 fn sampler(bits: u32, hz: u64) -> Sampler {
     Sampler::new(
         HostIdentity { agent_id: "host-a".into(), customer_id: "cust-9".into(), region: "eu-west-1".into(), resource_id: "host-a".into() },
-        SamplerSettings { clock_ticks_per_second: hz, counter_bits: bits },
+        SamplerSettings { clock_ticks_per_second: hz, counter_bits: bits, max_catch_up_s: 3600 },
     )
 }
 
@@ -110,4 +110,57 @@ fn configured_interfaces_and_disks_limit_what_is_metered() {
     assert_eq!(s.net.keys().collect::<Vec<_>>(), ["eth1"]);
     assert_eq!(s.disks.keys().collect::<Vec<_>>(), ["sda1"]);
     assert!(read_sample(&fixture("missing"), &[], &[]).is_err());
+}
+
+#[test]
+fn a_restored_sampler_continues_exactly_where_the_last_one_stopped() {
+    let (ifs, disks): (Vec<String>, Vec<String>) = (vec![], vec![]);
+    let (continuous, _, _) = run(32, 300);
+    // First agent: t0 and t1, then "killed"; its state goes through JSON
+    // as it does through the spool.
+    let mut a = sampler(32, 300);
+    let mut ticks = Vec::new();
+    a.observe(read_sample(&fixture("t0"), &ifs, &disks).unwrap(), B0 + 400, &mut ticks);
+    a.observe(read_sample(&fixture("t1"), &ifs, &disks).unwrap(), B0 + 1250, &mut ticks);
+    let json = serde_json::to_vec(&a.state("boot-1").unwrap()).unwrap();
+    drop(a);
+    let mut b = sampler(32, 300);
+    b.restore(Some(serde_json::from_slice(&json).unwrap()), "boot-1", 0);
+    b.observe(read_sample(&fixture("t2"), &ifs, &disks).unwrap(), B0 + 4010, &mut ticks);
+    assert_eq!(table(&ticks), table(&continuous), "a restart changes nothing, the CPU remainder included");
+}
+
+#[test]
+fn after_a_reboot_everything_counted_since_the_boot_is_emitted_from_the_boot_on() {
+    let (ifs, disks): (Vec<String>, Vec<String>) = (vec![], vec![]);
+    let mut a = sampler(64, 100);
+    let mut ticks = Vec::new();
+    a.observe(read_sample(&fixture("t2"), &ifs, &disks).unwrap(), B0 + 400, &mut ticks);
+    let state = a.state("boot-1");
+    let mut b = sampler(64, 100);
+    // Rebooted 2.5 s before the agent's first sample of t0.
+    b.restore(state, "boot-2", B0 + 7_500);
+    b.observe(read_sample(&fixture("t0"), &ifs, &disks).unwrap(), B0 + 10_001, &mut ticks);
+    let m = table(&ticks);
+    assert_eq!(ticks.iter().map(|t| t.time - B0).collect::<Vec<_>>(), [7000, 8000, 9000]);
+    let sum = |ut: &str, r: &str| m.iter().filter(|(k, _)| k.1 == ut && k.2 == r).map(|(_, v)| *v).sum::<i64>();
+    assert_eq!(sum("CPU-VcpuMs", "host-a"), 1367 * 10);
+    assert_eq!(sum("Network-In-Bytes", "host-a/eth0"), 1_000_000);
+    assert_eq!(sum("Disk-Write-Bytes", "host-a/sda"), 4000 * 512);
+}
+
+#[test]
+fn a_gap_longer_than_the_catch_up_limit_keeps_its_total_in_the_last_seconds() {
+    let (ifs, disks): (Vec<String>, Vec<String>) = (vec![], vec![]);
+    let mut s = Sampler::new(
+        HostIdentity { agent_id: "host-a".into(), customer_id: "cust-9".into(), region: "eu-west-1".into(), resource_id: "host-a".into() },
+        SamplerSettings { clock_ticks_per_second: 100, counter_bits: 64, max_catch_up_s: 2 },
+    );
+    let mut ticks = Vec::new();
+    s.observe(read_sample(&fixture("t0"), &ifs, &disks).unwrap(), B0, &mut ticks);
+    assert_eq!(s.observe(read_sample(&fixture("t2"), &ifs, &disks).unwrap(), B0 + 10_000, &mut ticks), 2);
+    assert_eq!(s.compressed_seconds, 8);
+    assert_eq!(ticks.iter().map(|t| t.time - B0).collect::<Vec<_>>(), [8000, 9000]);
+    let cpu: i64 = table(&ticks).iter().filter(|(k, _)| k.1 == "CPU-VcpuMs").map(|(_, v)| *v).sum();
+    assert_eq!(cpu, (1380 - 1367) * 10);
 }

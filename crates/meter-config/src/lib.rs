@@ -373,6 +373,12 @@ pub struct AgentConfig {
     /// USER_HZ of the kernel (`getconf CLK_TCK`), the unit of /proc/stat.
     #[serde(default = "default_clock_ticks")]
     pub clock_ticks_per_second: u64,
+    /// After a gap (agent stopped, host suspended) the usage of every missed
+    /// second is emitted with its own timestamp, up to this many seconds;
+    /// the usage of a longer gap is spread over its last this-many seconds
+    /// (totals stay exact; logged and counted).
+    #[serde(default = "default_max_catch_up_s")]
+    pub max_catch_up_s: u64,
     /// Folder for the persisted seqs, the checkpoint and the spool. One agent
     /// per folder; keep it across restarts and upgrades.
     #[serde(default = "default_state_dir")]
@@ -422,6 +428,9 @@ fn default_counter_bits() -> u32 {
 fn default_clock_ticks() -> u64 {
     100
 }
+fn default_max_catch_up_s() -> u64 {
+    3_600
+}
 fn default_state_dir() -> PathBuf {
     "/var/lib/meter-agent".into()
 }
@@ -462,6 +471,7 @@ impl Default for AgentConfig {
             disks: Vec::new(),
             counter_bits: default_counter_bits(),
             clock_ticks_per_second: default_clock_ticks(),
+            max_catch_up_s: default_max_catch_up_s(),
             state_dir: default_state_dir(),
             spool_max_bytes: default_spool_max_bytes(),
             spool_segment_bytes: default_spool_segment_bytes(),
@@ -507,6 +517,7 @@ impl AgentConfig {
             "agent.clock_ticks_per_second must be between 1 and 1000000",
         );
         check(!self.state_dir.as_os_str().is_empty(), "agent.state_dir must not be empty");
+        check(self.max_catch_up_s > 0 && self.max_catch_up_s <= 86_400, "agent.max_catch_up_s must be between 1 and 86400");
         check(self.spool_segment_bytes >= 4096, "agent.spool_segment_bytes must be at least 4096");
         check(self.spool_max_bytes >= self.spool_segment_bytes, "agent.spool_max_bytes must be at least agent.spool_segment_bytes");
         check(self.fsync_interval_ms > 0, "agent.fsync_interval_ms must be positive");

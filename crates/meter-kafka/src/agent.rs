@@ -186,7 +186,11 @@ impl Source {
             region: a.region.clone(),
             resource_id: a.host_resource_id().to_owned(),
         };
-        let settings = procfs::SamplerSettings { clock_ticks_per_second: a.clock_ticks_per_second, counter_bits: a.counter_bits };
+        let settings = procfs::SamplerSettings {
+            clock_ticks_per_second: a.clock_ticks_per_second,
+            counter_bits: a.counter_bits,
+            max_catch_up_s: a.max_catch_up_s,
+        };
         Source::Host {
             sampler: Sampler::new(host, settings),
             proc_root: a.proc_root.clone(),
@@ -297,6 +301,24 @@ pub async fn run_agent(
         }
         sim_t0 = Instant::now();
     }
+    // The host sampler continues from the state stored with the last
+    // spooled tick: the time the agent was down is caught up, not lost.
+    let mut boot = (String::new(), 0);
+    if let Source::Host { sampler, proc_root, .. } = &mut source {
+        boot = procfs::read_boot(proc_root).context("reading the boot id and time")?;
+        let state = rec.last_meta.as_deref().and_then(|m| match serde_json::from_slice::<procfs::SamplerState>(m) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot read the sampler state in the spool; starting from a new baseline");
+                None
+            }
+        });
+        if let Some(st) = &state {
+            let same_boot = st.boot_id == boot.0;
+            info!(since = st.boundary, same_boot, "sampler continues from the last spooled tick");
+        }
+        sampler.restore(state, &boot.0, boot.1);
+    }
     let mut producer = agent_producer(cfg)?;
     let codec = Codec::new()?;
     let topic = cfg.topics.events.as_str();
@@ -353,7 +375,17 @@ pub async fn run_agent(
                         match procfs::read_sample(proc_root, interfaces, disks) {
                             Ok(sample) => {
                                 let before = sampler.anomalies;
+                                let compressed = sampler.compressed_seconds;
                                 let n = sampler.observe(sample, now_ms(), &mut ticks);
+                                if sampler.compressed_seconds > compressed {
+                                    let c = sampler.compressed_seconds - compressed;
+                                    Counters::add(&stats.compressed_seconds, c);
+                                    warn!(
+                                        seconds = c,
+                                        max_catch_up_s = a.max_catch_up_s,
+                                        "gap longer than agent.max_catch_up_s: its usage is spread over the last seconds"
+                                    );
+                                }
                                 if n > 1 {
                                     Counters::add(&stats.caught_up_ticks, n - 1);
                                     warn!(seconds = n - 1, "sampler fell behind; caught up with one tick per missed second");
@@ -377,23 +409,33 @@ pub async fn run_agent(
                 }
             }
         }
-        // 2. Seq, encode, append to the spool (before anything is sent).
-        for tick in ticks.drain(..) {
-            let n = tick.events.len() as u64;
+        // 2. Seq, encode, append to the spool (before anything is sent): the
+        // ticks of this turn as one batch, with the source's state after
+        // them, so that a crash keeps or loses them together.
+        if !ticks.is_empty() {
+            let n: u64 = ticks.iter().map(|t| t.events.len() as u64).sum();
+            let turn_last = ticks.iter().map(|t| t.time).max().unwrap_or_default();
             Counters::add(&stats.generated, n);
-            Counters::add(&stats.ticks, 1);
-            batch.start(tick.time);
-            let mut events = tick.events;
-            for e in &mut events {
-                let seq = seqs.entry(e.customer_id.clone()).or_insert(0);
-                *seq += 1;
-                e.seq = Some(*seq);
-                e.event_id = event_id(&e.agent_id, &e.customer_id, *seq);
-                payload.clear();
-                codec.encode_event(e, &mut payload);
-                batch.push(*seq, e.customer_id.as_bytes(), &payload);
+            Counters::add(&stats.ticks, ticks.len() as u64);
+            let meta = match &source {
+                Source::Host { sampler, .. } => {
+                    sampler.state(&boot.0).map(|st| serde_json::to_vec(&st).unwrap_or_default()).unwrap_or_default()
+                }
+                Source::Simulated { .. } => Vec::new(),
+            };
+            batch.start(turn_last, &meta);
+            for tick in &mut ticks {
+                for e in &mut tick.events {
+                    let seq = seqs.entry(e.customer_id.clone()).or_insert(0);
+                    *seq += 1;
+                    e.seq = Some(*seq);
+                    e.event_id = event_id(&e.agent_id, &e.customer_id, *seq);
+                    payload.clear();
+                    codec.encode_event(e, &mut payload);
+                    batch.push(*seq, e.customer_id.as_bytes(), &payload);
+                }
             }
-            last_tick = Some(last_tick.map_or(tick.time, |t| t.max(tick.time)));
+            last_tick = Some(last_tick.map_or(turn_last, |t| t.max(turn_last)));
             let kept = match spool.append(&mut batch) {
                 Ok(k) => k,
                 Err(e) => {
@@ -401,16 +443,17 @@ pub async fn run_agent(
                     false
                 }
             };
+            let events = ticks.drain(..).flat_map(|t| t.events);
             if kept {
                 Counters::add(&stats.spooled, n);
                 if let Some(l) = own_ledger.as_mut() {
-                    for e in &events {
+                    for e in events {
                         l.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
                     }
                 }
             } else {
                 // Give the seqs back: nothing with them was kept or sent.
-                for e in events.iter().rev() {
+                for e in events {
                     if let Some(s) = seqs.get_mut(&e.customer_id) {
                         *s -= 1;
                     }
@@ -421,10 +464,10 @@ pub async fn run_agent(
                     dropped_logged = Instant::now();
                     error!(
                         events = n,
-                        tick = tick.time,
+                        tick = turn_last,
                         dropped_total = Counters::get(&stats.dropped),
                         spool_bytes = spool.bytes(),
-                        "spool full or failing: dropped a tick (counted in meter_agent_events_dropped_total)"
+                        "spool full or failing: dropped ticks (counted in meter_agent_events_dropped_total)"
                     );
                 }
             }
