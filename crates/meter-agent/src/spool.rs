@@ -78,6 +78,9 @@ struct Checkpoint {
     last_tick: Option<i64>,
     /// Highest seq used per customer.
     seqs: BTreeMap<String, i64>,
+    /// `meta` of the last appended batch, for when its segment is gone.
+    #[serde(default)]
+    meta: Option<Vec<u8>>,
 }
 
 /// What [`Spool::open`] found.
@@ -190,6 +193,8 @@ pub struct Spool {
     send_index: u64,
     cursor: Cursor,
     dirty_since: Option<Instant>,
+    /// `meta` of the last appended batch.
+    last_meta: Option<Vec<u8>>,
     _lock: File,
 }
 
@@ -345,6 +350,9 @@ impl Spool {
             next_index = next_index.max(expected);
             segments.push(Segment { first, path, bytes: at as u64 });
         }
+        if rec.last_meta.is_none() {
+            rec.last_meta = checkpoint.meta.clone();
+        }
         let acked = checkpoint.acked.min(next_index);
         rec.unacked = next_index - acked;
         let total_bytes = segments.iter().map(|s| s.bytes).sum();
@@ -359,6 +367,7 @@ impl Spool {
             send_index: acked,
             cursor: Cursor::default(),
             dirty_since: None,
+            last_meta: rec.last_meta.clone(),
             _lock: lock,
         };
         spool.seek(acked)?;
@@ -422,6 +431,10 @@ impl Spool {
         }
         seg.bytes += framed;
         self.total_bytes += framed;
+        let meta_len = le_u32(&batch.body, META_AT).unwrap_or(0) as usize;
+        if meta_len > 0 {
+            self.last_meta = Some(batch.body[META_AT + 4..META_AT + 4 + meta_len].to_vec());
+        }
         self.next_index += u64::from(batch.count);
         match self.settings.fsync {
             Fsync::Always => w.sync_data().map_err(io(&seg.path))?,
@@ -571,6 +584,7 @@ impl Spool {
             acked: self.acked,
             last_tick,
             seqs: seqs.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            meta: self.last_meta.clone(),
         };
         let path = self.settings.dir.join("checkpoint.json");
         let tmp = self.settings.dir.join("checkpoint.json.tmp");
@@ -590,6 +604,18 @@ impl Spool {
             let seg = self.segments.remove(0);
             std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
             self.total_bytes -= seg.bytes;
+        }
+        // The segment being written goes too once everything in it is
+        // acknowledged and it is big enough to matter: acknowledged data
+        // must not fill the spool. The checkpoint just written holds the
+        // seqs, the last tick and the meta it would have given.
+        let min_roll = self.settings.segment_bytes.min(self.settings.max_bytes / 4).max(1);
+        if self.acked == self.next_index && self.segments.len() == 1 && self.segments[0].bytes >= min_roll {
+            self.writer = None;
+            let seg = self.segments.remove(0);
+            std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
+            self.total_bytes -= seg.bytes;
+            self.seek(self.next_index)?;
         }
         Ok(())
     }
@@ -693,6 +719,37 @@ mod tests {
         // Appending continues cleanly after the cut.
         assert!(tick(&mut s, 99, &mut seqs, 4));
         assert_eq!(drain(&mut s).len(), 4);
+    }
+
+    #[test]
+    fn acknowledged_data_never_fills_the_spool_and_state_survives_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seqs = HashMap::new();
+        let mut last = 0i64;
+        {
+            let (mut s, _) = Spool::open(settings(dir.path(), 8192), "a").unwrap();
+            // Until at least 200 ticks are through and the log is empty
+            // (everything acknowledged and rolled away).
+            loop {
+                assert!(tick(&mut s, last, &mut seqs, 3), "tick {last} refused although everything was acknowledged");
+                let sent = drain(&mut s);
+                s.ack(sent.last().unwrap().0);
+                s.checkpoint(&seqs, Some(last)).unwrap();
+                assert!(s.bytes() < 8192);
+                if last >= 200 && s.segments.is_empty() {
+                    break;
+                }
+                last += 1;
+            }
+        }
+        let (mut s, rec) = Spool::open(settings(dir.path(), 8192), "a").unwrap();
+        assert_eq!(rec.seqs, seqs);
+        assert_eq!(rec.unacked, 0);
+        assert_eq!(rec.last_meta, Some(format!("meta {last}").into_bytes()));
+        assert_eq!(rec.last_tick, Some(last));
+        assert!(drain(&mut s).is_empty());
+        assert!(tick(&mut s, 1001, &mut seqs, 3));
+        assert_eq!(drain(&mut s).len(), 3);
     }
 
     #[test]

@@ -503,11 +503,17 @@ pub async fn run_agent(
             }
         }
         // 4. Checkpoint, sync, gauges.
+        // A failing disk must not stop the metering: the log keeps what
+        // was appended, and the next checkpoint tries again.
         if Instant::now() >= next_checkpoint {
-            spool.checkpoint(&seqs, last_tick)?;
+            if let Err(e) = spool.checkpoint(&seqs, last_tick) {
+                error!(error = %e, "cannot checkpoint the spool");
+            }
             next_checkpoint = Instant::now() + Duration::from_millis(a.checkpoint_interval_ms);
         }
-        spool.sync(false)?;
+        if let Err(e) = spool.sync(false) {
+            error!(error = %e, "cannot sync the spool");
+        }
         Counters::set(&stats.spool_bytes, spool.bytes());
         Counters::set(&stats.backlog, spool.backlog());
         // 5. Done?
