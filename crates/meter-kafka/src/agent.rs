@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -33,8 +33,11 @@ use meter_avro::Codec;
 use meter_config::{AgentConfig, Config, FsyncPolicy};
 use meter_model::ledger::Ledger;
 use meter_model::{event_id, Millis};
+use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryFuture, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{error, info, warn};
 
@@ -212,10 +215,47 @@ pub struct AgentRun {
     pub elapsed: Duration,
 }
 
+/// Delivery reports of the agent's producer: (opaque, error), appended by
+/// librdkafka's callback during [`BaseProducer::poll`].
+#[derive(Clone, Default)]
+pub struct Deliveries(Arc<Mutex<Vec<Report>>>);
+
+/// A delivery report: the record's opaque and the error, if it failed.
+type Report = (usize, Option<String>);
+
+impl Deliveries {
+    fn take(&self, into: &mut Vec<Report>) {
+        if let Ok(mut v) = self.0.lock() {
+            into.append(&mut v);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().map(|v| v.len()).unwrap_or(0)
+    }
+}
+
+pub struct AgentContext(Deliveries);
+
+impl ClientContext for AgentContext {}
+
+impl ProducerContext for AgentContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let err = result.as_ref().err().map(|(e, _)| e.to_string());
+        if let Ok(mut v) = (self.0).0.lock() {
+            v.push((opaque, err));
+        }
+    }
+}
+
 /// The producer of `meter agent`: idempotent, acks=all, lz4, and deliveries
 /// time out after `agent.delivery_timeout_ms` so that a dead broker turns
 /// into a resend from the spool rather than an unbounded in-memory queue.
-pub fn agent_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
+/// A `BaseProducer` polled by the agent's own loop: no polling thread that
+/// costs CPU while the host is idle.
+pub fn agent_producer(cfg: &Config, deliveries: &Deliveries) -> anyhow::Result<BaseProducer<AgentContext>> {
     client_config(&cfg.kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -224,8 +264,73 @@ pub fn agent_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", (cfg.agent.max_in_flight * 2).max(1000).to_string())
         .set("message.timeout.ms", cfg.agent.delivery_timeout_ms.to_string())
-        .create()
+        .create_with_context(AgentContext(deliveries.clone()))
         .context("creating Kafka producer")
+}
+
+const INDEX_BITS: u32 = 48;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+
+/// Events handed to the producer and not yet settled, in spool order. A
+/// delivery's opaque carries its spool index and the epoch it was sent in,
+/// so that reports of deliveries abandoned by a resend are ignored.
+#[derive(Debug, Default)]
+struct InFlight {
+    epoch: u16,
+    /// Spool index of `acked[0]`.
+    base: u64,
+    acked: VecDeque<bool>,
+    failed: Option<String>,
+}
+
+impl InFlight {
+    fn opaque(&self, index: u64) -> usize {
+        ((u64::from(self.epoch) << INDEX_BITS) | (index & INDEX_MASK)) as usize
+    }
+
+    fn push(&mut self, index: u64) {
+        if self.acked.is_empty() {
+            self.base = index;
+        }
+        self.acked.push_back(false);
+    }
+
+    fn report(&mut self, opaque: usize, err: Option<String>) {
+        let (epoch, index) = (((opaque as u64) >> INDEX_BITS) as u16, opaque as u64 & INDEX_MASK);
+        let base = self.base & INDEX_MASK;
+        if epoch != self.epoch || index < base {
+            return;
+        }
+        let Some(slot) = self.acked.get_mut((index - base) as usize) else { return };
+        match err {
+            None => *slot = true,
+            Some(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Drops the acknowledged prefix; returns (last acknowledged index, count).
+    fn settle(&mut self) -> Option<(u64, u64)> {
+        let mut n = 0;
+        while self.acked.front() == Some(&true) {
+            self.acked.pop_front();
+            self.base += 1;
+            n += 1;
+        }
+        (n > 0).then(|| (self.base - 1, n))
+    }
+
+    /// Forgets everything in flight (a resend follows).
+    fn reset(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.acked.clear();
+        self.failed = None;
+    }
+
+    fn len(&self) -> usize {
+        self.acked.len()
+    }
 }
 
 fn spool_settings(a: &AgentConfig, state_dir: &Path) -> SpoolSettings {
@@ -319,10 +424,12 @@ pub async fn run_agent(
         }
         sampler.restore(state, &boot.0, boot.1);
     }
-    let mut producer = agent_producer(cfg)?;
+    let deliveries = Deliveries::default();
+    let mut producer = agent_producer(cfg, &deliveries)?;
     let codec = Codec::new()?;
     let topic = cfg.topics.events.as_str();
-    let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
+    let mut inflight = InFlight::default();
+    let mut reports = Vec::new();
     let mut ticks: Vec<Tick> = Vec::new();
     let mut batch = Batch::default();
     let mut payload = Vec::with_capacity(256);
@@ -477,29 +584,53 @@ pub async fn run_agent(
             resend_after = None;
         }
         if resend_after.is_none() {
-            while pending.len() < a.max_in_flight {
+            while inflight.len() < a.max_in_flight {
                 let Some(r) = spool.peek()? else { break };
-                let record = FutureRecord::<[u8], [u8]>::to(topic).key(r.key).payload(r.payload);
-                match producer.send_result(record) {
-                    Ok(f) => {
-                        pending.push_back((r.index, f));
+                let record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, inflight.opaque(r.index)).key(r.key).payload(r.payload);
+                let index = r.index;
+                match producer.send(record) {
+                    Ok(()) => {
+                        inflight.push(index);
                         spool.advance();
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
                     Err((e, _)) if producer.client().fatal_error().is_some() => {
-                        // The idempotent producer gave up (e.g. after
-                        // timeouts it could not recover from): a new one
-                        // starts a new producer id; the spool resends.
-                        warn!(error = %e, "Kafka producer failed fatally; starting a new one and sending again from the spool");
-                        Counters::add(&stats.delivery_failures, 1);
-                        pending.clear();
-                        producer = agent_producer(cfg)?;
-                        Counters::add(&stats.replayed, spool.rewind_to_acked()?);
-                        resend_after = Some(Instant::now() + Duration::from_secs(1));
+                        inflight.failed = Some(format!("fatal producer error: {e}"));
                         break;
                     }
                     Err((e, _)) => return Err(anyhow!("producing to {topic}: {e}")),
                 }
+            }
+        }
+        // Delivery reports: acknowledge the settled prefix; on a failure
+        // send everything unacknowledged again, in order, after a backoff.
+        loop {
+            let before = deliveries.len();
+            producer.poll(Duration::ZERO);
+            if deliveries.len() == before {
+                break;
+            }
+        }
+        deliveries.take(&mut reports);
+        for (opaque, err) in reports.drain(..) {
+            inflight.report(opaque, err);
+        }
+        if let Some((last, n)) = inflight.settle() {
+            spool.ack(last);
+            Counters::add(&stats.produced, n);
+        }
+        if let Some(reason) = inflight.failed.take() {
+            Counters::add(&stats.delivery_failures, 1);
+            inflight.reset();
+            let again = spool.rewind_to_acked()?;
+            Counters::add(&stats.replayed, again);
+            warn!(error = %reason, resend = again, backlog = spool.backlog(), "delivery failed; sending again from the spool in 1 s");
+            resend_after = Some(Instant::now() + Duration::from_secs(1));
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                // The idempotent producer gave up: a new one gets a new
+                // producer id; the spool resends.
+                warn!(?code, %reason, "Kafka producer failed fatally; starting a new one");
+                producer = agent_producer(cfg, &deliveries)?;
             }
         }
         // 4. Checkpoint, sync, gauges.
@@ -517,7 +648,7 @@ pub async fn run_agent(
         Counters::set(&stats.spool_bytes, spool.bytes());
         Counters::set(&stats.backlog, spool.backlog());
         // 5. Done?
-        let all_acked = spool.backlog() == 0 && pending.is_empty();
+        let all_acked = spool.backlog() == 0 && inflight.len() == 0;
         if let Some(since) = shutting_down {
             if all_acked || since.elapsed() >= shutdown_timeout {
                 break;
@@ -525,53 +656,12 @@ pub async fn run_agent(
         } else if source_done && all_acked {
             break;
         }
-        // 6. Wait for a delivery, the next tick or a 100 ms heartbeat.
-        let wake_at = tokio::time::Instant::from_std(wake.max(Instant::now()));
-        let front = async {
-            match pending.front_mut() {
-                Some((_, f)) => Some(f.await),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            res = front => {
-                let Some(mut res) = res else { continue };
-                loop {
-                    let Some((index, _)) = pending.pop_front() else { break };
-                    match res {
-                        Ok(Ok(_)) => {
-                            spool.ack(index);
-                            Counters::add(&stats.produced, 1);
-                        }
-                        failed => {
-                            let reason = match failed {
-                                Ok(Err((e, _))) => e.to_string(),
-                                _ => "the producer dropped the delivery".into(),
-                            };
-                            Counters::add(&stats.delivery_failures, 1);
-                            // Everything after the acknowledged position goes
-                            // again, in order, once the backoff has passed.
-                            pending.clear();
-                            let again = spool.rewind_to_acked()?;
-                            Counters::add(&stats.replayed, again);
-                            warn!(error = %reason, resend = again, backlog = spool.backlog(), "delivery failed; sending again from the spool in 1 s");
-                            resend_after = Some(Instant::now() + Duration::from_secs(1));
-                            if let Some((code, reason)) = producer.client().fatal_error() {
-                                warn!(?code, %reason, "Kafka producer failed fatally; starting a new one");
-                                producer = agent_producer(cfg)?;
-                            }
-                            break;
-                        }
-                    }
-                    // Settle every delivery that is already done in one go.
-                    match pending.front_mut().and_then(|(_, f)| ready_now(f)) {
-                        Some(next) => res = next,
-                        None => break,
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(wake_at) => {}
+        // 6. Sleep until the next tick, the next look at delivery reports
+        // (20 ms while deliveries are outstanding) or a 100 ms heartbeat.
+        if inflight.len() > 0 || spool.unsent() > 0 {
+            wake = wake.min(Instant::now() + Duration::from_millis(20));
         }
+        tokio::time::sleep_until(tokio::time::Instant::from_std(wake.max(Instant::now()))).await;
     }
     // Flush: outstanding deliveries get what is left of the shutdown time.
     let _ = producer.flush(Duration::from_millis(200));
@@ -592,11 +682,32 @@ pub async fn run_agent(
     Ok(AgentRun { ledger, drained, elapsed: started.elapsed() })
 }
 
-/// The delivery result if it is already there, without waiting.
-fn ready_now(f: &mut DeliveryFuture) -> Option<<DeliveryFuture as std::future::Future>::Output> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::future::Future::poll(std::pin::Pin::new(f), &mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_settles_in_order_and_ignores_reports_from_before_a_resend() {
+        let mut f = InFlight::default();
+        for i in 10..15 {
+            f.push(i);
+        }
+        // Out of order (other partitions): only the contiguous prefix settles.
+        f.report(f.opaque(12), None);
+        f.report(f.opaque(10), None);
+        assert_eq!(f.settle(), Some((10, 1)));
+        f.report(f.opaque(11), None);
+        assert_eq!(f.settle(), Some((12, 2)));
+        let stale = f.opaque(13);
+        f.report(f.opaque(13), Some("timed out".into()));
+        assert_eq!(f.failed.as_deref(), Some("timed out"));
+        f.reset();
+        f.push(13);
+        // A late report of the abandoned send changes nothing.
+        f.report(stale, None);
+        assert_eq!(f.settle(), None);
+        f.report(f.opaque(13), None);
+        assert_eq!(f.settle(), Some((13, 1)));
+        assert_eq!(f.len(), 0);
     }
 }
