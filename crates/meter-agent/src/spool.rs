@@ -516,7 +516,19 @@ impl Spool {
     /// Reads the batch at the cursor's file position; false at the end.
     fn read_next_batch(&mut self) -> Result<bool> {
         loop {
-            let Some(i) = self.segments.iter().position(|s| s.first == self.cursor.next_segment) else { return Ok(false) };
+            let Some(i) = self.segments.iter().position(|s| s.first == self.cursor.next_segment) else {
+                // The cursor's segment is gone (acknowledged and deleted
+                // while the cursor waited at its end): continue in the
+                // segment that holds the next event to send.
+                match self.segments.iter().rev().find(|s| s.first <= self.send_index) {
+                    Some(seg) if seg.first != self.cursor.next_segment => {
+                        self.cursor.next_segment = seg.first;
+                        self.cursor.next_offset = 0;
+                        continue;
+                    }
+                    _ => return Ok(false),
+                }
+            };
             let seg = &self.segments[i];
             if self.cursor.next_offset >= seg.bytes {
                 match self.segments.get(i + 1) {
@@ -750,6 +762,27 @@ mod tests {
         assert!(drain(&mut s).is_empty());
         assert!(tick(&mut s, 1001, &mut seqs, 3));
         assert_eq!(drain(&mut s).len(), 3);
+    }
+
+    #[test]
+    fn reader_continues_when_the_segment_it_finished_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seqs = HashMap::new();
+        let (mut s, _) = Spool::open(settings(dir.path(), 1 << 20), "a").unwrap();
+        // Fill the first segment, send and acknowledge all of it.
+        while s.segments.len() < 2 {
+            tick(&mut s, 0, &mut seqs, 5);
+            if s.segments.len() < 2 {
+                let sent = drain(&mut s);
+                s.ack(sent.last().unwrap().0);
+            }
+        }
+        // The batch that rolled into segment 2 is not read yet; the first
+        // segment is fully acknowledged and goes at the checkpoint.
+        assert_eq!(s.acked(), s.segments[1].first);
+        s.checkpoint(&seqs, None).unwrap();
+        assert_eq!(s.segments.len(), 1);
+        assert_eq!(drain(&mut s).len(), 5);
     }
 
     #[test]

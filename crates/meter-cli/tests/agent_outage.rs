@@ -66,8 +66,9 @@ async fn chaos_agent_spools_through_a_broker_outage_and_reconciles() {
     eprintln!("broker {}", cfg.kafka.brokers);
     let state = dir.path().join("state");
     let ledger_path = dir.path().join("ledger.csv");
-    // Real time: the outage is a third of the run.
-    let run_s = outage.as_secs() * 2 + 30;
+    // Real time: 10 s before the outage, about 30 s after it (the broker
+    // takes some of them to start).
+    let run_s = outage.as_secs() + 40;
     let sim = sim_config(33, 4, "outage-agent", run_s);
     let expected = expected_ledger(&sim);
     let agent = spawn_agent(&path, &state, &sim, 1.0, Some(&ledger_path));
