@@ -145,6 +145,14 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
     }
     println!("  agent              {} (customer {}, region {}, resource {})", a.agent_id, a.customer_id, a.region, a.host_resource_id());
     println!("  agent.state_dir    {}", a.state_dir.display());
+    // The spool must be writable; Kafka need not be up (the agent spools
+    // until it is), so an unreachable broker is reported, not an error.
+    let probe = a.state_dir.join(".check-probe");
+    std::fs::create_dir_all(&a.state_dir)
+        .and_then(|_| std::fs::write(&probe, b"ok"))
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("agent.state_dir {} is not writable", a.state_dir.display()))?;
+    println!("  kafka              {}", kafka_reachable(cfg).await);
     println!("  agent.proc_root    {}", a.proc_root.display());
     let Source::Host { mut sampler, proc_root, interfaces, disks } = Source::host(a) else { return Ok(ExitCode::FAILURE) };
     let first = procfs::read_sample(&proc_root, &interfaces, &disks).context("sampling /proc")?;
@@ -163,6 +171,22 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the brokers answer a metadata request within 5 s.
+async fn kafka_reachable(cfg: &Config) -> String {
+    let cfg = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = meter_kafka::client_config(&cfg.kafka).create()?;
+        Ok(c.fetch_metadata(Some(&cfg.topics.events), Duration::from_secs(5))?.topics().len())
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => "reachable".into(),
+        Ok(Err(e)) => format!("NOT reachable ({e:#}); the agent spools until it is"),
+        Err(e) => format!("NOT checked ({e})"),
+    }
 }
 
 /// CPU time and resident memory of this process, from /proc/self.
