@@ -122,7 +122,7 @@ proptest! {
                     spool = s;
                     // Never reuse a seq: the recovered counters cover
                     // everything appended, exactly.
-                    for ((c, s), _) in &appended {
+                    for (c, s) in appended.keys() {
                         prop_assert!(rec.seqs.get(c).copied().unwrap_or(0) >= *s, "{c} recovered below seq {s}");
                     }
                     seqs = rec.seqs;
