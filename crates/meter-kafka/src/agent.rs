@@ -346,6 +346,17 @@ fn spool_settings(a: &AgentConfig, state_dir: &Path) -> SpoolSettings {
     }
 }
 
+/// Appends `ledger`'s minute entries to the CSV ledger at `path` (created
+/// with its header); reading it back sums repeated keys.
+fn append_ledger(path: &Path, ledger: &Ledger) -> std::io::Result<()> {
+    use std::io::Write;
+    let csv = ledger.to_csv();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let fresh = f.metadata()?.len() == 0;
+    let body = if fresh { csv.as_str() } else { csv.split_once('\n').map_or("", |(_, rest)| rest) };
+    f.write_all(body.as_bytes())
+}
+
 /// Subtracts `minus` from `ledger` (events the spool could not keep).
 fn subtract(ledger: &mut Ledger, minus: &Ledger) {
     for (k, t) in &minus.entries {
@@ -434,7 +445,15 @@ pub async fn run_agent(
     let mut batch = Batch::default();
     let mut payload = Vec::with_capacity(256);
     let mut own_ledger = keep_ledger.then(Ledger::default);
-    let mut dropped_ledger = Ledger::default();
+    // What the full spool could not keep, across restarts (the simulator's
+    // ledger replays every second, so its drops must be remembered).
+    let dropped_path = state_dir.join("dropped-ledger.csv");
+    let mut dropped_ledger = match std::fs::read_to_string(&dropped_path) {
+        Ok(text) => Ledger::from_csv(&text).with_context(|| format!("reading {}", dropped_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dropped_path.display())),
+    };
+
     let mut source_done = false;
     let mut shutting_down: Option<Instant> = None;
     let mut resend_after: Option<Instant> = None;
@@ -560,12 +579,19 @@ pub async fn run_agent(
                 }
             } else {
                 // Give the seqs back: nothing with them was kept or sent.
+                let mut dropped_now = Ledger::default();
                 for e in events {
                     if let Some(s) = seqs.get_mut(&e.customer_id) {
                         *s -= 1;
                     }
-                    dropped_ledger.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
+                    dropped_now.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
                 }
+                // Remembered before any later tick is kept (a restart
+                // resumes after the last tick in the log).
+                if let Err(e) = append_ledger(&dropped_path, &dropped_now) {
+                    error!(error = %e, path = %dropped_path.display(), "cannot record dropped usage");
+                }
+                dropped_ledger.merge(&dropped_now);
                 Counters::add(&stats.dropped, n);
                 if dropped_logged.elapsed() >= Duration::from_secs(10) {
                     dropped_logged = Instant::now();
