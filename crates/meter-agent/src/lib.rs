@@ -1,11 +1,21 @@
-//! The deterministic fleet simulator behind `meter agent --simulate`.
+//! The agent's logic: the deterministic fleet simulator behind `meter agent
+//! --simulate` (this file), the /proc sampler ([`procfs`]), the spool that
+//! keeps events and seqs across crashes ([`spool`]) and the agent's counters
+//! ([`stats`]). The Kafka runner is `meter_kafka::agent`.
 //!
 //! A seeded fleet of customers, each with EC2-like instances, an S3-like
 //! bucket, an RDS-like database and a CloudFront-like distribution, emits one
-//! event per resource and usage type per simulated second. The same seed and
-//! settings always produce the same events, seqs and ledger. No I/O: the
-//! Kafka runner in `meter-kafka` publishes what [`Simulator::next_second`]
-//! returns.
+//! event per resource and usage type per simulated second. Instances stop
+//! and start (some runs are shorter than the 60-second billing minimum);
+//! request and transfer volumes follow the local time of day of the region
+//! or edge. The same seed and settings always produce the same events, seqs
+//! and ledger. The simulator and the sampler's arithmetic do no I/O (the
+//! spool is the crate's only writer): the Kafka runner in `meter-kafka`
+//! publishes what [`Simulator::next_second`] returns.
+
+pub mod procfs;
+pub mod spool;
+pub mod stats;
 
 use std::collections::HashMap;
 
@@ -64,6 +74,31 @@ const EDGES: &[&str] = &["edge-us", "edge-eu", "edge-ap"];
 const INSTANCE_TYPES: &[&str] = &["BoxUsage:t3.micro", "BoxUsage:m5.large", "BoxUsage:c5.xlarge"];
 const DB_TYPES: &[&str] = &["InstanceUsage:db.t3.medium", "InstanceUsage:db.m5.large"];
 const GIB: i64 = 1 << 30;
+
+/// Traffic by local hour of day in per mille of the daily mean (quiet at
+/// night, peaks in the evening), so that CDN and S3 request windows look
+/// like a real day rather than flat noise.
+const DIURNAL: [i64; 24] =
+    [450, 350, 300, 280, 300, 400, 600, 850, 1050, 1150, 1200, 1200, 1180, 1150, 1150, 1200, 1250, 1350, 1500, 1600, 1550, 1300, 900, 600];
+
+/// UTC offset in hours of a region or edge (for its traffic's local time).
+fn utc_offset_h(region: &str) -> i64 {
+    match region {
+        "us-east-1" | "edge-us" => -5,
+        "us-west-2" => -8,
+        "eu-west-1" => 0,
+        "edge-eu" => 1,
+        "ap-southeast-2" => 10,
+        "edge-ap" => 8,
+        _ => 0,
+    }
+}
+
+/// `n` scaled by the diurnal factor of `region` at event time `t`.
+fn diurnal(n: u64, region: &str, t: Millis) -> i64 {
+    let hour = (t.div_euclid(3_600_000) + utc_offset_h(region)).rem_euclid(24) as usize;
+    (n as i64) * DIURNAL[hour] / 1000
+}
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -128,6 +163,17 @@ impl Simulator {
         &self.customers
     }
 
+    /// Simulated resources (instances, buckets, databases, distributions).
+    pub fn resource_count(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// Event time of the second [`Simulator::next_second`] produces next;
+    /// None once the duration is done.
+    pub fn next_time(&self) -> Option<Millis> {
+        (self.second < self.cfg.duration_s).then(|| self.cfg.start + (self.second as i64) * 1000)
+    }
+
     /// Events of the next simulated second, appended to `out`; false once
     /// the configured duration has been produced.
     pub fn next_second(&mut self, out: &mut Vec<UsageEvent>) -> bool {
@@ -149,14 +195,14 @@ impl Simulator {
                     }
                     if *running {
                         usage.push((i, "compute", usage_type, 1));
-                        let out_bytes = rng.below(2_000_000) as i64;
+                        let out_bytes = diurnal(rng.below(2_000_000), r.region, t);
                         if out_bytes > 0 {
                             usage.push((i, "compute", "DataTransfer-Out-Bytes", out_bytes));
                         }
                     }
                 }
                 Kind::Bucket { stored_bytes } => {
-                    let gets = rng.below(40) as i64;
+                    let gets = diurnal(rng.below(40), r.region, t);
                     let puts = rng.below(8) as i64;
                     *stored_bytes += puts * (rng.below(4_000_000) as i64);
                     usage.push((i, "object-storage", "TimedStorage-ByteSec", *stored_bytes));
@@ -173,7 +219,7 @@ impl Simulator {
                     usage.push((i, "database", "StorageUsage-ByteSec", *storage_bytes));
                 }
                 Kind::Distribution => {
-                    let requests = rng.below(500) as i64;
+                    let requests = diurnal(rng.below(500), r.region, t);
                     if requests > 0 {
                         usage.push((i, "cdn", "Requests-HTTPS", requests));
                         usage.push((i, "cdn", "DataTransfer-Out-Bytes", requests * (rng.below(100_000) as i64 + 200)));
@@ -241,6 +287,19 @@ mod tests {
         let total: i128 = a.iter().map(|e| i128::from(e.quantity)).sum();
         let ledger_total: i128 = la.entries.values().map(|t| t.quantity_sum).sum();
         assert_eq!(total, ledger_total);
+    }
+
+    #[test]
+    fn cdn_traffic_follows_the_time_of_day() {
+        let day = 1_764_000_000_000 - 1_764_000_000_000 % 86_400_000;
+        let requests = |hour_utc: i64| {
+            let cfg = SimConfig { duration_s: 600, start: day + hour_utc * 3_600_000, customers: 20, ..SimConfig::default() };
+            let (events, _) = run(cfg);
+            events.iter().filter(|e| e.usage_type == "Requests-HTTPS" && e.region == "edge-eu").map(|e| e.quantity).sum::<i64>()
+        };
+        // 03:00 CET is the quietest hour, 20:00 CET the busiest.
+        let (night, evening) = (requests(2), requests(19));
+        assert!(evening > 3 * night, "evening {evening} vs night {night}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `meter`: the one binary of meterline. Each subcommand is a thin shell
 //! around a library crate.
 
+mod agent;
 mod audit;
 mod chaos;
 mod cost_report;
@@ -35,8 +36,9 @@ enum Command {
     Init,
     /// Apply ClickHouse migrations (idempotent).
     Migrate,
-    /// Publish usage events (the simulated fleet with --simulate).
-    Agent(AgentArgs),
+    /// Sample this host from /proc and publish its usage (the simulated
+    /// fleet with --simulate), through an on-disk spool.
+    Agent(agent::AgentArgs),
     /// Aggregate usage.events into windows on usage.aggregates, exactly once.
     Process {
         /// Exit once every assigned partition is consumed to its end and
@@ -90,21 +92,6 @@ enum ConfigCommand {
         /// The TOML file to check.
         file: PathBuf,
     },
-}
-
-#[derive(clap::Args)]
-struct AgentArgs {
-    /// Run the deterministic fleet simulator (the only source for now).
-    #[arg(long)]
-    simulate: bool,
-    #[command(flatten)]
-    sim: SimArgs,
-    /// Write the ground-truth ledger (CSV) here when done.
-    #[arg(long)]
-    ledger: Option<PathBuf>,
-    /// Simulated seconds per wall-clock second; 0 = as fast as possible.
-    #[arg(long, default_value_t = 0.0)]
-    speed: f64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -236,19 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Agent(args) => {
             init_logging("info");
-            if !args.simulate {
-                anyhow::bail!("only the simulator exists so far: pass --simulate");
-            }
-            let cfg = load()?;
-            let (stats, ledger) =
-                meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
-            println!(
-                "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
-                stats.events,
-                stats.simulated_seconds,
-                stats.elapsed.as_secs_f64(),
-                ledger.entries.len()
-            );
+            return agent::run(load()?, args).await;
         }
         Command::Process { drain } => {
             init_logging("info");

@@ -26,6 +26,8 @@ pub enum CatalogError {
 #[serde(rename_all = "kebab-case")]
 pub enum BaseUnit {
     Seconds,
+    /// vCPU time of host agents (exact: the kernel counts in 10 ms ticks).
+    Milliseconds,
     Bytes,
     ByteSeconds,
     Requests,
@@ -35,6 +37,7 @@ impl BaseUnit {
     pub fn as_str(self) -> &'static str {
         match self {
             BaseUnit::Seconds => "seconds",
+            BaseUnit::Milliseconds => "milliseconds",
             BaseUnit::Bytes => "bytes",
             BaseUnit::ByteSeconds => "byte-seconds",
             BaseUnit::Requests => "requests",
@@ -163,6 +166,20 @@ mod tests {
         assert!(matches!(c.lookup("compute", "BoxUsage:m5.large"), Lookup::Known(_)));
         assert_eq!(c.lookup("compute", "BoxUsage:nope"), Lookup::UnknownUsageType);
         assert_eq!(c.lookup("mainframe", "BoxUsage:m5.large"), Lookup::UnknownService);
+    }
+
+    #[test]
+    fn builtin_catalog_lists_the_host_agent_usage_types() {
+        let c = Catalog::builtin();
+        let unit = |t: &str| match c.lookup("host", t) {
+            Lookup::Known(i) => i.base_unit,
+            other => panic!("host/{t}: {other:?}"),
+        };
+        assert_eq!(unit("CPU-VcpuMs"), BaseUnit::Milliseconds);
+        assert_eq!(unit("Memory-ByteSec"), BaseUnit::ByteSeconds);
+        for t in ["Network-In-Bytes", "Network-Out-Bytes", "Disk-Read-Bytes", "Disk-Write-Bytes"] {
+            assert_eq!(unit(t), BaseUnit::Bytes);
+        }
     }
 
     #[test]
