@@ -92,6 +92,7 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let stats = Arc::new(AgentStats::default());
     let shutdown = shutdown_signal();
+    let telemetry = crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?;
     let reporter = tokio::spawn({
         let stats = stats.clone();
         async move {
@@ -103,8 +104,10 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
+    let exporter = tokio::spawn(export_metrics(stats.clone(), telemetry, cfg.clone()));
     let run = run_agent(&cfg, &state_dir, &identity, source, stats.clone(), shutdown, args.ledger.is_some()).await;
     reporter.abort();
+    exporter.abort();
     let run = run?;
     if let (Some(path), Some(ledger)) = (&args.ledger, &run.ledger) {
         std::fs::write(path, ledger.to_csv()).with_context(|| format!("writing ledger {}", path.display()))?;
@@ -120,6 +123,39 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copies the agent's counters into its Prometheus metrics every second.
+/// The agent is live while it emits ticks (every second, also while Kafka
+/// is down and it spools), and ready while it runs.
+async fn export_metrics(stats: Arc<AgentStats>, telemetry: meter_telemetry::Telemetry, cfg: Config) {
+    let m = meter_telemetry::agent::AgentMetrics::register(&telemetry);
+    let health = telemetry.health();
+    health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
+    health.beat();
+    health.set_ready();
+    m.spool_limit_bytes.set(i64::try_from(cfg.agent.spool_max_bytes).unwrap_or(i64::MAX));
+    let mut last_ticks = 0;
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let g = AgentStats::get;
+        for (counter, value) in [
+            (&m.events_produced, g(&stats.produced)),
+            (&m.events_spooled, g(&stats.spooled)),
+            (&m.events_replayed, g(&stats.replayed)),
+            (&m.events_dropped, g(&stats.dropped)),
+            (&m.ticks_caught_up, g(&stats.caught_up_ticks)),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+        m.spool_bytes.set(i64::try_from(g(&stats.spool_bytes)).unwrap_or(i64::MAX));
+        let ticks = g(&stats.ticks);
+        if ticks != last_ticks {
+            last_ticks = ticks;
+            health.beat();
+        }
+    }
 }
 
 async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {

@@ -166,7 +166,7 @@ fn service_signals(drain: bool) -> (Signal, Signal) {
 
 /// A telemetry registry for `component`, served on `metrics.listen` (or
 /// `default_listen`) unless metrics are turned off.
-async fn telemetry(cfg: &Config, component: &'static str, default_listen: &str) -> anyhow::Result<meter_telemetry::Telemetry> {
+pub(crate) async fn telemetry(cfg: &Config, component: &'static str, default_listen: &str) -> anyhow::Result<meter_telemetry::Telemetry> {
     let t = meter_telemetry::Telemetry::new(component);
     if let Some(addr) = cfg.metrics.listen_or(default_listen) {
         meter_telemetry::http::serve(&addr, t.clone()).await?;

@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's `prometheus` package, installed by
-//! `ops/install`) scrapes a running pipeline: `meter process` and `meter
-//! sink` as separate processes on the local Kafka and ClickHouse. Through
+//! `ops/install`) scrapes a running pipeline: `meter process`, `meter sink`
+//! and a spooling `meter agent` as separate processes on the local Kafka and
+//! ClickHouse. Through
 //! Prometheus' HTTP API the test checks that the targets are up and that the
 //! counters move with the input, to the event: what the agent published is
 //! what the processor counts as aggregated, and a record that is not Avro is counted
@@ -96,7 +97,12 @@ fn wait_for(port: u16, q: &str, want: f64, timeout: Duration) -> Result<(), Opti
 }
 
 fn spawn_meter(config: &std::path::Path, args: &[&str], metrics_port: u16) -> Guard {
+    spawn_meter_with(config, args, metrics_port, &[])
+}
+
+fn spawn_meter_with(config: &std::path::Path, args: &[&str], metrics_port: u16, env: &[(&str, &str)]) -> Guard {
     let child = Command::new(env!("CARGO_BIN_EXE_meter"))
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(config)
         .args(args)
@@ -146,15 +152,41 @@ batch_ms = 300
     admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
     meter_clickhouse::migrate(&sink::connection(&cfg)).await.expect("ClickHouse must be running (ops/up)");
 
-    let (process_port, sink_port, prom_port) = (free_port(), free_port(), free_port());
+    let (process_port, sink_port, agent_port, prom_port) = (free_port(), free_port(), free_port(), free_port());
     let _processor = spawn_meter(&config, &["process"], process_port);
     let _sink = spawn_meter(&config, &["sink"], sink_port);
+    // The spooling agent publishes one simulated second per second to a
+    // topic of its own, so that the processor's counts stay exact below.
+    let agent_topic = format!("test.{id}.agent.events");
+    let mut agent_cfg = cfg.clone();
+    agent_cfg.topics.events = agent_topic.clone();
+    admin::ensure_topics(&agent_cfg).await.unwrap();
+    let state_dir = dir.path().join("agent-state");
+    let _agent = spawn_meter_with(
+        &config,
+        &[
+            "agent",
+            "--simulate",
+            "--customers",
+            "2",
+            "--duration",
+            "1h",
+            "--speed",
+            "1",
+            "--agent-id",
+            "prom-agent",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        agent_port,
+        &[("METER__TOPICS__EVENTS", agent_topic.as_str())],
+    );
 
     let prom_config = dir.path().join("prometheus.yml");
     std::fs::write(
         &prom_config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: processor\n    static_configs:\n      - targets: ['127.0.0.1:{process_port}']\n  - job_name: sink\n    static_configs:\n      - targets: ['127.0.0.1:{sink_port}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: processor\n    static_configs:\n      - targets: ['127.0.0.1:{process_port}']\n  - job_name: sink\n    static_configs:\n      - targets: ['127.0.0.1:{sink_port}']\n  - job_name: agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
         ),
     )
     .unwrap();
@@ -172,6 +204,7 @@ batch_ms = 300
     let minute = Duration::from_secs(60);
     wait_for(prom_port, r#"up{job="processor"}"#, 1.0, minute).expect("processor target up");
     wait_for(prom_port, r#"up{job="sink"}"#, 1.0, minute).expect("sink target up");
+    wait_for(prom_port, r#"up{job="agent"}"#, 1.0, minute).expect("agent target up");
     assert_eq!(get(process_port, "/health/live").map(|r| r.0), Some(200));
 
     // First batch: one simulated fleet and one malformed record.
@@ -220,6 +253,24 @@ batch_ms = 300
     };
     assert!(rows > 0.0, "the sink inserted no rows according to Prometheus");
     assert_eq!(get(sink_port, "/health/ready").map(|r| r.0), Some(200));
+    // The agent's counters move while it runs, and its spool limit is known.
+    let produced = || query(prom_port, r#"meter_agent_events_produced_total{job="agent"}"#).unwrap_or(0.0);
+    let deadline = Instant::now() + minute;
+    let first_seen = loop {
+        let p = produced();
+        if p > 0.0 || Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(first_seen > 0.0, "the agent's produced counter never moved");
+    let deadline = Instant::now() + minute;
+    while produced() <= first_seen && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(produced() > first_seen, "the agent's produced counter stopped at {first_seen}");
+    assert!(query(prom_port, "meter_agent_spool_limit_bytes").unwrap_or(0.0) > 0.0);
+    assert_eq!(get(agent_port, "/health/ready").map(|r| r.0), Some(200));
     // librdkafka statistics reach Prometheus too.
     assert!(
         wait_for(prom_port, r#"max(meter_kafka_broker_up{job="processor",client="consumer"})"#, 1.0, minute).is_ok(),
