@@ -1,6 +1,7 @@
-//! `meter demo`: the whole pipeline on the local stack, then a usage report
-//! and a reconciliation of ClickHouse and `usage.aggregates` against the
-//! simulator's ledger.
+//! `meter demo`: the whole pipeline on the local stack, then a usage report,
+//! a reconciliation of ClickHouse and `usage.aggregates` against the
+//! simulator's ledger, and the demo period rated with the sample price book
+//! (cost by service).
 //!
 //! Each run uses fresh topics (suffixed with a run id) and consumer groups,
 //! and recreates the `meterline_demo` database, so runs never mix.
@@ -14,6 +15,11 @@ use meter_config::Config;
 use meter_kafka::reconcile::reconcile;
 use meter_kafka::Signal;
 
+use meter_rating::Date;
+
+use crate::cost_report::{self, CostArgs, CostBy};
+use crate::prices::{self, PricesCommand};
+use crate::rate;
 use crate::report::{self, By, Format, UsageArgs};
 use crate::SimArgs;
 
@@ -31,7 +37,7 @@ pub struct DemoArgs {
 
 pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let run_id = meter_kafka::now_ms();
-    for topic in [&mut cfg.topics.events, &mut cfg.topics.aggregates, &mut cfg.topics.dlq] {
+    for topic in [&mut cfg.topics.events, &mut cfg.topics.aggregates, &mut cfg.topics.dlq, &mut cfg.topics.invoice_lines] {
         *topic = format!("{topic}.demo-{run_id}");
     }
     cfg.processor.group_id = format!("{}-demo-{run_id}", cfg.processor.group_id);
@@ -121,5 +127,21 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("  ... and {} more", rec.mismatches.len() - 50);
     }
     println!("{}", rec.summary());
+
+    // Rating: the sample price book, every month the demo touched.
+    println!();
+    prices::run(&cfg, PricesCommand::Load { file: None, replace: false }).await?;
+    let month_of = |ms: i64| Date::from_millis(ms).map(Date::year_month).context("the demo period is not a calendar date");
+    let last = month_of(to - 1)?;
+    let mut month = month_of(from)?;
+    loop {
+        rate::run(&cfg, &rate::RateArgs { month, customer: None }).await?;
+        println!("\ncost {month} by service (sample price book):\n");
+        cost_report::cost(&cfg, &CostArgs { month, customer: None, by: CostBy::Service, format: Format::Table }).await?;
+        if month >= last {
+            break;
+        }
+        month = month_of(month.end_millis())?;
+    }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

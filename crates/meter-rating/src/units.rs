@@ -26,6 +26,10 @@ pub enum Conversion {
     /// month), so a GB stored for the whole month is exactly one GB-month in
     /// February and in March alike.
     ByteSecondsToGbMonth,
+    /// milliseconds→hours (e.g. vCPU-milliseconds to vCPU-hours): / 3,600,000.
+    MillisecondsToHours,
+    /// byte-seconds→GB-hours: / (2^30 × 3600).
+    ByteSecondsToGbHours,
 }
 
 impl Conversion {
@@ -36,6 +40,8 @@ impl Conversion {
             ("seconds", "hours") => Some(Conversion::SecondsToHours),
             ("bytes", "GB") => Some(Conversion::BytesToGb),
             ("byte-seconds", "GB-month") => Some(Conversion::ByteSecondsToGbMonth),
+            ("milliseconds", "vCPU-hours") => Some(Conversion::MillisecondsToHours),
+            ("byte-seconds", "GB-hours") => Some(Conversion::ByteSecondsToGbHours),
             _ => None,
         }
     }
@@ -47,6 +53,8 @@ impl Conversion {
             Conversion::SecondsToHours => Decimal::from(3600),
             Conversion::BytesToGb => Decimal::from(GIB),
             Conversion::ByteSecondsToGbMonth => Decimal::from(GIB) * Decimal::from(3600 * i64::from(month.hours())),
+            Conversion::MillisecondsToHours => Decimal::from(3_600_000),
+            Conversion::ByteSecondsToGbHours => Decimal::from(GIB) * Decimal::from(3600),
         }
     }
 
@@ -73,6 +81,11 @@ mod tests {
         assert_eq!(c.to_pricing(gib_month(mar), mar).unwrap(), Decimal::ONE);
         assert_eq!(Conversion::find("seconds", "hours").unwrap().to_pricing(5400, feb).unwrap(), Decimal::new(15, 1));
         assert_eq!(Conversion::find("milliseconds", "hours"), None);
+        // Host metering: 1.5 vCPU-hours and 2 GB-hours.
+        let cpu = Conversion::find("milliseconds", "vCPU-hours").unwrap();
+        assert_eq!(cpu.to_pricing(5_400_000, feb).unwrap(), Decimal::new(15, 1));
+        let mem = Conversion::find("byte-seconds", "GB-hours").unwrap();
+        assert_eq!(mem.to_pricing(2 * (1 << 30) * 3600, feb).unwrap(), Decimal::from(2));
         assert_eq!(Conversion::find("seconds", "GB"), None);
         assert!(Conversion::Identity.to_pricing(i128::MAX, feb).is_err());
     }

@@ -25,9 +25,7 @@ fn rate(month: &str) -> RatedMonth {
 fn sample_price_book_prices_every_catalog_usage_type() {
     let book = PriceBook::sample().unwrap();
     let warnings = book.validate(&Catalog::builtin()).unwrap();
-    // The only warnings allowed: minimums on usage types the built-in catalog does not (yet) key by resource.
-    assert!(warnings.iter().all(|w| w.contains("key_by_resource")), "{warnings:#?}");
-    assert!(!warnings.iter().any(|w| w.contains("no default")), "{warnings:#?}");
+    assert!(warnings.is_empty(), "{warnings:#?}");
     let v = book.version_for(2026, 2).unwrap();
     let feb: YearMonth = "2026-02".parse().unwrap();
     // RDS's 10-minute minimum is the longest: 600 minutes of lookahead, one minute of lookbehind.
