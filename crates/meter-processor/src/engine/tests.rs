@@ -206,7 +206,7 @@ proptest! {
                 if seen.insert(*seq) {
                     prop_assert_eq!(o, Outcome::Aggregated);
                     for g in Granularity::ALL {
-                        let k = WindowKey { granularity: g, window_start: g.window_start(e.event_time), customer_id: "c1".into(), service: "compute".into(), usage_type: "BoxUsage:m5.large".into(), region: "us-east-1".into(), resource_id: String::new() };
+                        let k = WindowKey { granularity: g, window_start: g.window_start(e.event_time), customer_id: "c1".into(), service: "compute".into(), usage_type: "BoxUsage:m5.large".into(), region: "us-east-1".into(), resource_id: "i-1".into() };
                         *truth.entry(k).or_default() += i128::from(e.quantity);
                     }
                 } else {
