@@ -199,10 +199,22 @@ impl WindowId {
 
 /// Strings interned to dense u32 ids. Ids are never reused while the engine
 /// lives; [`Engine::flush`] rebuilds the tables when most entries are dead.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Symbols {
     ids: Map<Box<str>, u32>,
     names: Vec<Box<str>>,
+}
+
+/// The empty string's id in every [`Symbols`]: the resource of usage types
+/// not keyed by resource, looked up without hashing.
+const EMPTY: u32 = 0;
+
+impl Default for Symbols {
+    fn default() -> Self {
+        let mut s = Symbols { ids: Map::default(), names: Vec::new() };
+        s.intern("");
+        s
+    }
 }
 
 impl Symbols {
@@ -462,11 +474,15 @@ impl Engine {
         self.check_time(&event, watermark)?;
         // Only events without a seq are deduplicated by id and need the hash.
         let payload_hash = if event.seq.is_none() { fnv1a(payload) } else { 0 };
-        if self.is_duplicate(&event, input.partition, payload_hash)? {
+        // Looked up once for the dedup stream and the series (lookups
+        // only: see find_series).
+        let customer = self.symbols.get(event.customer_id);
+        let stream = if event.seq.is_some() { self.find_stream(&event, customer) } else { None };
+        if self.is_duplicate(&event, stream, input.partition, payload_hash)? {
             return Ok(false);
         }
-        self.aggregate(&event, kind, input.partition)?;
-        self.remember(&event, input.partition, payload_hash);
+        self.aggregate(&event, kind, customer, input.partition)?;
+        self.remember(&event, stream, input.partition, payload_hash);
         if let Some(clock) = self.clocks.get_mut(&input.partition) {
             clock.max_event_time = clock.max_event_time.max(event.event_time);
         }
@@ -551,12 +567,12 @@ impl Engine {
 
     /// The series of an event if it has one already (lookups only: input
     /// that is rejected or a duplicate must not grow the tables).
-    fn find_series(&self, e: &UsageEventRef<'_>, kind: Kind) -> Option<u32> {
+    fn find_series(&self, e: &UsageEventRef<'_>, kind: Kind, customer: Option<u32>) -> Option<u32> {
         let key = SeriesKey {
-            customer: self.symbols.get(e.customer_id)?,
+            customer: customer?,
             kind: kind.id,
             region: self.symbols.get(e.region)?,
-            resource: self.symbols.get(Self::resource(e, kind))?,
+            resource: if kind.key_by_resource { self.symbols.get(e.resource_id)? } else { EMPTY },
         };
         self.series.get(&key).copied()
     }
@@ -577,13 +593,15 @@ impl Engine {
         id
     }
 
-    fn find_stream(&self, e: &UsageEventRef<'_>) -> Option<u64> {
-        Some(stream_id(self.symbols.get(e.agent_id)?, self.symbols.get(e.customer_id)?))
+    /// The id of the event's dedup stream, if that stream exists.
+    fn find_stream(&self, e: &UsageEventRef<'_>, customer: Option<u32>) -> Option<u64> {
+        let id = stream_id(self.symbols.get(e.agent_id)?, customer?);
+        self.streams.contains_key(&id).then_some(id)
     }
 
-    fn is_duplicate(&self, e: &UsageEventRef<'_>, partition: i32, payload_hash: u64) -> Result<bool, Rejection> {
+    fn is_duplicate(&self, e: &UsageEventRef<'_>, stream: Option<u64>, partition: i32, payload_hash: u64) -> Result<bool, Rejection> {
         match e.seq {
-            Some(seq) => Ok(self.find_stream(e).and_then(|id| self.streams.get(&id)).is_some_and(|s| s.tracker.is_duplicate(seq))),
+            Some(seq) => Ok(stream.and_then(|id| self.streams.get(&id)).is_some_and(|s| s.tracker.is_duplicate(seq))),
             None => {
                 match self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).and_then(|ids| ids.get(e.event_id)) {
                     None => Ok(false),
@@ -597,10 +615,13 @@ impl Engine {
         }
     }
 
-    fn remember(&mut self, e: &UsageEventRef<'_>, partition: i32, payload_hash: u64) {
+    fn remember(&mut self, e: &UsageEventRef<'_>, stream: Option<u64>, partition: i32, payload_hash: u64) {
         match e.seq {
             Some(seq) => {
-                let id = stream_id(self.symbols.intern(e.agent_id), self.symbols.intern(e.customer_id));
+                let id = match stream {
+                    Some(id) => id,
+                    None => stream_id(self.symbols.intern(e.agent_id), self.symbols.intern(e.customer_id)),
+                };
                 let s = self.streams.entry(id).or_insert_with(|| Stream { partition, changed: false, tracker: SeqTracker::default() });
                 s.partition = partition;
                 s.tracker.record(seq);
@@ -619,8 +640,8 @@ impl Engine {
 
     /// Adds the event to its minute, hour and day windows, or rejects it
     /// (changing nothing) when a sum or count would overflow.
-    fn aggregate(&mut self, e: &UsageEventRef<'_>, kind: Kind, partition: i32) -> Result<(), Rejection> {
-        let series = self.find_series(e, kind);
+    fn aggregate(&mut self, e: &UsageEventRef<'_>, kind: Kind, customer: Option<u32>, partition: i32) -> Result<(), Rejection> {
+        let series = self.find_series(e, kind, customer);
         let ids = series.and_then(|s| Self::window_ids(s, e.event_time));
         let q = e.quantity;
         if let Some(ids) = ids {
