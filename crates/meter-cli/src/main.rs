@@ -1,6 +1,7 @@
 //! `meter`: the one binary of meterline. Each subcommand is a thin shell
 //! around a library crate.
 
+mod bench;
 mod chaos;
 mod demo;
 mod report;
@@ -59,6 +60,9 @@ enum Command {
     /// Run agent, processor and sink on the local stack, then print a usage
     /// report and a reconciliation against the agent's ledger.
     Demo(demo::DemoArgs),
+    /// End-to-end benchmark on the local stack (run by ops/bench).
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -210,6 +214,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("warn");
             let cfg = load()?;
             return demo::run(cfg, args).await;
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            return bench::run(load()?, args).await;
         }
     }
     Ok(ExitCode::SUCCESS)
