@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// The ops/ scripts (for `ops/clickhouse client`).
     #[arg(long, default_value = "ops")]
     ops_dir: PathBuf,
+    /// How often to measure the bare consumer and the processor (medians
+    /// are reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Keep the topics and the database afterwards.
     #[arg(long)]
     keep: bool,
@@ -71,6 +75,11 @@ pub struct BenchArgs {
 struct Created {
     topics: Vec<String>,
     databases: Vec<String>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn rate(n: u64, d: Duration) -> f64 {
@@ -127,31 +136,48 @@ async fn run_phases(base: &Config, args: &BenchArgs, run_id: i64, created: &mut 
     let n = agent.events;
     println!("preload: {n} events in {:.1}s ({:.0} events/s produced)", agent.elapsed.as_secs_f64(), rate(n, agent.elapsed));
 
-    // 2. The limit: a bare consumer.
-    let bare = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || bare_consume(&cfg)).await??
-    };
-    if bare.0 != n {
-        bail!("bare consumer read {} records, {n} were produced", bare.0);
+    // 2. and 3. The limit (a bare consumer) and the processor (exactly
+    // once), alternately, `--repeat` times: medians of each and of the
+    // ratio, since one run on a shared machine is noisy. Repeats after the
+    // first write to their own output topics, so the sink sees one run's.
+    let (mut bare_rates, mut proc_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.repeat.max(1) {
+        let bare = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || bare_consume(&cfg)).await??
+        };
+        if bare.0 != n {
+            bail!("bare consumer read {} records, {n} were produced", bare.0);
+        }
+        let bare_rate = rate(bare.0, bare.1);
+        println!("bare consumer: {} records in {:.2}s = {bare_rate:.0} records/s", bare.0, bare.1.as_secs_f64());
+        let mut pcfg = cfg.clone();
+        if i > 0 {
+            for topic in [&mut pcfg.topics.aggregates, &mut pcfg.topics.dlq, &mut pcfg.processor.group_id] {
+                *topic = format!("{topic}-r{i}");
+            }
+            created.topics.extend([pcfg.topics.aggregates.clone(), pcfg.topics.dlq.clone(), pcfg.state_topic()]);
+            meter_kafka::admin::ensure_topics(&pcfg).await?;
+        }
+        let (stop, drain) = (Signal::default(), Signal::default());
+        drain.raise();
+        let p = meter_kafka::processor::run(&pcfg, stop, drain).await?;
+        if p.counters.total() != n || p.counters.aggregated != n {
+            bail!("processor handled {} records ({} aggregated), {n} were produced", p.counters.total(), p.counters.aggregated);
+        }
+        let proc_rate = p.records_per_second();
+        println!(
+            "meter process: {} records in {:.2}s = {proc_rate:.0} records/s ({} transactions); processor/bare {:.2}",
+            p.counters.total(),
+            p.busy.as_secs_f64(),
+            p.commits,
+            proc_rate / bare_rate
+        );
+        bare_rates.push(bare_rate);
+        proc_rates.push(proc_rate);
+        ratios.push(proc_rate / bare_rate);
     }
-    let bare_rate = rate(bare.0, bare.1);
-    println!("bare consumer: {} records in {:.2}s = {bare_rate:.0} records/s", bare.0, bare.1.as_secs_f64());
-
-    // 3. The processor, exactly once, to the end of the topic.
-    let (stop, drain) = (Signal::default(), Signal::default());
-    drain.raise();
-    let p = meter_kafka::processor::run(&cfg, stop, drain).await?;
-    if p.counters.total() != n || p.counters.aggregated != n {
-        bail!("processor handled {} records ({} aggregated), {n} were produced", p.counters.total(), p.counters.aggregated);
-    }
-    let proc_rate = p.records_per_second();
-    println!(
-        "meter process: {} records in {:.2}s = {proc_rate:.0} records/s ({} transactions)",
-        p.counters.total(),
-        p.busy.as_secs_f64(),
-        p.commits
-    );
+    let (bare_rate, proc_rate, proc_ratio) = (median(&mut bare_rates), median(&mut proc_rates), median(&mut ratios));
 
     // 4. The sink against clickhouse-client.
     let started = Instant::now();
@@ -227,7 +253,10 @@ async fn run_phases(base: &Config, args: &BenchArgs, run_id: i64, created: &mut 
     println!("\nsummary (one run, same machine; ratios are what to compare across runs):");
     println!("  events                      {n}");
     println!("  bare consumer               {bare_rate:>12.0} records/s");
-    println!("  meter process               {proc_rate:>12.0} records/s   processor/bare = {:.2} (target >= 0.8)", proc_rate / bare_rate);
+    println!(
+        "  meter process               {proc_rate:>12.0} records/s   processor/bare = {proc_ratio:.2} (target >= 0.8; median of {})",
+        ratios.len()
+    );
     println!("  clickhouse-client insert    {client_rate:>12.0} rows/s      (Native; RowBinary {row_binary_rate:.0} rows/s)");
     println!(
         "  meter sink insert           {sink_rate:>12.0} rows/s      sink/clickhouse-client = {:.2} (target >= 0.8; {:.2} against RowBinary)",
