@@ -105,8 +105,13 @@ impl<'a> Reader<'a> {
     }
 
     pub fn string(&mut self) -> Result<String, DecodeError> {
+        self.str().map(str::to_owned)
+    }
+
+    /// A string borrowed from the input: no allocation.
+    pub fn str(&mut self) -> Result<&'a str, DecodeError> {
         let b = self.bytes()?;
-        std::str::from_utf8(b).map(str::to_owned).map_err(|_| malformed("string is not valid UTF-8"))
+        std::str::from_utf8(b).map_err(|_| malformed("string is not valid UTF-8"))
     }
 
     pub fn boolean(&mut self) -> Result<bool, DecodeError> {
@@ -132,10 +137,19 @@ impl<'a> Reader<'a> {
 
     pub fn string_map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {
         let mut m = BTreeMap::new();
+        self.each_string_pair(|k, v| {
+            m.insert(k.to_owned(), v.to_owned());
+        })?;
+        Ok(m)
+    }
+
+    /// Walks a map of strings without building it (same checks as
+    /// [`Reader::string_map`]), calling `f` for every entry in encoding order.
+    pub fn each_string_pair(&mut self, mut f: impl FnMut(&'a str, &'a str)) -> Result<(), DecodeError> {
         loop {
             let mut count = self.long()?;
             if count == 0 {
-                return Ok(m);
+                return Ok(());
             }
             if count < 0 {
                 // A negative count is followed by the block's size in bytes.
@@ -148,9 +162,9 @@ impl<'a> Reader<'a> {
                 return Err(malformed("truncated: map block count runs past the end"));
             }
             for _ in 0..count {
-                let k = self.string()?;
-                let v = self.string()?;
-                m.insert(k, v);
+                let k = self.str()?;
+                let v = self.str()?;
+                f(k, v);
             }
         }
     }
@@ -158,6 +172,15 @@ impl<'a> Reader<'a> {
     /// Bytes not read yet.
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
+    }
+
+    /// The input from `start` up to the current position.
+    pub fn since(&self, start: usize) -> &'a [u8] {
+        &self.buf[start.min(self.pos)..self.pos]
+    }
+
+    pub fn position(&self) -> usize {
+        self.pos
     }
 
     pub fn finish(&self) -> Result<(), DecodeError> {

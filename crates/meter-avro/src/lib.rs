@@ -157,6 +157,46 @@ impl Codec {
         Ok(event)
     }
 
+    /// Decodes an event without copying its strings: they borrow from
+    /// `payload`. Accepts and rejects exactly the payloads
+    /// [`Codec::decode_event`] does, with the same errors; the hot path of
+    /// the processor uses it so that a record costs no allocation.
+    pub fn decode_event_ref<'a>(&self, payload: &'a [u8]) -> Result<UsageEventRef<'a>, DecodeError> {
+        let mut r = Reader::new(self.body(&self.event_header, payload)?);
+        let event_id = r.str()?;
+        let agent_id = r.str()?;
+        let seq = match r.long()? {
+            0 => None,
+            1 => Some(r.long()?),
+            b => return Err(DecodeError::Malformed(format!("seq: union branch {b} out of range"))),
+        };
+        let customer_id = r.str()?;
+        let service = r.str()?;
+        let usage_type = r.str()?;
+        let resource_id = r.str()?;
+        let region = r.str()?;
+        let quantity = r.long()?;
+        let event_time = r.long()?;
+        let start = r.position();
+        let mut longest_attribute = 0;
+        r.each_string_pair(|k, v| longest_attribute = longest_attribute.max(k.len()).max(v.len()))?;
+        let attributes = r.since(start);
+        r.finish()?;
+        Ok(UsageEventRef {
+            event_id,
+            agent_id,
+            seq,
+            customer_id,
+            service,
+            usage_type,
+            resource_id,
+            region,
+            quantity,
+            event_time,
+            attributes: EncodedAttributes { bytes: attributes, longest: longest_attribute },
+        })
+    }
+
     pub fn encode_aggregate(&self, a: &AggregatedUsage, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.aggregate_header);
         let mut w = Writer(out);
@@ -254,6 +294,68 @@ impl Codec {
         };
         r.finish()?;
         Ok(d)
+    }
+}
+
+/// A [`UsageEvent`] whose strings borrow from the payload it was decoded
+/// from (see [`Codec::decode_event_ref`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageEventRef<'a> {
+    pub event_id: &'a str,
+    pub agent_id: &'a str,
+    pub seq: Option<i64>,
+    pub customer_id: &'a str,
+    pub service: &'a str,
+    pub usage_type: &'a str,
+    pub resource_id: &'a str,
+    pub region: &'a str,
+    pub quantity: i64,
+    pub event_time: i64,
+    pub attributes: EncodedAttributes<'a>,
+}
+
+impl UsageEventRef<'_> {
+    pub fn to_owned_event(&self) -> UsageEvent {
+        UsageEvent {
+            event_id: self.event_id.to_owned(),
+            agent_id: self.agent_id.to_owned(),
+            seq: self.seq,
+            customer_id: self.customer_id.to_owned(),
+            service: self.service.to_owned(),
+            usage_type: self.usage_type.to_owned(),
+            resource_id: self.resource_id.to_owned(),
+            region: self.region.to_owned(),
+            quantity: self.quantity,
+            event_time: self.event_time,
+            attributes: self.attributes.to_map(),
+        }
+    }
+}
+
+/// The attribute map of a borrowed event, still encoded (already checked to
+/// be well formed), with the length of its longest key or value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodedAttributes<'a> {
+    bytes: &'a [u8],
+    longest: usize,
+}
+
+impl EncodedAttributes<'_> {
+    /// Length in bytes of the longest key or value of any entry, including
+    /// entries a later duplicate key overrides.
+    pub fn longest(&self) -> usize {
+        self.longest
+    }
+
+    /// The map as [`Codec::decode_event`] builds it: a later duplicate key
+    /// overrides an earlier one.
+    pub fn to_map(&self) -> Attributes {
+        let mut m = Attributes::new();
+        // Checked when the event was decoded, so this cannot fail.
+        let _ = Reader::new(self.bytes).each_string_pair(|k, v| {
+            m.insert(k.to_owned(), v.to_owned());
+        });
+        m
     }
 }
 

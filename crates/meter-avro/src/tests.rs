@@ -144,6 +144,8 @@ proptest! {
         let mut buf = codec.event_header.to_vec();
         buf.extend_from_slice(&tail);
         let _ = codec.decode_event(&buf);
+        // The borrowing decoder accepts and rejects exactly the same bytes.
+        prop_assert_eq!(codec.decode_event_ref(&buf).map(|e| e.to_owned_event()), codec.decode_event(&buf));
         let mut buf = codec.aggregate_header.to_vec();
         buf.extend_from_slice(&tail);
         let _ = codec.decode_aggregate(&buf);
@@ -155,7 +157,49 @@ proptest! {
         let e = UsageEvent { quantity: q, event_time: t, seq, resource_id: s, ..sample_event() };
         let mut buf = Vec::new();
         codec.encode_event(&e, &mut buf);
-        prop_assert_eq!(codec.decode_event(&buf).unwrap(), e);
+        prop_assert_eq!(codec.decode_event(&buf).unwrap(), e.clone());
+        prop_assert_eq!(codec.decode_event_ref(&buf).unwrap().to_owned_event(), e);
+    }
+
+    /// Attribute maps, including ones with a key repeated in a later block:
+    /// both decoders agree, and `longest` covers every encoded entry.
+    #[test]
+    fn borrowed_attributes_match_owned(entries in proptest::collection::vec(("[a-c]{0,3}", "\\PC{0,12}"), 0..6)) {
+        let codec = Codec::new().unwrap();
+        let mut buf = Vec::new();
+        codec.encode_event(&UsageEvent { attributes: Default::default(), ..sample_event() }, &mut buf);
+        buf.pop(); // the empty map's terminating 0
+        let mut w = binary::Writer(&mut buf);
+        for (k, v) in &entries {
+            w.long(1);
+            w.string(k);
+            w.string(v);
+        }
+        w.long(0);
+        let owned = codec.decode_event(&buf).unwrap();
+        let borrowed = codec.decode_event_ref(&buf).unwrap();
+        prop_assert_eq!(borrowed.to_owned_event(), owned);
+        let longest = entries.iter().map(|(k, v)| k.len().max(v.len())).max().unwrap_or(0);
+        prop_assert_eq!(borrowed.attributes.longest(), longest);
+    }
+}
+
+#[test]
+fn borrowed_decoder_rejects_bad_payloads_like_the_owned_one() {
+    let codec = Codec::new().unwrap();
+    let mut good = Vec::new();
+    codec.encode_event(&sample_event(), &mut good);
+    let mut cases: Vec<Vec<u8>> = vec![vec![], b"{\"json\": true}".to_vec()];
+    let mut other_schema = good.clone();
+    other_schema[5] ^= 0xFF;
+    cases.push(other_schema);
+    cases.extend((2..good.len()).map(|cut| good[..cut].to_vec()));
+    let mut trailing = good.clone();
+    trailing.push(0);
+    cases.push(trailing);
+    for c in cases {
+        assert_eq!(codec.decode_event_ref(&c).map(|e| e.to_owned_event()), codec.decode_event(&c), "{c:?}");
+        assert!(codec.decode_event_ref(&c).is_err());
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod audit;
+mod bench;
 mod chaos;
 mod cost_report;
 mod demo;
@@ -81,6 +82,9 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// End-to-end benchmark on the local stack (run by ops/bench).
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -269,6 +273,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("warn");
             let cfg = load()?;
             return demo::run(cfg, args).await;
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            return bench::run(load()?, args).await;
         }
     }
     Ok(ExitCode::SUCCESS)

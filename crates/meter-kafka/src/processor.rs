@@ -59,6 +59,15 @@ use tracing::{debug, info, warn};
 
 use crate::{caught_up, client_config, now_ms, observed_client_config, Signal, StatsContext};
 
+/// librdkafka's `fetch.queue.backoff.ms` for consumers that must keep up
+/// with a backlog, unless `kafka.properties` sets it (perf, issue 6). Its
+/// default (1000 ms) pauses fetching a partition for a whole second each
+/// time its local queue passes `queued.min.messages`: on a backlog that
+/// capped the processor, and a bare consumer, at about 250k records/s.
+pub fn fetch_queue_backoff_ms(cfg: &Config) -> String {
+    cfg.kafka.properties.get("fetch.queue.backoff.ms").cloned().unwrap_or_else(|| "10".into())
+}
+
 pub fn engine_config(cfg: &Config) -> EngineConfig {
     let p = &cfg.processor;
     EngineConfig {
@@ -216,8 +225,7 @@ fn transactional_producer(cfg: &Config, context: StatsContext) -> anyhow::Result
 }
 
 impl Runner {
-    fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let now = now_ms();
+    fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>, now: i64) {
         let partition = m.partition();
         let outcome = self.engine.process(Input { partition, key: m.key(), payload: m.payload() }, now);
         if let Outcome::DeadLetter { reason, detail } = outcome {
@@ -512,6 +520,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
+        .set("fetch.queue.backoff.ms", fetch_queue_backoff_ms(cfg))
         .create_with_context(ctx)
         .context("creating processor consumer")?;
     let restorer: BaseConsumer<QuietEof> = client_config(&cfg.kafka)
@@ -521,6 +530,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
         .set("enable.partition.eof", "true")
         // Reach the end quickly: do not wait for more data on empty fetches.
         .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", fetch_queue_backoff_ms(cfg))
         .create_with_context(QuietEof)
         .context("creating restore consumer")?;
     let producer_context = StatsContext::new("producer", kafka_metrics);
@@ -581,15 +591,42 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
 
 type Span = (Option<Instant>, Option<Instant>);
 
+/// Records taken from librdkafka before the runner is locked once for all
+/// of them (perf, issue 6): locking, `prepare` and the clock reads then cost
+/// per batch instead of per record, where they took as long as the engine's
+/// work on the record. A batch ends at the first empty poll, so it never
+/// waits for input that is not there yet.
+const MAX_BATCH: usize = 1024;
+
 fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain: &Signal, telemetry: &Telemetry) -> anyhow::Result<Span> {
     let health = telemetry.health();
     let interval = Duration::from_millis(cfg.processor.commit_interval_ms);
     let mut next_commit = Instant::now() + interval;
     let (mut first_record, mut last_record): Span = (None, None);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
         // Never poll while holding the runner: rebalance callbacks lock it.
-        let polled = if shutdown.is_raised() { None } else { consumer.poll(wait) };
+        // Every record of the batch is checked against the ownership and
+        // positions of the moment it is handled, as a single record was.
+        let mut idle = false;
+        if !shutdown.is_raised() {
+            let mut timeout = wait;
+            while batch.len() < MAX_BATCH {
+                match consumer.poll(timeout) {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "consumer error; librdkafka retries on its own");
+                        break;
+                    }
+                    None => {
+                        idle = batch.is_empty();
+                        break;
+                    }
+                }
+                timeout = Duration::ZERO;
+            }
+        }
         let mut guard = lock(&consumer.context().runner);
         let r = guard.as_mut().ok_or_else(|| anyhow!("processor runner missing"))?;
         if shutdown.is_raised() {
@@ -603,23 +640,25 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
         } else {
             health.set_ready();
         }
-        let mut idle = false;
-        match polled {
-            Some(Ok(m)) => {
+        if !batch.is_empty() {
+            let now = now_ms();
+            let mut handled = false;
+            for m in batch.drain(..) {
                 // A record fetched before its partition was revoked or
                 // rewound is not ours to handle.
                 let expected = r.positions.get(&m.partition()).copied();
                 if r.owned.contains(&m.partition()) && !r.unrestored.contains(&m.partition()) && expected.is_none_or(|o| m.offset() >= o) {
-                    r.handle(&m);
-                    let now = Instant::now();
-                    first_record.get_or_insert(now);
-                    last_record = Some(now);
+                    r.handle(&m, now);
+                    handled = true;
                 } else {
                     debug!(partition = m.partition(), offset = m.offset(), ?expected, "skipping record outside the owned position");
                 }
             }
-            Some(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
-            None => idle = true,
+            if handled {
+                let now = Instant::now();
+                first_record.get_or_insert(now);
+                last_record = Some(now);
+            }
         }
         if Instant::now() >= next_commit {
             if let Err(e) = r.commit(consumer) {

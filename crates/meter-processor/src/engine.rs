@@ -1,14 +1,30 @@
 //! Validation, deduplication, watermarks and window aggregation.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+//!
+//! The hot path ([`Engine::process`]) allocates nothing for a valid event
+//! that lands in existing windows: the payload is decoded borrowed, strings
+//! are interned to small ids (customer, agent, region, resource), a window
+//! is found by one 64-bit id per granularity, and its state is a fixed-size
+//! record. Strings are materialised again only when a revision or changelog
+//! entry is emitted, i.e. per window per commit, not per event.
 
-use meter_avro::Codec;
-use meter_model::catalog::Lookup;
-use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, UsageEvent, WindowKey};
+use std::collections::{BTreeMap, HashMap};
+
+use foldhash::fast::RandomState;
+use meter_avro::{Codec, UsageEventRef};
+use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, WindowKey};
 
 use crate::auth::AgentRegistry;
 use crate::dedup::SeqTracker;
-use crate::state::{self, StateChange};
+use crate::state::{self, StateChange, WindowValue};
+
+/// Hash maps of the engine: foldhash is several times faster than SipHash
+/// on the short keys used here, and its per-process random seed keeps
+/// hash flooding by crafted ids impractical.
+type Map<K, V> = HashMap<K, V, RandomState>;
+
+/// Below this many series the interning tables are never rebuilt.
+const MIN_GC_SERIES: usize = 1024;
 
 /// 2100-01-01T00:00:00Z: event times at or past it are not believable.
 const MAX_EVENT_TIME: Millis = 4_102_444_800_000;
@@ -75,19 +91,230 @@ impl Counters {
     }
 }
 
+/// An i128 stored as two 64-bit halves: i128 is 16-byte aligned, which
+/// would pad [`WindowState`] from 80 to 96 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Wide {
+    lo: u64,
+    hi: i64,
+}
+
+impl Wide {
+    fn get(self) -> i128 {
+        (i128::from(self.hi) << 64) | i128::from(self.lo)
+    }
+
+    fn new(v: i128) -> Self {
+        Wide { lo: v as u64, hi: (v >> 64) as i64 }
+    }
+}
+
+/// The running state of one window (80 bytes). First and last event times
+/// are offsets from the window start (a day is < 2^32 ms).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WindowState {
-    pub(crate) partition: i32,
-    pub(crate) count: i64,
-    pub(crate) sum: i128,
-    pub(crate) min: i64,
-    pub(crate) max: i64,
-    pub(crate) first: Millis,
-    pub(crate) last: Millis,
-    pub(crate) revision: i64,
-    pub(crate) emitted_sum: i128,
-    pub(crate) is_final: bool,
-    pub(crate) dirty: bool,
+    count: i64,
+    sum: Wide,
+    min: i64,
+    max: i64,
+    revision: i64,
+    emitted_sum: Wide,
+    first: u32,
+    last: u32,
+    partition: i32,
+    is_final: bool,
+    dirty: bool,
+}
+
+impl WindowState {
+    fn value(&self, start: Millis) -> WindowValue {
+        WindowValue {
+            count: self.count,
+            sum: self.sum.get(),
+            min: self.min,
+            max: self.max,
+            first: start + Millis::from(self.first),
+            last: start + Millis::from(self.last),
+            revision: self.revision,
+            emitted_sum: self.emitted_sum.get(),
+            is_final: self.is_final,
+        }
+    }
+
+    /// The compact form of a changelog value; None when its event times lie
+    /// outside the window (never written by an engine).
+    fn from_value(v: &WindowValue, id: WindowId, partition: i32) -> Option<Self> {
+        let start = id.window_start();
+        let offset = |t: Millis| u32::try_from(t.checked_sub(start)?).ok().filter(|&o| Millis::from(o) < id.granularity().size_ms());
+        Some(WindowState {
+            count: v.count,
+            sum: Wide::new(v.sum),
+            min: v.min,
+            max: v.max,
+            revision: v.revision,
+            emitted_sum: Wide::new(v.emitted_sum),
+            first: offset(v.first)?,
+            last: offset(v.last)?,
+            partition,
+            is_final: v.is_final,
+            dirty: false,
+        })
+    }
+}
+
+/// A window: its series, granularity and window number (start / size) in
+/// one u64: series << 32 | granularity << 30 | number. Window numbers of
+/// valid event times (1970..2100) fit in 30 bits even for minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct WindowId(u64);
+
+impl WindowId {
+    const NUMBER_BITS: u32 = 30;
+
+    fn new(series: u32, g: Granularity, window_start: Millis) -> Option<Self> {
+        let size = g.size_ms();
+        if window_start < 0 || window_start % size != 0 {
+            return None;
+        }
+        let number = u64::try_from(window_start / size).ok().filter(|&n| n < 1 << Self::NUMBER_BITS)?;
+        Some(WindowId(u64::from(series) << 32 | (g.index() as u64) << Self::NUMBER_BITS | number))
+    }
+
+    fn series(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    fn granularity(self) -> Granularity {
+        match (self.0 >> Self::NUMBER_BITS) & 3 {
+            0 => Granularity::Minute,
+            1 => Granularity::Hour,
+            _ => Granularity::Day,
+        }
+    }
+
+    fn window_start(self) -> Millis {
+        (self.0 & ((1 << Self::NUMBER_BITS) - 1)) as Millis * self.granularity().size_ms()
+    }
+
+    fn window_end(self) -> Millis {
+        self.window_start() + self.granularity().size_ms()
+    }
+}
+
+/// Strings interned to dense u32 ids. Ids are never reused while the engine
+/// lives; [`Engine::flush`] rebuilds the tables when most entries are dead.
+#[derive(Debug, Clone)]
+struct Symbols {
+    ids: Map<Box<str>, u32>,
+    names: Vec<Box<str>>,
+}
+
+/// The empty string's id in every [`Symbols`]: the resource of usage types
+/// not keyed by resource, looked up without hashing.
+const EMPTY: u32 = 0;
+
+impl Default for Symbols {
+    fn default() -> Self {
+        let mut s = Symbols { ids: Map::default(), names: Vec::new() };
+        s.intern("");
+        s
+    }
+}
+
+impl Symbols {
+    fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(id) = self.get(s) {
+            return id;
+        }
+        // 2^32 distinct strings would need far more memory than a process
+        // has, so the id cannot wrap in practice.
+        let id = self.names.len() as u32;
+        self.names.push(s.into());
+        self.ids.insert(s.into(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", |s| s)
+    }
+}
+
+/// The dimensions of a window key without its time: interned customer,
+/// (service, usage type), region and resource (the empty string unless the
+/// catalog keys the usage type by resource).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    customer: u32,
+    kind: u32,
+    region: u32,
+    resource: u32,
+}
+
+/// A service's usage types: kind id and whether resource_id is in the key.
+type UsageTypes = Map<Box<str>, (u32, bool)>;
+
+/// Usage types by (service, usage type), borrowable by `&str` on the hot
+/// path. Starts with the catalog's; restored windows may add types the
+/// current catalog no longer lists.
+#[derive(Debug, Clone, Default)]
+struct Kinds {
+    by_service: Map<Box<str>, UsageTypes>,
+    names: Vec<(Box<str>, Box<str>)>,
+}
+
+impl Kinds {
+    fn from_catalog(catalog: &Catalog) -> Self {
+        let mut k = Kinds::default();
+        for s in catalog.service_names() {
+            k.by_service.entry(s.into()).or_default();
+        }
+        for t in catalog.usage_types() {
+            k.add(&t.service, &t.name, true, t.key_by_resource);
+        }
+        k
+    }
+
+    /// Registers a kind; `known` kinds are accepted by validation.
+    fn add(&mut self, service: &str, usage_type: &str, known: bool, key_by_resource: bool) -> u32 {
+        if let Some(&(id, _)) = self.by_service.get(service).and_then(|t| t.get(usage_type)) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push((service.into(), usage_type.into()));
+        if known {
+            self.by_service.entry(service.into()).or_default().insert(usage_type.into(), (id, key_by_resource));
+        }
+        id
+    }
+
+    /// Id of a kind restored from the changelog (known or not).
+    fn restored(&mut self, service: &str, usage_type: &str) -> u32 {
+        if let Some(&(id, _)) = self.by_service.get(service).and_then(|t| t.get(usage_type)) {
+            return id;
+        }
+        match self.names.iter().position(|(s, u)| &**s == service && &**u == usage_type) {
+            Some(i) => i as u32,
+            None => self.add(service, usage_type, false, false),
+        }
+    }
+}
+
+/// Dedup state of one (agent_id, customer_id) stream and the input
+/// partition its events arrive on (a customer's events share one).
+#[derive(Debug, Clone)]
+struct Stream {
+    partition: i32,
+    /// Listed in `changed_streams` since the last take_changes.
+    changed: bool,
+    tracker: SeqTracker,
+}
+
+fn stream_id(agent: u32, customer: u32) -> u64 {
+    u64::from(agent) << 32 | u64::from(customer)
 }
 
 /// Event-time progress of one input partition.
@@ -117,14 +344,18 @@ pub struct Engine {
     catalog: Catalog,
     codec: Codec,
     cfg: EngineConfig,
-    windows: HashMap<WindowKey, WindowState>,
-    dirty: Vec<WindowKey>,
-    clocks: HashMap<i32, PartitionClock>,
-    /// Dedup state per (agent_id, customer_id), with the input partition
-    /// the stream's events arrive on (a customer's events share one).
-    streams: HashMap<(String, String), (i32, SeqTracker)>,
+    kinds: Kinds,
+    /// Customers, agents, regions and resource ids.
+    symbols: Symbols,
+    series: Map<SeriesKey, u32>,
+    series_keys: Vec<SeriesKey>,
+    windows: Map<WindowId, WindowState>,
+    dirty: Vec<WindowId>,
+    clocks: Map<i32, PartitionClock>,
+    /// Dedup state per (agent_id, customer_id), see [`stream_id`].
+    streams: Map<u64, Stream>,
     /// Streams changed since the last [`Engine::take_changes`].
-    changed_streams: HashSet<(String, String)>,
+    changed_streams: Vec<u64>,
     /// Event ids of seq-less events remembered since the last take_changes.
     new_unsequenced: Vec<(i32, Millis, String, u64)>,
     /// Changelog entries produced by flushes and not yet taken.
@@ -135,27 +366,38 @@ pub struct Engine {
     /// day window, forgotten with the day window.
     /// event id -> FNV-1a hash of its payload, to tell a replay (same
     /// bytes: duplicate) from a conflict (same id, other bytes).
-    unsequenced: HashMap<(i32, Millis), HashMap<String, u64>>,
+    unsequenced: Map<(i32, Millis), Map<String, u64>>,
     counters: Counters,
 }
 
 type Rejection = (DeadLetterReason, String);
 
+/// What validation learnt about an event's usage type.
+#[derive(Clone, Copy)]
+struct Kind {
+    id: u32,
+    key_by_resource: bool,
+}
+
 impl Engine {
     pub fn new(catalog: Catalog, codec: Codec, cfg: EngineConfig) -> Self {
         Engine {
+            kinds: Kinds::from_catalog(&catalog),
             catalog,
             codec,
             cfg,
-            windows: HashMap::new(),
+            symbols: Symbols::default(),
+            series: Map::default(),
+            series_keys: Vec::new(),
+            windows: Map::default(),
             dirty: Vec::new(),
-            clocks: HashMap::new(),
-            streams: HashMap::new(),
-            changed_streams: HashSet::new(),
+            clocks: Map::default(),
+            streams: Map::default(),
+            changed_streams: Vec::new(),
             new_unsequenced: Vec::new(),
             changes: Vec::new(),
             last_flush: Millis::MIN,
-            unsequenced: HashMap::new(),
+            unsequenced: Map::default(),
             counters: Counters::default(),
         }
     }
@@ -221,6 +463,7 @@ impl Engine {
             saved: (Millis::MIN, Millis::MIN),
         });
         clock.last_record_at = now;
+        let watermark = clock.watermark;
         let payload = match input.payload {
             None | Some([]) => return Err((DeadLetterReason::EmptyPayload, "record has no value".into())),
             Some(p) => p,
@@ -235,24 +478,27 @@ impl Engine {
             None | Some([]) => return Err((DeadLetterReason::MissingKey, "record has no key; events are keyed by customer_id".into())),
             Some(k) => k,
         };
-        let event = self.codec.decode_event(payload).map_err(|e| (e.reason(), e.to_string()))?;
-        self.validate(&event, key, now)?;
-        let windows = self.check_time(&event, input.partition)?;
+        let event = self.codec.decode_event_ref(payload).map_err(|e| (e.reason(), e.to_string()))?;
+        let kind = self.validate(&event, key, now)?;
+        self.check_time(&event, watermark)?;
         // Only events without a seq are deduplicated by id and need the hash.
         let payload_hash = if event.seq.is_none() { fnv1a(payload) } else { 0 };
-        if self.is_duplicate(&event, input.partition, payload_hash)? {
+        // Looked up once for the dedup stream and the series (lookups
+        // only: see find_series).
+        let customer = self.symbols.get(event.customer_id);
+        let stream = if event.seq.is_some() { self.find_stream(&event, customer) } else { None };
+        if self.is_duplicate(&event, stream, input.partition, payload_hash)? {
             return Ok(false);
         }
-        self.check_overflow(&event, &windows)?;
-        self.remember(&event, input.partition, payload_hash);
-        self.aggregate(&event, windows, input.partition);
+        self.aggregate(&event, kind, customer, input.partition)?;
+        self.remember(&event, stream, input.partition, payload_hash);
         if let Some(clock) = self.clocks.get_mut(&input.partition) {
             clock.max_event_time = clock.max_event_time.max(event.event_time);
         }
         Ok(true)
     }
 
-    fn validate(&self, e: &UsageEvent, key: &[u8], now: Millis) -> Result<(), Rejection> {
+    fn validate(&self, e: &UsageEventRef<'_>, key: &[u8], now: Millis) -> Result<Kind, Rejection> {
         if e.customer_id.is_empty() {
             return Err((DeadLetterReason::EmptyCustomerId, "customer_id is empty".into()));
         }
@@ -261,35 +507,37 @@ impl Engine {
         }
         let max = self.cfg.max_string_bytes;
         let fields = [
-            ("event_id", &e.event_id),
-            ("agent_id", &e.agent_id),
-            ("customer_id", &e.customer_id),
-            ("service", &e.service),
-            ("usage_type", &e.usage_type),
-            ("resource_id", &e.resource_id),
-            ("region", &e.region),
+            ("event_id", e.event_id),
+            ("agent_id", e.agent_id),
+            ("customer_id", e.customer_id),
+            ("service", e.service),
+            ("usage_type", e.usage_type),
+            ("resource_id", e.resource_id),
+            ("region", e.region),
         ];
         for (name, value) in fields {
             if value.len() > max {
                 return Err((DeadLetterReason::StringTooLong, format!("{name} is {} bytes, the limit is {max}", value.len())));
             }
         }
-        if e.attributes.iter().any(|(k, v)| k.len() > max || v.len() > max) {
+        // A long entry that a later duplicate key overrides is not part of
+        // the event's map: only then is the map built to decide.
+        if e.attributes.longest() > max && e.attributes.to_map().iter().any(|(k, v)| k.len() > max || v.len() > max) {
             return Err((DeadLetterReason::StringTooLong, format!("an attribute is longer than {max} bytes")));
         }
-        self.cfg.agents.check(&e.agent_id, &e.customer_id).map_err(|detail| (DeadLetterReason::Unauthorized, detail))?;
-        match self.catalog.lookup(&e.service, &e.usage_type) {
-            Lookup::Known(_) => {}
-            Lookup::UnknownService => {
-                return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service)))
-            }
-            Lookup::UnknownUsageType => {
-                return Err((
-                    DeadLetterReason::UnknownUsageType,
-                    format!("usage type {:?} of service {:?} is not in the catalog", e.usage_type, e.service),
-                ))
-            }
-        }
+        self.cfg.agents.check(e.agent_id, e.customer_id).map_err(|detail| (DeadLetterReason::Unauthorized, detail))?;
+        let kind = match self.kinds.by_service.get(e.service) {
+            None => return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service))),
+            Some(types) => match types.get(e.usage_type) {
+                Some(&(id, key_by_resource)) => Kind { id, key_by_resource },
+                None => {
+                    return Err((
+                        DeadLetterReason::UnknownUsageType,
+                        format!("usage type {:?} of service {:?} is not in the catalog", e.usage_type, e.service),
+                    ))
+                }
+            },
+        };
         if e.quantity < 0 {
             return Err((DeadLetterReason::NegativeQuantity, format!("quantity {} is negative", e.quantity)));
         }
@@ -302,46 +550,70 @@ impl Engine {
                 format!("event_time {} is {} ms ahead of the processor clock", e.event_time, e.event_time - now),
             ));
         }
-        Ok(())
-    }
-
-    fn window_keys(&self, e: &UsageEvent) -> [WindowKey; 3] {
-        let resource_id = match self.catalog.lookup(&e.service, &e.usage_type) {
-            Lookup::Known(info) if info.key_by_resource => e.resource_id.clone(),
-            _ => String::new(),
-        };
-        Granularity::ALL.map(|g| WindowKey {
-            granularity: g,
-            window_start: g.window_start(e.event_time),
-            customer_id: e.customer_id.clone(),
-            service: e.service.clone(),
-            usage_type: e.usage_type.clone(),
-            region: e.region.clone(),
-            resource_id: resource_id.clone(),
-        })
+        Ok(kind)
     }
 
     /// Rejects events whose minute window is past the correction horizon.
     /// The minute window closes first, so its hour and day windows are then
     /// still within the horizon too.
-    fn check_time(&self, e: &UsageEvent, partition: i32) -> Result<[WindowKey; 3], Rejection> {
-        let keys = self.window_keys(e);
-        let watermark = self.clocks.get(&partition).map_or(Millis::MIN, |c| c.watermark);
-        let minute_end = keys[0].window_end();
+    fn check_time(&self, e: &UsageEventRef<'_>, watermark: Millis) -> Result<(), Rejection> {
+        let minute_end = Granularity::Minute.window_start(e.event_time) + Granularity::Minute.size_ms();
         if minute_end.saturating_add(self.cfg.correction_horizon_ms) <= watermark {
             return Err((
                 DeadLetterReason::TooLate,
                 format!("event_time {} is past the correction horizon (watermark {watermark})", e.event_time),
             ));
         }
-        Ok(keys)
+        Ok(())
     }
 
-    fn is_duplicate(&self, e: &UsageEvent, partition: i32, payload_hash: u64) -> Result<bool, Rejection> {
+    fn resource<'a>(e: &UsageEventRef<'a>, kind: Kind) -> &'a str {
+        if kind.key_by_resource {
+            e.resource_id
+        } else {
+            ""
+        }
+    }
+
+    /// The series of an event if it has one already (lookups only: input
+    /// that is rejected or a duplicate must not grow the tables).
+    fn find_series(&self, e: &UsageEventRef<'_>, kind: Kind, customer: Option<u32>) -> Option<u32> {
+        let key = SeriesKey {
+            customer: customer?,
+            kind: kind.id,
+            region: self.symbols.get(e.region)?,
+            resource: if kind.key_by_resource { self.symbols.get(e.resource_id)? } else { EMPTY },
+        };
+        self.series.get(&key).copied()
+    }
+
+    fn intern_series(&mut self, key: &WindowKeyParts<'_>) -> u32 {
+        let key = SeriesKey {
+            customer: self.symbols.intern(key.customer),
+            kind: key.kind,
+            region: self.symbols.intern(key.region),
+            resource: self.symbols.intern(key.resource),
+        };
+        if let Some(&id) = self.series.get(&key) {
+            return id;
+        }
+        let id = self.series_keys.len() as u32;
+        self.series_keys.push(key);
+        self.series.insert(key, id);
+        id
+    }
+
+    /// The id of the event's dedup stream, if that stream exists.
+    fn find_stream(&self, e: &UsageEventRef<'_>, customer: Option<u32>) -> Option<u64> {
+        let id = stream_id(self.symbols.get(e.agent_id)?, customer?);
+        self.streams.contains_key(&id).then_some(id)
+    }
+
+    fn is_duplicate(&self, e: &UsageEventRef<'_>, stream: Option<u64>, partition: i32, payload_hash: u64) -> Result<bool, Rejection> {
         match e.seq {
-            Some(seq) => Ok(self.streams.get(&(e.agent_id.clone(), e.customer_id.clone())).is_some_and(|(_, t)| t.is_duplicate(seq))),
+            Some(seq) => Ok(stream.and_then(|id| self.streams.get(&id)).is_some_and(|s| s.tracker.is_duplicate(seq))),
             None => {
-                match self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).and_then(|ids| ids.get(&e.event_id)) {
+                match self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).and_then(|ids| ids.get(e.event_id)) {
                     None => Ok(false),
                     Some(&h) if h == payload_hash => Ok(true),
                     Some(_) => Err((
@@ -353,62 +625,123 @@ impl Engine {
         }
     }
 
-    fn remember(&mut self, e: &UsageEvent, partition: i32, payload_hash: u64) {
+    fn remember(&mut self, e: &UsageEventRef<'_>, stream: Option<u64>, partition: i32, payload_hash: u64) {
         match e.seq {
             Some(seq) => {
-                let id = (e.agent_id.clone(), e.customer_id.clone());
-                let entry = self.streams.entry(id.clone()).or_insert_with(|| (partition, SeqTracker::default()));
-                entry.0 = partition;
-                entry.1.record(seq);
-                self.changed_streams.insert(id);
+                let id = match stream {
+                    Some(id) => id,
+                    None => stream_id(self.symbols.intern(e.agent_id), self.symbols.intern(e.customer_id)),
+                };
+                let s = self.streams.entry(id).or_insert_with(|| Stream { partition, changed: false, tracker: SeqTracker::default() });
+                s.partition = partition;
+                s.tracker.record(seq);
+                if !s.changed {
+                    s.changed = true;
+                    self.changed_streams.push(id);
+                }
             }
             None => {
                 let day = Granularity::Day.window_start(e.event_time);
-                self.unsequenced.entry((partition, day)).or_default().insert(e.event_id.clone(), payload_hash);
-                self.new_unsequenced.push((partition, day, e.event_id.clone(), payload_hash));
+                self.unsequenced.entry((partition, day)).or_default().insert(e.event_id.to_owned(), payload_hash);
+                self.new_unsequenced.push((partition, day, e.event_id.to_owned(), payload_hash));
             }
         }
     }
 
-    fn check_overflow(&self, e: &UsageEvent, keys: &[WindowKey; 3]) -> Result<(), Rejection> {
-        for k in keys {
-            if let Some(w) = self.windows.get(k) {
-                if w.sum.checked_add(i128::from(e.quantity)).is_none() || w.count == i64::MAX {
-                    return Err((
-                        DeadLetterReason::QuantityOverflow,
-                        format!("adding {} would overflow the {} window sum", e.quantity, k.granularity.as_str()),
-                    ));
+    /// Adds the event to its minute, hour and day windows, or rejects it
+    /// (changing nothing) when a sum or count would overflow.
+    fn aggregate(&mut self, e: &UsageEventRef<'_>, kind: Kind, customer: Option<u32>, partition: i32) -> Result<(), Rejection> {
+        let series = self.find_series(e, kind, customer);
+        let ids = series.and_then(|s| Self::window_ids(s, e.event_time));
+        let q = e.quantity;
+        if let Some(ids) = ids {
+            // The common case: one lookup per granularity, updated in place.
+            let [a, b, c] = &ids;
+            let found = self.windows.get_disjoint_mut([a, b, c]);
+            for (w, id) in found.iter().zip(&ids) {
+                if let Some(w) = w {
+                    if w.sum.get().checked_add(i128::from(q)).is_none() || w.count == i64::MAX {
+                        return Err((
+                            DeadLetterReason::QuantityOverflow,
+                            format!("adding {q} would overflow the {} window sum", id.granularity().as_str()),
+                        ));
+                    }
                 }
+            }
+            if found.iter().all(Option::is_some) {
+                for (w, id) in found.into_iter().zip(ids) {
+                    if let Some(w) = w {
+                        Self::add(w, q, e.event_time - id.window_start());
+                        if !w.dirty {
+                            w.dirty = true;
+                            self.dirty.push(id);
+                        }
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let parts = WindowKeyParts { customer: e.customer_id, kind: kind.id, region: e.region, resource: Self::resource(e, kind) };
+        let series = self.intern_series(&parts);
+        let Some(ids) = Self::window_ids(series, e.event_time) else {
+            // Validation bounds event_time to 1970..2100, where every window has an id.
+            return Err((DeadLetterReason::InvalidTimestamp, format!("event_time {} is outside 1970..2100", e.event_time)));
+        };
+        for id in ids {
+            let offset = e.event_time - id.window_start();
+            let w = self.windows.entry(id).or_insert_with(|| WindowState {
+                count: 0,
+                sum: Wide::default(),
+                min: i64::MAX,
+                max: i64::MIN,
+                revision: 0,
+                emitted_sum: Wide::default(),
+                first: u32::MAX,
+                last: 0,
+                partition,
+                is_final: false,
+                dirty: false,
+            });
+            Self::add(w, q, offset);
+            if !w.dirty {
+                w.dirty = true;
+                self.dirty.push(id);
             }
         }
         Ok(())
     }
 
-    fn aggregate(&mut self, e: &UsageEvent, keys: [WindowKey; 3], partition: i32) {
-        for k in keys {
-            let w = self.windows.entry(k.clone()).or_insert(WindowState {
-                partition,
-                count: 0,
-                sum: 0,
-                min: i64::MAX,
-                max: i64::MIN,
-                first: Millis::MAX,
-                last: Millis::MIN,
-                revision: 0,
-                emitted_sum: 0,
-                is_final: false,
-                dirty: false,
-            });
-            w.count += 1;
-            w.sum += i128::from(e.quantity);
-            w.min = w.min.min(e.quantity);
-            w.max = w.max.max(e.quantity);
-            w.first = w.first.min(e.event_time);
-            w.last = w.last.max(e.event_time);
-            if !w.dirty {
-                w.dirty = true;
-                self.dirty.push(k);
-            }
+    fn window_ids(series: u32, t: Millis) -> Option<[WindowId; 3]> {
+        Some([
+            WindowId::new(series, Granularity::Minute, Granularity::Minute.window_start(t))?,
+            WindowId::new(series, Granularity::Hour, Granularity::Hour.window_start(t))?,
+            WindowId::new(series, Granularity::Day, Granularity::Day.window_start(t))?,
+        ])
+    }
+
+    fn add(w: &mut WindowState, q: i64, offset: Millis) {
+        // The offset of an event in its window is below a day's size.
+        let offset = offset as u32;
+        w.count += 1;
+        w.sum = Wide::new(w.sum.get() + i128::from(q));
+        w.min = w.min.min(q);
+        w.max = w.max.max(q);
+        w.first = w.first.min(offset);
+        w.last = w.last.max(offset);
+    }
+
+    /// The window key of a window id, with its strings.
+    fn window_key(&self, id: WindowId) -> WindowKey {
+        let s = self.series_keys.get(id.series() as usize).copied().unwrap_or(SeriesKey { customer: 0, kind: 0, region: 0, resource: 0 });
+        let (service, usage_type) = self.kinds.names.get(s.kind as usize).map_or(("", ""), |(a, b)| (&**a, &**b));
+        WindowKey {
+            granularity: id.granularity(),
+            window_start: id.window_start(),
+            customer_id: self.symbols.name(s.customer).to_owned(),
+            service: service.to_owned(),
+            usage_type: usage_type.to_owned(),
+            region: self.symbols.name(s.region).to_owned(),
+            resource_id: self.symbols.name(s.resource).to_owned(),
         }
     }
 
@@ -421,37 +754,47 @@ impl Engine {
             clock.advance(now, self.cfg.idle_timeout_ms);
         }
         let lateness = self.cfg.allowed_lateness_ms;
-        let clocks = &self.clocks;
-        let closed = |k: &WindowKey, w: &WindowState| {
+        let closed = |clocks: &Map<i32, PartitionClock>, k: WindowId, w: &WindowState| {
             clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(lateness) <= c.watermark)
         };
         let mut out = Vec::with_capacity(self.dirty.len());
-        let changes = &mut self.changes;
-        for k in self.dirty.drain(..) {
-            if let Some(w) = self.windows.get_mut(&k) {
+        let mut emitted = Vec::new();
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(w) = self.windows.get_mut(&id) {
                 w.dirty = false;
-                w.is_final |= closed(&k, w);
-                let a = emit(k, w);
-                changes.push(state::window_entry(&a.key, w));
-                out.push(a);
+                w.is_final |= closed(&self.clocks, id, w);
+                emitted.push(id);
             }
         }
-        for (k, w) in self.windows.iter_mut() {
-            if !w.is_final && closed(k, w) {
-                w.is_final = true;
-                let a = emit(k.clone(), w);
-                changes.push(state::window_entry(&a.key, w));
+        for (&id, w) in self.windows.iter() {
+            if !w.is_final && closed(&self.clocks, id, w) {
+                emitted.push(id);
+            }
+        }
+        for id in emitted {
+            let key = self.window_key(id);
+            if let Some(w) = self.windows.get_mut(&id) {
+                w.is_final |= closed(&self.clocks, id, w);
+                let a = emit(key, w);
+                self.changes.push(state::window_entry(&a.key, w.partition, &w.value(id.window_start())));
                 out.push(a);
             }
         }
         let horizon = self.cfg.correction_horizon_ms;
-        self.windows.retain(|k, w| {
-            let expired = w.is_final && clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(horizon) <= c.watermark);
-            if expired {
-                changes.push(state::window_tombstone(k, w.partition));
+        let clocks = &self.clocks;
+        let mut expired = Vec::new();
+        self.windows.retain(|&id, w| {
+            let gone = w.is_final && clocks.get(&w.partition).is_some_and(|c| id.window_end().saturating_add(horizon) <= c.watermark);
+            if gone {
+                expired.push((id, w.partition));
             }
-            !expired
+            !gone
         });
+        for (id, partition) in expired {
+            let key = self.window_key(id);
+            self.changes.push(state::window_tombstone(&key, partition));
+        }
+        let changes = &mut self.changes;
         self.unsequenced.retain(|&(p, day), ids| {
             let keep = clocks.get(&p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark);
             if !keep {
@@ -465,7 +808,54 @@ impl Engine {
                 changes.push(state::clock_entry(p, c.watermark, c.max_event_time));
             }
         }
+        self.collect_garbage();
         out
+    }
+
+    /// Rebuilds the interning tables once more than half of the series
+    /// cannot have a window any more (their windows expired or their
+    /// partition moved away), so that memory follows the live state instead
+    /// of every key ever seen. Every live series has a window, so the
+    /// check is O(1) and a rebuild, one pass over the state, happens only
+    /// when it at least halves the series: the tables never hold more than
+    /// twice the series the windows need.
+    fn collect_garbage(&mut self) {
+        if self.series_keys.len() < MIN_GC_SERIES || self.series_keys.len() <= 2 * self.windows.len() {
+            return;
+        }
+        let mut live = vec![false; self.series_keys.len()];
+        for id in self.windows.keys() {
+            if let Some(l) = live.get_mut(id.series() as usize) {
+                *l = true;
+            }
+        }
+        let old_symbols = std::mem::take(&mut self.symbols);
+        let old_series = std::mem::take(&mut self.series_keys);
+        self.series.clear();
+        let mut renumbered = vec![u32::MAX; old_series.len()];
+        for (i, key) in old_series.iter().enumerate() {
+            if live[i] {
+                let parts = WindowKeyParts {
+                    customer: old_symbols.name(key.customer),
+                    kind: key.kind,
+                    region: old_symbols.name(key.region),
+                    resource: old_symbols.name(key.resource),
+                };
+                renumbered[i] = self.intern_series(&parts);
+            }
+        }
+        let renumber = |id: WindowId| WindowId(u64::from(renumbered[id.series() as usize]) << 32 | (id.0 & 0xFFFF_FFFF));
+        self.windows = std::mem::take(&mut self.windows).into_iter().map(|(id, w)| (renumber(id), w)).collect();
+        for id in &mut self.dirty {
+            *id = renumber(*id);
+        }
+        let symbols = &mut self.symbols;
+        let mut restream =
+            |id: u64| stream_id(symbols.intern(old_symbols.name((id >> 32) as u32)), symbols.intern(old_symbols.name(id as u32)));
+        self.streams = std::mem::take(&mut self.streams).into_iter().map(|(id, s)| (restream(id), s)).collect();
+        for id in &mut self.changed_streams {
+            *id = restream(*id);
+        }
     }
 
     /// The state changelog entries for everything changed since the last
@@ -474,9 +864,12 @@ impl Engine {
     /// after `flush`.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
         let mut out = std::mem::take(&mut self.changes);
-        for id in self.changed_streams.drain() {
-            if let Some((p, t)) = self.streams.get(&id) {
-                out.push(state::stream_entry(&id.0, &id.1, *p, t));
+        for id in self.changed_streams.drain(..) {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.changed = false;
+                let agent = self.symbols.name((id >> 32) as u32);
+                let customer = self.symbols.name(id as u32);
+                out.push(state::stream_entry(agent, customer, s.partition, &s.tracker));
             }
         }
         out.extend(self.new_unsequenced.drain(..).map(|(p, day, id, hash)| state::unsequenced_entry(p, day, &id, hash)));
@@ -487,24 +880,37 @@ impl Engine {
     /// restoring the state of `partition` before processing it.
     pub fn restore(&mut self, partition: i32, key: &[u8], value: Option<&[u8]>, now: Millis) -> Result<(), meter_avro::DecodeError> {
         match state::decode_key(key)? {
-            state::Key::Window(k) => match value {
-                None => {
-                    self.windows.remove(&k);
+            state::Key::Window(k) => {
+                let kind = self.kinds.restored(&k.service, &k.usage_type);
+                let parts = WindowKeyParts { customer: &k.customer_id, kind, region: &k.region, resource: &k.resource_id };
+                let series = self.intern_series(&parts);
+                let id = WindowId::new(series, k.granularity, k.window_start)
+                    .ok_or_else(|| meter_avro::DecodeError::Malformed("state changelog: window start out of range".into()))?;
+                match value {
+                    None => {
+                        self.windows.remove(&id);
+                    }
+                    Some(v) => {
+                        let w = state::decode_window(v)?;
+                        let w = WindowState::from_value(&w, id, partition)
+                            .ok_or_else(|| meter_avro::DecodeError::Malformed("state changelog: event time outside its window".into()))?;
+                        self.windows.insert(id, w);
+                    }
                 }
-                Some(v) => {
-                    let w = state::decode_window(v, partition)?;
-                    self.windows.insert(k, w);
+            }
+            state::Key::Stream(agent, customer) => {
+                let id = stream_id(self.symbols.intern(&agent), self.symbols.intern(&customer));
+                match value {
+                    None => {
+                        self.streams.remove(&id);
+                    }
+                    Some(v) => {
+                        let tracker = state::decode_stream(v)?;
+                        let changed = self.streams.get(&id).is_some_and(|s| s.changed);
+                        self.streams.insert(id, Stream { partition, changed, tracker });
+                    }
                 }
-            },
-            state::Key::Stream(agent, customer) => match value {
-                None => {
-                    self.streams.remove(&(agent, customer));
-                }
-                Some(v) => {
-                    let t = state::decode_stream(v)?;
-                    self.streams.insert((agent, customer), (partition, t));
-                }
-            },
+            }
             state::Key::Clock(p) => {
                 if let Some(v) = value {
                     let (watermark, max_event_time) = state::decode_clock(v)?;
@@ -535,7 +941,7 @@ impl Engine {
         self.dirty.retain(|k| windows.contains_key(k));
         self.clocks.remove(&partition);
         self.unsequenced.retain(|(p, _), _| *p != partition);
-        self.streams.retain(|_, (p, _)| *p != partition);
+        self.streams.retain(|_, s| s.partition != partition);
         let streams = &self.streams;
         self.changed_streams.retain(|id| streams.contains_key(id));
         self.new_unsequenced.retain(|(p, _, _, _)| *p != partition);
@@ -551,6 +957,14 @@ impl Engine {
     }
 }
 
+/// The string dimensions of a series.
+struct WindowKeyParts<'a> {
+    customer: &'a str,
+    kind: u32,
+    region: &'a str,
+    resource: &'a str,
+}
+
 /// FNV-1a, 64 bit: a payload fingerprint that stays the same across
 /// builds (it is stored in the changelog), unlike std's hasher.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -559,16 +973,18 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 fn emit(key: WindowKey, w: &mut WindowState) -> AggregatedUsage {
     w.revision += 1;
-    let delta = w.sum - w.emitted_sum;
+    let sum = w.sum.get();
+    let delta = sum - w.emitted_sum.get();
     w.emitted_sum = w.sum;
+    let start = key.window_start;
     AggregatedUsage {
         key,
         event_count: w.count,
-        quantity_sum: w.sum,
+        quantity_sum: sum,
         quantity_min: w.min,
         quantity_max: w.max,
-        first_event_time: w.first,
-        last_event_time: w.last,
+        first_event_time: start + Millis::from(w.first),
+        last_event_time: start + Millis::from(w.last),
         revision: w.revision,
         is_final: w.is_final,
         delta_sum: delta,

@@ -15,7 +15,6 @@ use meter_avro::DecodeError;
 use meter_model::{Granularity, Millis, WindowKey};
 
 use crate::dedup::SeqTracker;
-use crate::engine::WindowState;
 
 const WINDOW: i64 = 1;
 const STREAM: i64 = 2;
@@ -52,7 +51,22 @@ fn window_key(k: &WindowKey) -> Vec<u8> {
     buf
 }
 
-pub(crate) fn window_entry(k: &WindowKey, s: &WindowState) -> StateChange {
+/// A window's state as written to and read from the changelog: absolute
+/// times and full-width sums (the engine keeps a more compact form).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WindowValue {
+    pub(crate) count: i64,
+    pub(crate) sum: i128,
+    pub(crate) min: i64,
+    pub(crate) max: i64,
+    pub(crate) first: Millis,
+    pub(crate) last: Millis,
+    pub(crate) revision: i64,
+    pub(crate) emitted_sum: i128,
+    pub(crate) is_final: bool,
+}
+
+pub(crate) fn window_entry(k: &WindowKey, partition: i32, s: &WindowValue) -> StateChange {
     let mut v = Vec::with_capacity(64);
     let mut w = Writer(&mut v);
     w.long(VERSION);
@@ -65,7 +79,7 @@ pub(crate) fn window_entry(k: &WindowKey, s: &WindowState) -> StateChange {
     w.long(s.revision);
     w.decimal(s.emitted_sum);
     w.boolean(s.is_final);
-    StateChange { partition: s.partition, key: window_key(k), value: Some(v) }
+    StateChange { partition, key: window_key(k), value: Some(v) }
 }
 
 pub(crate) fn window_tombstone(k: &WindowKey, partition: i32) -> StateChange {
@@ -171,11 +185,10 @@ fn version(r: &mut Reader<'_>) -> Result<(), DecodeError> {
     }
 }
 
-pub(crate) fn decode_window(v: &[u8], partition: i32) -> Result<WindowState, DecodeError> {
+pub(crate) fn decode_window(v: &[u8]) -> Result<WindowValue, DecodeError> {
     let mut r = Reader::new(v);
     version(&mut r)?;
-    let w = WindowState {
-        partition,
+    let w = WindowValue {
         count: r.long()?,
         sum: r.decimal()?,
         min: r.long()?,
@@ -185,7 +198,6 @@ pub(crate) fn decode_window(v: &[u8], partition: i32) -> Result<WindowState, Dec
         revision: r.long()?,
         emitted_sum: r.decimal()?,
         is_final: r.boolean()?,
-        dirty: false,
     };
     r.finish()?;
     Ok(w)

@@ -1,5 +1,7 @@
 use super::*;
+use meter_model::UsageEvent;
 use proptest::prelude::*;
+use std::collections::HashSet;
 
 const T0: Millis = 1_764_000_000_000 - 1_764_000_000_000 % 86_400_000; // a UTC midnight
 const NOW: Millis = T0 + 2 * 86_400_000;
@@ -362,4 +364,31 @@ fn unregistered_agents_are_dead_lettered_without_touching_totals_or_dedup_state(
     assert_eq!((day.key.customer_id.as_str(), day.quantity_sum, day.event_count), ("c1", 15, 2));
     assert_eq!(out.iter().filter(|a| a.key.customer_id == "c2").count(), 0);
     assert_eq!(en.counters().dead_letters.get(&DeadLetterReason::Unauthorized), Some(&2));
+}
+
+#[test]
+fn interning_tables_are_rebuilt_once_windows_expire_and_keys_stay_right() {
+    let cfg = EngineConfig { correction_horizon_ms: 3_600_000, ..EngineConfig::default() };
+    let mut en = Engine::new(Catalog::builtin(), Codec::new().unwrap(), cfg);
+    let customer_event = |c: usize, seq: i64, t: Millis| UsageEvent {
+        event_id: meter_model::event_id("a1", &format!("c{c}"), seq),
+        customer_id: format!("c{c}"),
+        ..event(seq, t, c as i64)
+    };
+    let n = 2 * MIN_GC_SERIES;
+    for c in 0..n {
+        assert_eq!(feed(&mut en, &customer_event(c, 1, T0 + 1_000), T0 + 1_000), Outcome::Aggregated);
+    }
+    en.flush(T0 + 2_000);
+    // Everything is final and past the horizon: windows expire, and the
+    // tables of their series are rebuilt without them.
+    en.flush(NOW);
+    assert_eq!(en.open_windows(), 0);
+    assert!(en.series_keys.len() < MIN_GC_SERIES, "{} series kept", en.series_keys.len());
+    // Dedup streams survive the rebuild under their new ids.
+    assert_eq!(feed(&mut en, &customer_event(7, 1, NOW - 1_000), NOW), Outcome::Duplicate);
+    assert_eq!(feed(&mut en, &customer_event(7, 2, NOW - 1_000), NOW), Outcome::Aggregated);
+    let out = en.flush(NOW);
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|a| a.key.customer_id == "c7" && a.quantity_sum == 7 && a.key.region == "us-east-1"));
 }
