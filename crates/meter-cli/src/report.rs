@@ -131,32 +131,7 @@ pub fn render_usage(rows: &[ReportRow], by: By, format: Format, catalog: &Catalo
             c
         })
         .collect();
-    match format {
-        Format::Csv => {
-            let mut s = header.join(",") + "\n";
-            for c in &cells {
-                s += &c.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",");
-                s.push('\n');
-            }
-            s
-        }
-        Format::Json => {
-            let items: Vec<serde_json::Value> = cells
-                .iter()
-                .map(|c| {
-                    let mut m = serde_json::Map::new();
-                    for (h, v) in header.iter().zip(c) {
-                        let value =
-                            if *h == "events" { v.parse::<i64>().map_or_else(|_| v.clone().into(), Into::into) } else { v.clone().into() };
-                        m.insert((*h).to_owned(), value);
-                    }
-                    serde_json::Value::Object(m)
-                })
-                .collect();
-            serde_json::to_string_pretty(&items).unwrap_or_default() + "\n"
-        }
-        Format::Table => table(&header, &cells, &[header.len() - 3, header.len() - 1]),
-    }
+    render(&header, &cells, &[header.len() - 3, header.len() - 1], &["events"], format)
 }
 
 pub fn csv_field(v: &str) -> String {
