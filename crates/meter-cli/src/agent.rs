@@ -66,7 +66,16 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         let fleet = meter_agent::Simulator::new(sc.clone());
         println!("fleet: {} resources, {} customers", fleet.resource_count(), fleet.customers().len());
         drop(fleet);
-        let (stats, ledger) = meter_kafka::agent::run_simulated(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref()).await?;
+        // From memory: only what Kafka acknowledged is worth a metric here
+        // (there is no spool).
+        let telemetry = crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?;
+        let acknowledged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let exporter = tokio::spawn(export_acknowledged(acknowledged.clone(), telemetry, cfg.clone()));
+        let run =
+            meter_kafka::agent::run_simulated_observed(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref(), &acknowledged)
+                .await;
+        exporter.abort();
+        let (stats, ledger) = run?;
         println!(
             "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
             stats.events,
@@ -155,6 +164,22 @@ async fn export_metrics(stats: Arc<AgentStats>, telemetry: meter_telemetry::Tele
             last_ticks = ticks;
             health.beat();
         }
+    }
+}
+
+/// The in-memory simulator's metrics: acknowledged events; live and ready
+/// while it runs.
+async fn export_acknowledged(acknowledged: Arc<std::sync::atomic::AtomicU64>, telemetry: meter_telemetry::Telemetry, cfg: Config) {
+    let m = meter_telemetry::agent::AgentMetrics::register(&telemetry);
+    let health = telemetry.health();
+    health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
+    health.set_ready();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        health.beat();
+        let n = acknowledged.load(std::sync::atomic::Ordering::Relaxed);
+        m.events_produced.inc_by(n.saturating_sub(m.events_produced.get()));
     }
 }
 

@@ -930,7 +930,7 @@ mod compose_tests {
         assert_eq!(cmd("init").as_deref(), Some("meter init"));
         assert_eq!(cmd("process").as_deref(), Some("meter process"));
         assert_eq!(cmd("sink").as_deref(), Some("meter sink"));
-        assert_eq!(cmd("agent").as_deref(), Some("meter agent --simulate"));
+        assert_eq!(cmd("agent").as_deref(), Some("meter agent --simulate --speed 1 --duration 30d"));
         let kafka_env = &c["services"]["kafka"]["environment"];
         assert_eq!(kafka_env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"].as_i64(), Some(1));
         assert_eq!(kafka_env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"].as_i64(), Some(1));

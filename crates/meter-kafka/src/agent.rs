@@ -20,7 +20,9 @@
 //! not have been delivered.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,11 +76,13 @@ pub struct Publisher<'a> {
     pending: VecDeque<DeliveryFuture>,
     /// Records handed to the producer so far.
     pub sent: u64,
+    /// Records the broker acknowledged so far.
+    pub acknowledged: u64,
 }
 
 impl<'a> Publisher<'a> {
     pub fn new(producer: &'a FutureProducer, topic: &'a str) -> Self {
-        Publisher { producer, topic, pending: VecDeque::new(), sent: 0 }
+        Publisher { producer, topic, pending: VecDeque::new(), sent: 0, acknowledged: 0 }
     }
 
     pub async fn send(&mut self, key: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
@@ -110,6 +114,26 @@ impl<'a> Publisher<'a> {
         Ok(())
     }
 
+    /// Counts the deliveries already settled at the front of the queue,
+    /// without waiting for the others.
+    pub fn reap(&mut self) -> anyhow::Result<()> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while let Some(front) = self.pending.front_mut() {
+            match std::pin::Pin::new(front).poll(&mut cx) {
+                std::task::Poll::Pending => break,
+                std::task::Poll::Ready(result) => {
+                    self.pending.pop_front();
+                    match result {
+                        Ok(Ok(_)) => self.acknowledged += 1,
+                        Ok(Err((e, _))) => return Err(anyhow!("delivery to {} failed: {e}", self.topic)),
+                        Err(_) => return Err(anyhow!("producer dropped an in-flight record")),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until every record sent so far is acknowledged.
     pub async fn finish(&mut self) -> anyhow::Result<()> {
         self.settle(0).await?;
@@ -120,7 +144,7 @@ impl<'a> Publisher<'a> {
         while self.pending.len() > keep {
             let Some(f) = self.pending.pop_front() else { break };
             match f.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => self.acknowledged += 1,
                 Ok(Err((e, _))) => return Err(anyhow!("delivery to {} failed: {e}", self.topic)),
                 Err(_) => return Err(anyhow!("producer dropped an in-flight record")),
             }
@@ -137,6 +161,18 @@ pub async fn run_simulated(
     sim_cfg: SimConfig,
     speed: f64,
     ledger_path: Option<&Path>,
+) -> anyhow::Result<(AgentStats, Ledger)> {
+    run_simulated_observed(cfg, sim_cfg, speed, ledger_path, &AtomicU64::new(0)).await
+}
+
+/// [`run_simulated`], storing the number of acknowledged events in
+/// `acknowledged` after every simulated second (for the agent's metrics).
+pub async fn run_simulated_observed(
+    cfg: &Config,
+    sim_cfg: SimConfig,
+    speed: f64,
+    ledger_path: Option<&Path>,
+    acknowledged: &AtomicU64,
 ) -> anyhow::Result<(AgentStats, Ledger)> {
     let producer = producer(cfg)?;
     let codec = Codec::new()?;
@@ -157,8 +193,11 @@ pub async fn run_simulated(
             codec.encode_event(&e, &mut payload);
             out.send(Some(e.customer_id.as_bytes()), &payload).await?;
         }
+        out.reap()?;
+        acknowledged.store(out.acknowledged, Ordering::Relaxed);
     }
     out.finish().await?;
+    acknowledged.store(out.acknowledged, Ordering::Relaxed);
     stats.events = out.sent;
     stats.elapsed = started.elapsed();
     let ledger = sim.ledger().clone();
