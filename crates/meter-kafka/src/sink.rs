@@ -55,24 +55,37 @@ struct Batch {
     started: Option<Instant>,
 }
 
+/// One INSERT of `rows` into `table` (none if there are no rows).
+async fn insert_rows<T>(client: &clickhouse::Client, table: &str, rows: &[T]) -> Result<(), clickhouse::error::Error>
+where
+    T: clickhouse::Row + clickhouse::RowWrite + for<'a> clickhouse::Row<Value<'a> = T>,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<T>(table).await?;
+    for row in rows {
+        // Serializes into the insert's 256 KiB buffer; awaits only when a
+        // full chunk goes to the socket.
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// Inserts the batch: one INSERT per table, all at once, so that the server
+/// parses them in parallel and their round trips overlap. The batch counts
+/// as inserted only when every INSERT is acknowledged; if one fails, the
+/// others are dropped (aborted) and the whole batch is retried, which
+/// re-inserts rows that may already be in (harmless, see the module docs).
 async fn insert_batch(client: &clickhouse::Client, batch: &Batch) -> Result<(), clickhouse::error::Error> {
-    for (g, rows) in &batch.usage {
-        if rows.is_empty() {
-            continue;
-        }
-        let mut insert = client.insert::<UsageRow>(g.table()).await?;
-        for row in rows {
-            insert.write(row).await?;
-        }
-        insert.end().await?;
-    }
-    if !batch.dead_letters.is_empty() {
-        let mut insert = client.insert::<DeadLetterRow>("dead_letters").await?;
-        for row in &batch.dead_letters {
-            insert.write(row).await?;
-        }
-        insert.end().await?;
-    }
+    let rows = |g: Granularity| batch.usage.get(&g).map_or(&[][..], Vec::as_slice);
+    let [minute, hour, day] = Granularity::ALL;
+    tokio::try_join!(
+        insert_rows(client, minute.table(), rows(minute)),
+        insert_rows(client, hour.table(), rows(hour)),
+        insert_rows(client, day.table(), rows(day)),
+        insert_rows(client, "dead_letters", &batch.dead_letters),
+    )?;
     Ok(())
 }
 
@@ -96,6 +109,9 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
+        // As for the processor: librdkafka's 1 s default pauses a partition
+        // whenever its local queue fills, which throttles a backlog.
+        .set("fetch.queue.backoff.ms", crate::processor::fetch_queue_backoff_ms(cfg))
         .create_with_context(StatsContext::new("consumer", KafkaMetrics::register(&telemetry)))
         .context("creating sink consumer")?;
     consumer.subscribe(&[&cfg.topics.aggregates, &cfg.topics.dlq]).context("subscribing sink")?;
