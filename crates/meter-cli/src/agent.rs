@@ -66,14 +66,13 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         let fleet = meter_agent::Simulator::new(sc.clone());
         println!("fleet: {} resources, {} customers", fleet.resource_count(), fleet.customers().len());
         drop(fleet);
-        // From memory: only what Kafka acknowledged is worth a metric here
-        // (there is no spool).
+        // From memory there is no spool: ticks and acknowledged events are
+        // all there is to export.
         let telemetry = crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?;
-        let acknowledged = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let exporter = tokio::spawn(export_acknowledged(acknowledged.clone(), telemetry, cfg.clone()));
+        let counters = Arc::new(AgentStats::default());
+        let exporter = tokio::spawn(export_metrics(counters.clone(), telemetry, cfg.clone(), false));
         let run =
-            meter_kafka::agent::run_simulated_observed(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref(), &acknowledged)
-                .await;
+            meter_kafka::agent::run_simulated_observed(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref(), &counters).await;
         exporter.abort();
         let (stats, ledger) = run?;
         println!(
@@ -113,7 +112,7 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    let exporter = tokio::spawn(export_metrics(stats.clone(), telemetry, cfg.clone()));
+    let exporter = tokio::spawn(export_metrics(stats.clone(), telemetry, cfg.clone(), true));
     let run = run_agent(&cfg, &state_dir, &identity, source, stats.clone(), shutdown, args.ledger.is_some()).await;
     reporter.abort();
     exporter.abort();
@@ -136,14 +135,17 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 /// Copies the agent's counters into its Prometheus metrics every second.
 /// The agent is live while it emits ticks (every second, also while Kafka
-/// is down and it spools), and ready while it runs.
-async fn export_metrics(stats: Arc<AgentStats>, telemetry: meter_telemetry::Telemetry, cfg: Config) {
+/// is down and it spools), and ready while it runs. `spooled`: the agent
+/// has a spool, whose size limit is then exported.
+async fn export_metrics(stats: Arc<AgentStats>, telemetry: meter_telemetry::Telemetry, cfg: Config, spooled: bool) {
     let m = meter_telemetry::agent::AgentMetrics::register(&telemetry);
     let health = telemetry.health();
     health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
     health.beat();
     health.set_ready();
-    m.spool_limit_bytes.set(i64::try_from(cfg.agent.spool_max_bytes).unwrap_or(i64::MAX));
+    if spooled {
+        m.spool_limit_bytes.set(i64::try_from(cfg.agent.spool_max_bytes).unwrap_or(i64::MAX));
+    }
     let mut last_ticks = 0;
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -164,22 +166,6 @@ async fn export_metrics(stats: Arc<AgentStats>, telemetry: meter_telemetry::Tele
             last_ticks = ticks;
             health.beat();
         }
-    }
-}
-
-/// The in-memory simulator's metrics: acknowledged events; live and ready
-/// while it runs.
-async fn export_acknowledged(acknowledged: Arc<std::sync::atomic::AtomicU64>, telemetry: meter_telemetry::Telemetry, cfg: Config) {
-    let m = meter_telemetry::agent::AgentMetrics::register(&telemetry);
-    let health = telemetry.health();
-    health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
-    health.set_ready();
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        every.tick().await;
-        health.beat();
-        let n = acknowledged.load(std::sync::atomic::Ordering::Relaxed);
-        m.events_produced.inc_by(n.saturating_sub(m.events_produced.get()));
     }
 }
 

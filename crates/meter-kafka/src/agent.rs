@@ -22,7 +22,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,11 +122,7 @@ impl<'a> Publisher<'a> {
                 std::task::Poll::Pending => break,
                 std::task::Poll::Ready(result) => {
                     self.pending.pop_front();
-                    match result {
-                        Ok(Ok(_)) => self.acknowledged += 1,
-                        Ok(Err((e, _))) => return Err(anyhow!("delivery to {} failed: {e}", self.topic)),
-                        Err(_) => return Err(anyhow!("producer dropped an in-flight record")),
-                    }
+                    self.settled(result)?;
                 }
             }
         }
@@ -143,13 +138,21 @@ impl<'a> Publisher<'a> {
     async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
         while self.pending.len() > keep {
             let Some(f) = self.pending.pop_front() else { break };
-            match f.await {
-                Ok(Ok(_)) => self.acknowledged += 1,
-                Ok(Err((e, _))) => return Err(anyhow!("delivery to {} failed: {e}", self.topic)),
-                Err(_) => return Err(anyhow!("producer dropped an in-flight record")),
-            }
+            self.settled(f.await)?;
         }
         Ok(())
+    }
+
+    /// Counts one delivery report; a failed delivery is an error.
+    fn settled(&mut self, report: <DeliveryFuture as Future>::Output) -> anyhow::Result<()> {
+        match report {
+            Ok(Ok(_)) => {
+                self.acknowledged += 1;
+                Ok(())
+            }
+            Ok(Err((e, _))) => Err(anyhow!("delivery to {} failed: {e}", self.topic)),
+            Err(_) => Err(anyhow!("producer dropped an in-flight record")),
+        }
     }
 }
 
@@ -162,17 +165,18 @@ pub async fn run_simulated(
     speed: f64,
     ledger_path: Option<&Path>,
 ) -> anyhow::Result<(AgentStats, Ledger)> {
-    run_simulated_observed(cfg, sim_cfg, speed, ledger_path, &AtomicU64::new(0)).await
+    run_simulated_observed(cfg, sim_cfg, speed, ledger_path, &Counters::default()).await
 }
 
-/// [`run_simulated`], storing the number of acknowledged events in
-/// `acknowledged` after every simulated second (for the agent's metrics).
+/// [`run_simulated`], keeping `counters.ticks` (simulated seconds) and
+/// `counters.produced` (acknowledged events) current after every simulated
+/// second, for the agent's metrics and liveness.
 pub async fn run_simulated_observed(
     cfg: &Config,
     sim_cfg: SimConfig,
     speed: f64,
     ledger_path: Option<&Path>,
-    acknowledged: &AtomicU64,
+    counters: &Counters,
 ) -> anyhow::Result<(AgentStats, Ledger)> {
     let producer = producer(cfg)?;
     let codec = Codec::new()?;
@@ -194,10 +198,11 @@ pub async fn run_simulated_observed(
             out.send(Some(e.customer_id.as_bytes()), &payload).await?;
         }
         out.reap()?;
-        acknowledged.store(out.acknowledged, Ordering::Relaxed);
+        Counters::set(&counters.produced, out.acknowledged);
+        Counters::set(&counters.ticks, stats.simulated_seconds);
     }
     out.finish().await?;
-    acknowledged.store(out.acknowledged, Ordering::Relaxed);
+    Counters::set(&counters.produced, out.acknowledged);
     stats.events = out.sent;
     stats.elapsed = started.elapsed();
     let ledger = sim.ledger().clone();
