@@ -246,17 +246,21 @@ impl Runner {
     }
 
     /// Before handling records: restore newly assigned partitions, and after
-    /// an aborted transaction restore and rewind everything owned.
-    fn prepare(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+    /// an aborted transaction restore and rewind everything owned. Returns
+    /// the partitions rewound to their committed offsets: records of theirs
+    /// fetched before are stale and must not be handled (see `run_loop`).
+    fn prepare(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<Vec<i32>> {
+        let mut rewound = Vec::new();
         if self.needs_recover {
             self.needs_recover = false;
-            self.recover(consumer)?;
+            rewound.extend(self.recover(consumer)?);
         }
         if !self.unrestored.is_empty() {
             let parts = std::mem::take(&mut self.unrestored);
             self.restore(consumer, &parts)?;
+            rewound.extend(parts);
         }
-        Ok(())
+        Ok(rewound)
     }
 
     /// Restores `parts` from the changelog and seeks them to their committed
@@ -458,14 +462,16 @@ impl Runner {
         self.needs_recover = true;
     }
 
-    fn recover(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
+    /// Returns the partitions restored and rewound (everything owned).
+    fn recover(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<Vec<i32>> {
         if self.producer_broken {
             self.producer = transactional_producer(&self.cfg, self.producer_context.clone())?;
             self.producer_broken = false;
         }
         let owned: Vec<i32> = self.owned.iter().copied().collect();
         self.unrestored.retain(|p| !owned.contains(p));
-        self.restore(consumer, &owned)
+        self.restore(consumer, &owned)?;
+        Ok(owned)
     }
 }
 
@@ -634,7 +640,16 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
             break;
         }
         health.beat();
-        r.prepare(consumer)?;
+        let rewound = r.prepare(consumer)?;
+        if !rewound.is_empty() {
+            // The batch may hold records fetched before a rebalance or an
+            // aborted transaction rewound these partitions. Their committed
+            // offset can be older than those records (the aborted
+            // transaction had handled the ones in between), so handling
+            // them now would skip that gap for good. Dropped here, they are
+            // fetched again from the committed offset.
+            batch.retain(|m| !rewound.contains(&m.partition()));
+        }
         if !r.assigned_once {
             health.set_not_ready("waiting for a partition assignment");
         } else {
@@ -663,6 +678,7 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
         if Instant::now() >= next_commit {
             if let Err(e) = r.commit(consumer) {
                 r.abort(&format!("{e:#}"));
+                // The batch is empty here: nothing fetched is stale.
                 r.prepare(consumer)?;
             }
             next_commit = Instant::now() + interval;
