@@ -163,6 +163,8 @@ fn child_env(cfg: &Config, instance: &str, negative: bool) -> Vec<(String, Strin
         ("METER__PROCESSOR__TRANSACTION_TIMEOUT_MS", p.transaction_timeout_ms.to_string()),
         ("METER__PROCESSOR__UNSAFE_SKIP_STATE_RESTORE", negative.to_string()),
         ("METER__SINK__GROUP_ID", cfg.sink.group_id.clone()),
+        // The sink and its restarts (and its drain) are one static member.
+        ("METER__SINK__INSTANCE_ID", instance.to_owned()),
         // Two processors run side by side: each takes a free metrics port.
         ("METER__METRICS__LISTEN", "127.0.0.1:0".to_owned()),
         ("METER__SINK__BATCH_MS", cfg.sink.batch_ms.to_string()),

@@ -295,6 +295,16 @@ pub struct SinkConfig {
     /// Consumer group of the sink instances.
     #[serde(default = "default_sink_group")]
     pub group_id: String,
+    /// Identity of this sink instance, stable across its restarts (static
+    /// group membership): a restarted sink takes its partitions back at once
+    /// instead of waiting for its predecessor's session to time out. Two
+    /// live instances must not share it. Default: the host name.
+    #[serde(default = "default_instance_id")]
+    pub instance_id: String,
+    /// Consumer group session timeout: how long a dead sink keeps its
+    /// partitions before they move to another sink.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
     /// A batch is inserted when it holds this many rows...
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
@@ -328,6 +338,8 @@ impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
             group_id: default_sink_group(),
+            instance_id: default_instance_id(),
+            session_timeout_ms: default_session_timeout_ms(),
             batch_rows: default_batch_rows(),
             batch_ms: default_batch_ms(),
             backoff_ms: default_backoff_ms(),
@@ -741,6 +753,8 @@ impl Config {
         check(self.processor.commit_interval_ms > 0, "processor.commit_interval_ms must be positive");
         check(!self.processor.instance_id.is_empty(), "processor.instance_id must not be empty");
         check(self.processor.session_timeout_ms >= 6_000, "processor.session_timeout_ms must be at least 6000 (the broker's minimum)");
+        check(!self.sink.instance_id.is_empty(), "sink.instance_id must not be empty");
+        check(self.sink.session_timeout_ms >= 6_000, "sink.session_timeout_ms must be at least 6000 (the broker's minimum)");
         check(self.processor.transaction_timeout_ms >= 1_000, "processor.transaction_timeout_ms must be at least 1000");
         check(self.processor.allowed_lateness_ms >= 0, "processor.allowed_lateness_ms must not be negative");
         check(

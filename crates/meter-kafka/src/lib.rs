@@ -19,7 +19,7 @@ use std::time::Duration;
 use meter_config::{Config, KafkaConfig};
 use meter_telemetry::kafka::{ClientSample, KafkaMetrics};
 use rdkafka::consumer::{Consumer, ConsumerContext};
-use rdkafka::{ClientConfig, ClientContext, Offset, Statistics};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 
 /// Base client configuration: brokers plus pass-through properties.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -67,7 +67,21 @@ impl ClientContext for StatsContext {
     }
 }
 
-impl ConsumerContext for StatsContext {}
+/// Rebalances are logged: which partitions an instance owns is the first
+/// thing an operator asks when input stops moving.
+impl ConsumerContext for StatsContext {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        use rdkafka::consumer::Rebalance;
+        let list = |tpl: &TopicPartitionList| -> Vec<String> {
+            tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect()
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = ?list(tpl), "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = ?list(tpl), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
 
 /// Delivery failures surface where they matter: in `commit_transaction` for
 /// the processor, in the agent's own delivery handling.
@@ -124,6 +138,24 @@ impl Signal {
     pub fn is_raised(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// How many partitions `topics` have, and how many of them are assigned to
+/// this consumer; `None` when the metadata or the assignment cannot be
+/// read. Blocking metadata call: use it for draining, not on the hot path.
+pub fn assignment_coverage<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(consumer: &C, topics: &[&str]) -> Option<(usize, usize)> {
+    let timeout = Duration::from_secs(5);
+    let assignment = consumer.assignment().ok()?;
+    let (mut owned, mut total) = (0, 0);
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+        let t = metadata.topics().iter().find(|t| t.name() == *topic)?;
+        for p in t.partitions() {
+            total += 1;
+            owned += usize::from(assignment.find_partition(topic, p.id()).is_some());
+        }
+    }
+    Some((owned, total))
 }
 
 /// True when the consumer has an assignment and, for every assigned

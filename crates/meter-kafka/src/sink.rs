@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use crate::{caught_up, observed_client_config, Signal, StatsContext};
+use crate::{assignment_coverage, caught_up, observed_client_config, Signal, StatsContext};
 
 type SinkConsumer = StreamConsumer<StatsContext>;
 
@@ -89,8 +89,9 @@ async fn insert_batch(client: &clickhouse::Client, batch: &Batch) -> Result<(), 
     Ok(())
 }
 
-/// Runs the sink until `shutdown`, or, once `drain` is raised, until both
-/// topics are consumed to their end and everything is inserted.
+/// Runs the sink until `shutdown`, or, once `drain` is raised, until this
+/// instance owns every partition of both topics, has consumed each to its
+/// end and everything is inserted.
 pub async fn run(cfg: &Config, shutdown: Signal, drain: Signal) -> anyhow::Result<SinkStats> {
     run_observed(cfg, shutdown, drain, Telemetry::new("sink")).await
 }
@@ -106,6 +107,11 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
     health.beat();
     let consumer: SinkConsumer = observed_client_config(cfg)
         .set("group.id", &cfg.sink.group_id)
+        // Static membership: a restarted sink takes its partitions back at
+        // once; without it they sat unread until the dead member's session
+        // expired (45 s by librdkafka's default).
+        .set("group.instance.id", &cfg.sink.instance_id)
+        .set("session.timeout.ms", cfg.sink.session_timeout_ms.to_string())
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
@@ -118,6 +124,7 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
     let mut stats = SinkStats::default();
     let mut batch = Batch::default();
     let max_wait = Duration::from_millis(cfg.sink.batch_ms);
+    let mut drain_waiting_logged: Option<Instant> = None;
     info!(database = %cfg.clickhouse.database, "sink started");
     health.set_ready();
     loop {
@@ -171,13 +178,31 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
             flush(cfg, &client, &consumer, &mut batch, &mut stats, &shutdown, (health, &metrics)).await?;
         }
         // Checking the high watermarks blocks on the broker, so only when idle.
-        if idle && drain.is_raised() && batch.rows == 0 && caught_up(&consumer) {
+        if idle && drain.is_raised() && batch.rows == 0 && drained(cfg, &consumer, &mut drain_waiting_logged) {
             break;
         }
     }
     health.set_not_ready("stopped");
     info!(usage_rows = stats.usage_rows, dead_letter_rows = stats.dead_letter_rows, batches = stats.batches, "sink stopped");
     Ok(stats)
+}
+
+/// Draining is done when this instance owns every partition of both topics
+/// and has consumed each to its end. Being caught up on its own assignment
+/// is not enough: partitions held by another member, possibly a dead one
+/// whose session has not expired yet, are nobody's to insert meanwhile.
+fn drained(cfg: &Config, consumer: &SinkConsumer, waiting_logged: &mut Option<Instant>) -> bool {
+    match assignment_coverage(consumer, &[&cfg.topics.aggregates, &cfg.topics.dlq]) {
+        Some((owned, total)) if owned == total => caught_up(consumer),
+        coverage => {
+            if waiting_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                *waiting_logged = Some(Instant::now());
+                let (owned, total) = coverage.unwrap_or_default();
+                info!(owned, total, "draining: waiting to own every partition of both topics (stop the group's other sinks)");
+            }
+            false
+        }
+    }
 }
 
 async fn flush(

@@ -305,3 +305,91 @@ async fn unauthorized_agents_are_dead_lettered_and_totals_stay_exact() {
     assert!(rec.mismatches.is_empty(), "{}", rec.summary());
     assert_eq!(rec.events, expected.event_count());
 }
+
+/// A draining sink must not stop while another member of its group holds
+/// partitions (in production: a dead sink whose session has not expired):
+/// caught up on its own share is not done. Once the other member leaves, it
+/// takes over, inserts the rest and only then stops, with nothing missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_sink_waits_for_partitions_another_member_holds() {
+    let cfg = Arc::new(unique_config("drain"));
+    setup(&cfg).await;
+    let processor_drain = Signal::default();
+    let processor = tokio::spawn({
+        let (cfg, drain) = (cfg.clone(), processor_drain.clone());
+        async move { processor::run(&cfg, Signal::default(), drain).await }
+    });
+    let sim = SimConfig {
+        seed: 11,
+        customers: 6,
+        agent_id: "it-drain".into(),
+        start: past_midnight() + 3_600_000,
+        duration_s: 600,
+        customer_prefix: "cust-".into(),
+    };
+    let (_, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
+    processor_drain.raise();
+    tokio::time::timeout(Duration::from_secs(120), processor).await.expect("processor drains").unwrap().unwrap();
+
+    // Another member of the sink group that holds its share and never
+    // commits: it polls (so it stays in the group and takes part in the
+    // rebalance) until told to leave.
+    let leave = Signal::default();
+    let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
+    let other = std::thread::spawn({
+        let (cfg, leave) = (cfg.clone(), leave.clone());
+        move || {
+            let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka)
+                .set("group.id", &cfg.sink.group_id)
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&cfg.topics.aggregates, &cfg.topics.dlq]).unwrap();
+            let mut told = false;
+            while !leave.is_raised() {
+                let _ = consumer.poll(Duration::from_millis(100));
+                if !told && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                    told = true;
+                    assigned_tx.send(()).unwrap();
+                }
+            }
+            // Dynamic member: closing sends LeaveGroup, the sink gets its share.
+            drop(consumer);
+        }
+    });
+    assigned_rx.recv_timeout(Duration::from_secs(60)).expect("the other member gets partitions");
+
+    let sink_drain = Signal::default();
+    sink_drain.raise();
+    let sink = tokio::spawn({
+        let (cfg, drain) = (cfg.clone(), sink_drain.clone());
+        async move { sink::run(&cfg, Signal::default(), drain).await }
+    });
+    // Wait until the sink has inserted its share and the row count stands
+    // still for 3 s: a sink that drained only its own partitions has
+    // stopped by then.
+    let client = sink::connection(&cfg).client().unwrap();
+    let rows = || async { client.query("SELECT count() FROM usage_minute").fetch_one::<u64>().await.unwrap() };
+    let (mut last, mut still_since) = (0u64, std::time::Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = rows().await;
+        if now != last {
+            (last, still_since) = (now, std::time::Instant::now());
+        } else if last > 0 && still_since.elapsed() >= Duration::from_secs(3) {
+            break;
+        }
+        assert!(still_since.elapsed() < Duration::from_secs(90), "the sink inserted nothing");
+    }
+    assert!(!sink.is_finished(), "the draining sink stopped while another member held partitions: {:?}", sink.await);
+    let partial = reconcile::reconcile(&cfg, &ledger).await.unwrap();
+    assert!(!partial.mismatches.is_empty(), "the other member's share must still be missing");
+
+    leave.raise();
+    other.join().unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(120), sink).await.expect("sink drains").unwrap().unwrap();
+    assert!(stats.usage_rows > 0);
+    let rec = reconcile::reconcile(&cfg, &ledger).await.unwrap();
+    assert!(rec.mismatches.is_empty(), "{}", rec.summary());
+}
