@@ -140,49 +140,89 @@ impl Signal {
     }
 }
 
-/// How many partitions `topics` have, and how many of them are assigned to
-/// this consumer; `None` when the metadata or the assignment cannot be
-/// read. Blocking metadata call: use it for draining, not on the hot path.
-pub fn assignment_coverage<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(consumer: &C, topics: &[&str]) -> Option<(usize, usize)> {
-    let timeout = Duration::from_secs(5);
-    let assignment = consumer.assignment().ok()?;
-    let (mut owned, mut total) = (0, 0);
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
-        let t = metadata.topics().iter().find(|t| t.name() == *topic)?;
-        for p in t.partitions() {
-            total += 1;
-            owned += usize::from(assignment.find_partition(topic, p.id()).is_some());
-        }
-    }
-    Some((owned, total))
+/// The client that answers a drain's questions (partition counts, watermarks,
+/// committed offsets) for a consumer in `group`, over its own connection.
+/// Asked on the consumer's own connection, each of those requests queues
+/// behind the fetch the broker holds open for up to `fetch.wait.max.ms`
+/// (500 ms), and a drain check asks one per partition: with 12 partitions
+/// a check took 6 s. It reads with `read_committed` like the consumers it
+/// serves, so "the end" of a partition is its last stable offset.
+pub struct DrainProbe {
+    client: rdkafka::consumer::BaseConsumer,
 }
 
-/// True when the consumer has an assignment and, for every assigned
-/// partition, the next offset it would read (its position, else its
-/// committed offset) is at the partition's high watermark. Blocking
-/// metadata calls: use it for draining, not on the hot path.
-pub fn caught_up<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(consumer: &C) -> bool {
-    let timeout = Duration::from_secs(5);
-    let Ok(assignment) = consumer.assignment() else { return false };
-    if assignment.count() == 0 {
-        return false;
+impl DrainProbe {
+    /// A probe for the consumers of `group` (it never joins the group).
+    pub fn new(kafka: &KafkaConfig, group: &str) -> rdkafka::error::KafkaResult<Self> {
+        let client = client_config(kafka).set("group.id", group).set("isolation.level", "read_committed").create()?;
+        Ok(DrainProbe { client })
     }
-    let position = consumer.position().ok();
-    let committed = consumer.committed(timeout).ok();
-    assignment.elements().iter().all(|e| {
-        let Ok((low, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout) else { return false };
-        let next = |list: &Option<rdkafka::TopicPartitionList>| match list
-            .as_ref()
-            .and_then(|l| l.find_partition(e.topic(), e.partition()))
-            .map(|x| x.offset())
+
+    /// The probe in `slot`, created there on first use (most runs never
+    /// drain, and a probe is a client with its own threads).
+    pub fn in_slot<'a>(slot: &'a mut Option<DrainProbe>, kafka: &KafkaConfig, group: &str) -> rdkafka::error::KafkaResult<&'a DrainProbe> {
+        Ok(match slot.take() {
+            Some(p) => slot.insert(p),
+            None => slot.insert(DrainProbe::new(kafka, group)?),
+        })
+    }
+
+    /// How many partitions `topics` have, and how many of them are assigned
+    /// to `consumer`; `None` when the metadata or the assignment cannot be
+    /// read.
+    pub fn assignment_coverage<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C, topics: &[&str]) -> Option<(usize, usize)> {
+        let assignment = consumer.assignment().ok()?;
+        let (mut owned, mut total) = (0, 0);
+        for topic in topics {
+            let metadata = self.client.fetch_metadata(Some(topic), PROBE_TIMEOUT).ok()?;
+            let t = metadata.topics().iter().find(|t| t.name() == *topic)?;
+            for p in t.partitions() {
+                total += 1;
+                owned += usize::from(assignment.find_partition(topic, p.id()).is_some());
+            }
+        }
+        Some((owned, total))
+    }
+
+    /// True when `consumer` has an assignment and, for every assigned
+    /// partition, the next offset it would read (its position, else the
+    /// group's committed offset) is at the partition's end. Blocking: for
+    /// draining, not for the hot path.
+    pub fn caught_up<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) -> bool {
+        let Ok(assignment) = consumer.assignment() else { return false };
+        if assignment.count() == 0 {
+            return false;
+        }
+        let next = |list: &TopicPartitionList, topic: &str, partition: i32| match list.find_partition(topic, partition).map(|x| x.offset())
         {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };
-        match next(&position).or_else(|| next(&committed)) {
-            Some(o) => o >= high,
-            None => high == low,
+        let Ok(position) = consumer.position() else { return false };
+        let mut committed: Option<TopicPartitionList> = None;
+        for e in assignment.elements() {
+            let Ok((low, high)) = self.client.fetch_watermarks(e.topic(), e.partition(), PROBE_TIMEOUT) else { return false };
+            let mut at = next(&position, e.topic(), e.partition());
+            if at.is_none() {
+                // Not fetched yet: where the group would start it.
+                if committed.is_none() {
+                    match self.client.committed_offsets(assignment.clone(), PROBE_TIMEOUT) {
+                        Ok(c) => committed = Some(c),
+                        Err(_) => return false,
+                    }
+                }
+                at = committed.as_ref().and_then(|c| next(c, e.topic(), e.partition()));
+            }
+            let done = match at {
+                Some(o) => o >= high,
+                None => high == low,
+            };
+            if !done {
+                return false;
+            }
         }
-    })
+        true
+    }
 }
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

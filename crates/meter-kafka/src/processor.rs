@@ -57,7 +57,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use crate::{caught_up, client_config, now_ms, observed_client_config, Signal, StatsContext};
+use crate::{client_config, now_ms, observed_client_config, DrainProbe, Signal, StatsContext};
 
 /// librdkafka's `fetch.queue.backoff.ms` for consumers that must keep up
 /// with a backlog, unless `kafka.properties` sets it (perf, issue 6). Its
@@ -610,6 +610,7 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
     let mut next_commit = Instant::now() + interval;
     let (mut first_record, mut last_record): Span = (None, None);
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut drain_probe: Option<DrainProbe> = None;
     loop {
         let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
         // Never poll while holding the runner: rebalance callbacks lock it.
@@ -684,9 +685,13 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
             next_commit = Instant::now() + interval;
             // Checking the high watermarks blocks on the broker, so only
             // when no record arrived for a while.
-            if idle && drain.is_raised() && r.engine.drained() && caught_up(consumer) {
-                r.commit(consumer)?;
-                break;
+            if idle && drain.is_raised() && r.engine.drained() {
+                let probe =
+                    DrainProbe::in_slot(&mut drain_probe, &cfg.kafka, &cfg.processor.group_id).context("creating the drain probe")?;
+                if probe.caught_up(consumer) {
+                    r.commit(consumer)?;
+                    break;
+                }
             }
         }
     }

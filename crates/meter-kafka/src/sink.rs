@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use crate::{assignment_coverage, caught_up, observed_client_config, Signal, StatsContext};
+use crate::{observed_client_config, DrainProbe, Signal, StatsContext};
 
 type SinkConsumer = StreamConsumer<StatsContext>;
 
@@ -124,6 +124,7 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
     let mut stats = SinkStats::default();
     let mut batch = Batch::default();
     let max_wait = Duration::from_millis(cfg.sink.batch_ms);
+    let mut drain_probe: Option<DrainProbe> = None;
     let mut drain_waiting_logged: Option<Instant> = None;
     info!(database = %cfg.clickhouse.database, "sink started");
     health.set_ready();
@@ -178,8 +179,11 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
             flush(cfg, &client, &consumer, &mut batch, &mut stats, &shutdown, (health, &metrics)).await?;
         }
         // Checking the high watermarks blocks on the broker, so only when idle.
-        if idle && drain.is_raised() && batch.rows == 0 && drained(cfg, &consumer, &mut drain_waiting_logged) {
-            break;
+        if idle && drain.is_raised() && batch.rows == 0 {
+            let probe = DrainProbe::in_slot(&mut drain_probe, &cfg.kafka, &cfg.sink.group_id).context("creating the drain probe")?;
+            if drained(cfg, &consumer, probe, &mut drain_waiting_logged) {
+                break;
+            }
         }
     }
     health.set_not_ready("stopped");
@@ -191,9 +195,9 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
 /// and has consumed each to its end. Being caught up on its own assignment
 /// is not enough: partitions held by another member, possibly a dead one
 /// whose session has not expired yet, are nobody's to insert meanwhile.
-fn drained(cfg: &Config, consumer: &SinkConsumer, waiting_logged: &mut Option<Instant>) -> bool {
-    match assignment_coverage(consumer, &[&cfg.topics.aggregates, &cfg.topics.dlq]) {
-        Some((owned, total)) if owned == total => caught_up(consumer),
+fn drained(cfg: &Config, consumer: &SinkConsumer, probe: &DrainProbe, waiting_logged: &mut Option<Instant>) -> bool {
+    match probe.assignment_coverage(consumer, &[&cfg.topics.aggregates, &cfg.topics.dlq]) {
+        Some((owned, total)) if owned == total => probe.caught_up(consumer),
         coverage => {
             if waiting_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 *waiting_logged = Some(Instant::now());
