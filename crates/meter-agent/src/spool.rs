@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -424,9 +424,18 @@ impl Spool {
             return Ok(false);
         };
         // One write per tick: a crash tears at most this batch (CRC).
-        if let Err(e) = w.write_all(&frame) {
-            // Cut a partial write off so that the file stays a valid log.
+        let written = w.write_all(&frame).and_then(|()| match self.settings.fsync {
+            Fsync::Always => w.sync_data(),
+            Fsync::Interval(_) | Fsync::Never => Ok(()),
+        });
+        if let Err(e) = written {
+            // Not kept, and the caller is told so (it gives the seqs back and
+            // records the tick as dropped): cut the batch off so that the log
+            // never holds, and never replays, what was reported lost. The
+            // cursor goes back too: a new segment is not in append mode, and
+            // the next frame must start where the log ends, not after a hole.
             let _ = w.set_len(seg.bytes);
+            let _ = w.seek(SeekFrom::Start(seg.bytes));
             return Err(io(&seg.path)(e));
         }
         seg.bytes += framed;
@@ -436,12 +445,8 @@ impl Spool {
             self.last_meta = Some(batch.body[META_AT + 4..META_AT + 4 + meta_len].to_vec());
         }
         self.next_index += u64::from(batch.count);
-        match self.settings.fsync {
-            Fsync::Always => w.sync_data().map_err(io(&seg.path))?,
-            Fsync::Interval(_) => {
-                self.dirty_since.get_or_insert_with(Instant::now);
-            }
-            Fsync::Never => {}
+        if let Fsync::Interval(_) = self.settings.fsync {
+            self.dirty_since.get_or_insert_with(Instant::now);
         }
         Ok(true)
     }
