@@ -237,6 +237,8 @@ fn poison(codec: &Codec, customer: &str, now: i64, sim_start: i64, n: u64) -> Ve
         (R::UnknownService, key.clone(), enc(&UsageEvent { service: "mainframe".into(), ..base.clone() })),
         (R::UnknownUsageType, key.clone(), enc(&UsageEvent { usage_type: "BoxUsage:z9.huge".into(), ..base.clone() })),
         (R::NegativeQuantity, key.clone(), enc(&UsageEvent { quantity: -7, ..base.clone() })),
+        (R::InvalidSeq, key.clone(), enc(&UsageEvent { seq: Some(0), ..base.clone() })),
+        (R::InvalidSeq, key.clone(), enc(&UsageEvent { seq: Some(i64::MAX), ..base.clone() })),
         (R::EmptyCustomerId, key.clone(), enc(&UsageEvent { customer_id: String::new(), ..base.clone() })),
         (R::StringTooLong, key.clone(), enc(&UsageEvent { resource_id: "r".repeat(300), ..base.clone() })),
         (R::InvalidTimestamp, key.clone(), enc(&UsageEvent { event_time: 0, ..base.clone() })),

@@ -119,10 +119,11 @@ pub enum DeadLetterReason {
     TooLate,
     EventIdConflict,
     Unauthorized,
+    InvalidSeq,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 18] = [
+    pub const ALL: [DeadLetterReason; 19] = [
         Self::EmptyPayload,
         Self::OversizePayload,
         Self::BadMagic,
@@ -141,6 +142,7 @@ impl DeadLetterReason {
         Self::TooLate,
         Self::EventIdConflict,
         Self::Unauthorized,
+        Self::InvalidSeq,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -163,6 +165,7 @@ impl DeadLetterReason {
             Self::TooLate => "too_late",
             Self::EventIdConflict => "event_id_conflict",
             Self::Unauthorized => "unauthorized",
+            Self::InvalidSeq => "invalid_seq",
         }
     }
 }

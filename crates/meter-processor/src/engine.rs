@@ -538,6 +538,12 @@ impl Engine {
                 }
             },
         };
+        // Seqs start at 1. A seq below that would never be recorded as seen
+        // (every replay aggregated again), and i64::MAX leaves no room above
+        // it for the dedup high-water mark.
+        if let Some(seq) = e.seq.filter(|&s| !(1..i64::MAX).contains(&s)) {
+            return Err((DeadLetterReason::InvalidSeq, format!("seq {seq} is outside 1..{}", i64::MAX)));
+        }
         if e.quantity < 0 {
             return Err((DeadLetterReason::NegativeQuantity, format!("quantity {} is negative", e.quantity)));
         }

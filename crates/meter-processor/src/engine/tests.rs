@@ -94,6 +94,9 @@ fn each_kind_of_bad_input_gets_its_reason() {
         (UsageEvent { event_time: MAX_EVENT_TIME, ..good.clone() }, DeadLetterReason::InvalidTimestamp),
         (UsageEvent { event_time: NOW + 3_600_000, ..good.clone() }, DeadLetterReason::FutureTimestamp),
         (UsageEvent { region: "r".repeat(300), ..good.clone() }, DeadLetterReason::StringTooLong),
+        (UsageEvent { seq: Some(0), ..good.clone() }, DeadLetterReason::InvalidSeq),
+        (UsageEvent { seq: Some(-3), ..good.clone() }, DeadLetterReason::InvalidSeq),
+        (UsageEvent { seq: Some(i64::MAX), ..good.clone() }, DeadLetterReason::InvalidSeq),
     ];
     for (e, want) in cases {
         let payload = encode(&e);
@@ -123,8 +126,8 @@ fn each_kind_of_bad_input_gets_its_reason() {
     // Nothing bad reached a window, and the good event is still accepted.
     assert!(en.flush(T0).is_empty());
     assert_eq!(feed(&mut en, &good, NOW), Outcome::Aggregated);
-    assert_eq!(en.counters().total(), 16);
-    assert_eq!(en.counters().dead_lettered(), 15);
+    assert_eq!(en.counters().total(), 19);
+    assert_eq!(en.counters().dead_lettered(), 18);
 }
 
 #[test]
