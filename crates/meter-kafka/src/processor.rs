@@ -210,6 +210,23 @@ struct Runner {
     assigned_once: bool,
 }
 
+/// The most of an input record's payload and key a dead letter keeps. A dead
+/// letter carries the key twice (record key and Avro field) besides the
+/// payload, so a record near Kafka's 1 MB limit would make one too large to
+/// produce; its transaction would then fail and be retried forever, stalling
+/// every partition of the instance. Input within `max_payload_bytes` (64 KiB
+/// by default) is always kept whole; the detail says what was cut.
+const DLQ_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+const DLQ_MAX_KEY_BYTES: usize = 4 * 1024;
+
+fn keep_at_most(bytes: &[u8], limit: usize, what: &str, detail: &mut String) -> Vec<u8> {
+    if bytes.len() <= limit {
+        return bytes.to_vec();
+    }
+    detail.push_str(&format!(" ({what} truncated to its first {limit} of {} bytes)", bytes.len()));
+    bytes[..limit].to_vec()
+}
+
 fn transactional_producer(cfg: &Config, context: StatsContext) -> anyhow::Result<BaseProducer<StatsContext>> {
     let producer: BaseProducer<StatsContext> = observed_client_config(cfg)
         .set("transactional.id", format!("{}-{}", cfg.processor.group_id, cfg.processor.instance_id))
@@ -228,16 +245,18 @@ impl Runner {
     fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>, now: i64) {
         let partition = m.partition();
         let outcome = self.engine.process(Input { partition, key: m.key(), payload: m.payload() }, now);
-        if let Outcome::DeadLetter { reason, detail } = outcome {
+        if let Outcome::DeadLetter { reason, mut detail } = outcome {
             debug!(partition, offset = m.offset(), %reason, %detail, "dead-lettering record");
+            let key = m.key().map(|k| keep_at_most(k, DLQ_MAX_KEY_BYTES, "key", &mut detail));
+            let payload = keep_at_most(m.payload().unwrap_or_default(), DLQ_MAX_PAYLOAD_BYTES, "payload", &mut detail);
             self.dead_letters.push(DeadLetter {
                 reason,
                 detail,
                 source_topic: m.topic().to_owned(),
                 source_partition: partition,
                 source_offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                key,
+                payload,
                 dead_lettered_at: now,
             });
         }

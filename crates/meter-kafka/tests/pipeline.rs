@@ -393,3 +393,43 @@ async fn a_draining_sink_waits_for_partitions_another_member_holds() {
     let rec = reconcile::reconcile(&cfg, &ledger).await.unwrap();
     assert!(rec.mismatches.is_empty(), "{}", rec.summary());
 }
+
+/// A record near Kafka's size limit (here a 500 KB key and a 400 KB payload)
+/// is dead-lettered with its bytes truncated, saying so: whole, the dead
+/// letter (key twice, payload) would be too large to produce, and the
+/// processor retried that transaction forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_near_the_size_limit_is_dead_lettered_truncated_and_the_processor_keeps_going() {
+    let cfg = Arc::new(unique_config("huge"));
+    setup(&cfg).await;
+    let running = start(&cfg);
+    let key = vec![b'k'; 500_000];
+    let payload = vec![0xC3; 400_000];
+    let producer: FutureProducer = agent::producer(&cfg).unwrap();
+    producer
+        .send(FutureRecord::to(&cfg.topics.events).key(key.as_slice()).payload(payload.as_slice()), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let sim = SimConfig {
+        seed: 5,
+        customers: 2,
+        agent_id: "it-huge".into(),
+        start: past_midnight() + 7_200_000,
+        duration_s: 120,
+        customer_prefix: "cust-".into(),
+    };
+    let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
+    let (counters, sink_stats) = running.drain().await;
+    assert_eq!(counters.aggregated, stats.events);
+    assert_eq!(counters.dead_letters.get(&DeadLetterReason::OversizePayload), Some(&1));
+    assert_eq!(sink_stats.dead_letter_rows, 1);
+
+    let client = sink::connection(&cfg).client().unwrap();
+    let (detail, key_len, payload_len): (String, u64, u64) =
+        client.query("SELECT detail, length(record_key), length(payload) FROM dead_letters FINAL").fetch_one().await.unwrap();
+    assert_eq!((key_len, payload_len), (4 * 1024, 256 * 1024));
+    assert!(detail.contains("key truncated to its first 4096 of 500000 bytes"), "{detail}");
+    assert!(detail.contains("payload truncated to its first 262144 of 400000 bytes"), "{detail}");
+    let rec = reconcile::reconcile(&cfg, &ledger).await.unwrap();
+    assert!(rec.mismatches.is_empty(), "{}", rec.summary());
+}
