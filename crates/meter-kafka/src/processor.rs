@@ -184,6 +184,9 @@ struct Runner {
     engine: Engine,
     producer: BaseProducer<StatsContext>,
     restorer: BaseConsumer<QuietEof>,
+    /// Reads the changelog's high watermarks (read_uncommitted: the
+    /// restorer's own ListOffsets would answer the last stable offset).
+    watermarks: BaseConsumer,
     /// Next offset to read per owned events partition (committed offset
     /// after a restore, then advanced per record).
     positions: BTreeMap<i32, i64>,
@@ -327,42 +330,68 @@ impl Runner {
     }
 
     /// Replays the changelog partitions of `parts` into the engine, reading
-    /// each to its end (read_committed: up to the last stable offset).
+    /// each to its high watermark as of now.
+    ///
+    /// Reading to the end a read_committed consumer sees (the last stable
+    /// offset) is not enough: a transaction left open by an instance that
+    /// died without a successor under its transactional id holds the LSO
+    /// back, and the changelog entries committed after it (ours, since we
+    /// took the partition over) stay invisible until the broker aborts it.
+    /// The committed offsets already include them, so restoring without them
+    /// would silently drop the input they aggregated. Waiting for the high
+    /// watermark waits for every earlier transaction to end (at most the
+    /// dead instance's transaction timeout plus the broker's abort check).
     fn restore_partitions(&mut self, parts: &[i32]) -> anyhow::Result<u64> {
         let topic = &self.cfg.state_topic();
         let timeout = Duration::from_secs(10);
         let mut tpl = TopicPartitionList::new();
-        let mut pending = std::collections::HashSet::new();
+        let mut target: BTreeMap<i32, i64> = BTreeMap::new();
         for &p in parts {
-            let (low, high) = self.restorer.fetch_watermarks(topic, p, timeout).with_context(|| format!("watermarks of {topic}/{p}"))?;
+            let (low, high) = self.watermarks.fetch_watermarks(topic, p, timeout).with_context(|| format!("watermarks of {topic}/{p}"))?;
             if high > low {
                 tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-                pending.insert(p);
+                target.insert(p, high);
             }
         }
-        if pending.is_empty() {
+        if target.is_empty() {
             return Ok(0);
         }
         self.restorer.assign(&tpl)?;
         let now = now_ms();
         let mut n = 0u64;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !pending.is_empty() {
-            match self.restorer.poll(Duration::from_millis(100)) {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(300);
+        let mut waiting_logged = false;
+        while !target.is_empty() {
+            let check = match self.restorer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     self.engine
                         .restore(m.partition(), m.key().unwrap_or_default(), m.payload(), now)
                         .with_context(|| format!("restoring {topic}/{} offset {}", m.partition(), m.offset()))?;
                     n += 1;
+                    false
                 }
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    pending.remove(&p);
+                Some(Err(KafkaError::PartitionEOF(_))) | None => true,
+                Some(Err(e)) => {
+                    warn!(error = %e, "restore consumer error");
+                    true
                 }
-                Some(Err(e)) => warn!(error = %e, "restore consumer error"),
-                None => {}
+            };
+            if check {
+                // The position passes commit and abort markers too, so it
+                // reaches the high watermark once every transaction below it
+                // has ended.
+                let position = self.restorer.position()?;
+                target.retain(
+                    |&p, &mut high| !matches!(position.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= high),
+                );
+                if !target.is_empty() && !waiting_logged && started.elapsed() > Duration::from_secs(5) {
+                    waiting_logged = true;
+                    warn!(partitions = ?target.keys().collect::<Vec<_>>(), "restore waits for a transaction left open on the changelog (a dead instance's; the broker aborts it after its timeout)");
+                }
             }
             if Instant::now() > deadline {
-                bail!("restoring {topic} partitions {pending:?} did not reach their end in 300s");
+                bail!("restoring {topic} partitions {:?} did not reach their high watermark in 300s", target.keys().collect::<Vec<_>>());
             }
         }
         self.restorer.unassign()?;
@@ -558,6 +587,8 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
         .set("fetch.queue.backoff.ms", fetch_queue_backoff_ms(cfg))
         .create_with_context(QuietEof)
         .context("creating restore consumer")?;
+    let watermarks: BaseConsumer =
+        client_config(&cfg.kafka).set("isolation.level", "read_uncommitted").create().context("creating the changelog watermark client")?;
     let producer_context = StatsContext::new("producer", kafka_metrics);
     let producer = transactional_producer(cfg, producer_context.clone())?;
     consumer.subscribe(&[&cfg.topics.events]).context("subscribing to events topic")?;
@@ -567,6 +598,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
         engine: Engine::new(catalog, codec, engine_config(cfg)),
         producer,
         restorer,
+        watermarks,
         positions: BTreeMap::new(),
         owned: Default::default(),
         unrestored: Vec::new(),
