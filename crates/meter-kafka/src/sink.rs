@@ -5,7 +5,9 @@
 //! a row twice is harmless: the tables are ReplacingMergeTree keyed by the
 //! window (revision wins) or by the source position (dead letters). A failed
 //! insert is retried with exponential backoff, keeping the batch, for as
-//! long as it takes; the consumer pauses meanwhile.
+//! long as it takes; nothing is consumed meanwhile. Past librdkafka's
+//! `max.poll.interval.ms` without a poll the group drops the sink, its
+//! offset commit fails and it exits; restarted, it inserts the batch again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
