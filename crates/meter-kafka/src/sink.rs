@@ -23,7 +23,7 @@ use meter_telemetry::{Health, Telemetry};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{observed_client_config, DrainProbe, Signal, StatsContext};
 
@@ -44,7 +44,6 @@ pub struct SinkStats {
     pub dead_letter_rows: u64,
     pub batches: u64,
     pub retries: u64,
-    pub undecodable: u64,
     pub insert_time: Duration,
 }
 
@@ -145,10 +144,7 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
                 if topic == cfg.topics.aggregates {
                     match codec.decode_aggregate(payload) {
                         Ok(a) => batch.usage.entry(a.key.granularity).or_default().push(UsageRow::from(&a)),
-                        Err(e) => {
-                            stats.undecodable += 1;
-                            error!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable aggregate skipped");
-                        }
+                        Err(e) => return Err(undecodable(&m, "aggregate", e)),
                     }
                 } else {
                     match codec.decode_dead_letter(payload) {
@@ -163,10 +159,7 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
                             record_key: d.key.unwrap_or_default(),
                             payload: d.payload,
                         }),
-                        Err(e) => {
-                            stats.undecodable += 1;
-                            error!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable dead letter skipped");
-                        }
+                        Err(e) => return Err(undecodable(&m, "dead letter", e)),
                     }
                 }
                 batch.offsets.insert((topic, m.partition()), m.offset() + 1);
@@ -191,6 +184,19 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
     health.set_not_ready("stopped");
     info!(usage_rows = stats.usage_rows, dead_letter_rows = stats.dead_letter_rows, batches = stats.batches, "sink stopped");
     Ok(stats)
+}
+
+/// A record the sink cannot decode stops it, uncommitted: skipping it would
+/// leave its usage out of ClickHouse for good. The processor writes these
+/// topics, so this means a schema the sink does not know (upgrade the sink
+/// first, see the runbook) or a foreign producer on the topic.
+fn undecodable(m: &rdkafka::message::BorrowedMessage<'_>, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "undecodable {what} at {}/{} offset {}: {e}; the sink stops without committing it (is the sink older than the processor?)",
+        m.topic(),
+        m.partition(),
+        m.offset()
+    )
 }
 
 /// Draining is done when this instance owns every partition of both topics

@@ -524,3 +524,30 @@ async fn a_restore_waits_for_a_transaction_left_open_on_the_changelog() {
     }
     assert!(rec.mismatches.is_empty(), "{}", rec.summary());
 }
+
+/// An aggregate the sink cannot decode stops it without committing past the
+/// record: skipped, its usage would be missing from ClickHouse for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_aggregate_stops_the_sink_uncommitted() {
+    let cfg = Arc::new(unique_config("undecodable"));
+    setup(&cfg).await;
+    let producer: FutureProducer = agent::producer(&cfg).unwrap();
+    producer
+        .send(
+            FutureRecord::to(&cfg.topics.aggregates).key("cust-0001").partition(0).payload(&b"\x00not an aggregate"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let drain = Signal::default();
+    drain.raise();
+    let result = tokio::time::timeout(Duration::from_secs(60), sink::run(&cfg, Signal::default(), drain)).await.expect("the sink stops");
+    let error = format!("{:#}", result.expect_err("an undecodable aggregate is an error"));
+    assert!(error.contains("undecodable aggregate at") && error.contains("offset 0"), "{error}");
+    let probe: BaseConsumer = meter_kafka::client_config(&cfg.kafka).set("group.id", &cfg.sink.group_id).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&cfg.topics.aggregates, 0);
+    let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let offset = committed.find_partition(&cfg.topics.aggregates, 0).map(|e| e.offset());
+    assert!(!matches!(offset, Some(Offset::Offset(o)) if o > 0), "committed past the undecodable record: {offset:?}");
+}
