@@ -140,6 +140,18 @@ impl Signal {
     }
 }
 
+/// The consumer's fatal error, if librdkafka raised one: the client is
+/// unusable then, and retrying would only stall. The usual cause is a second
+/// live instance with the same `instance_id` in the group (static
+/// membership fences the older one).
+pub fn fatal<C: Consumer<X>, X: ConsumerContext>(consumer: &C, what: &str) -> Option<anyhow::Error> {
+    consumer.client().fatal_error().map(|(code, reason)| {
+        anyhow::anyhow!(
+            "fatal Kafka error in the {what} consumer: {code:?}: {reason} (is another instance running with the same instance_id?)"
+        )
+    })
+}
+
 /// The client that answers a drain's questions (partition counts, watermarks,
 /// committed offsets) for a consumer in `group`, over its own connection.
 /// Asked on the consumer's own connection, each of those requests queues

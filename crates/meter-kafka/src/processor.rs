@@ -674,6 +674,9 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
                 match consumer.poll(timeout) {
                     Some(Ok(m)) => batch.push(m),
                     Some(Err(e)) => {
+                        if let Some(fatal) = crate::fatal(consumer, "processor") {
+                            return Err(fatal);
+                        }
                         warn!(error = %e, "consumer error; librdkafka retries on its own");
                         break;
                     }

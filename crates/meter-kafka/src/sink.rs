@@ -166,7 +166,12 @@ pub async fn run_observed(cfg: &Config, shutdown: Signal, drain: Signal, telemet
                 batch.rows += 1;
                 batch.started.get_or_insert_with(Instant::now);
             }
-            Ok(Err(e)) => warn!(error = %e, "consumer error; librdkafka retries on its own"),
+            Ok(Err(e)) => {
+                if let Some(fatal) = crate::fatal(&consumer, "sink") {
+                    return Err(fatal);
+                }
+                warn!(error = %e, "consumer error; librdkafka retries on its own");
+            }
             Err(_) => idle = true,
         }
         let due = batch.rows >= cfg.sink.batch_rows || batch.started.is_some_and(|s| s.elapsed() >= max_wait);

@@ -551,3 +551,27 @@ async fn an_undecodable_aggregate_stops_the_sink_uncommitted() {
     let offset = committed.find_partition(&cfg.topics.aggregates, 0).map(|e| e.offset());
     assert!(!matches!(offset, Some(Offset::Offset(o)) if o > 0), "committed past the undecodable record: {offset:?}");
 }
+
+/// Two live sinks with the same `sink.instance_id`: static membership fences
+/// the older one, whose client is then unusable. It must stop with an error
+/// that names the cause, not sit in the group consuming nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_sink_stops_with_an_error() {
+    let cfg = Arc::new(unique_config("fenced"));
+    setup(&cfg).await;
+    let run = |cfg: &Arc<Config>, shutdown: Signal| {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { sink::run(&cfg, shutdown, Signal::default()).await })
+    };
+    let first = run(&cfg, Signal::default());
+    // Let the first one join and get its assignment.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!first.is_finished());
+    let second_stop = Signal::default();
+    let second = run(&cfg, second_stop.clone());
+    let result = tokio::time::timeout(Duration::from_secs(60), first).await.expect("the fenced sink stops").unwrap();
+    let error = format!("{:#}", result.expect_err("fenced is an error"));
+    assert!(error.contains("fatal Kafka error in the sink consumer") && error.contains("instance_id"), "{error}");
+    second_stop.raise();
+    tokio::time::timeout(Duration::from_secs(60), second).await.expect("the second sink stops").unwrap().unwrap();
+}
