@@ -49,6 +49,12 @@ fn past_midnight() -> i64 {
     now - now.rem_euclid(DAY_MS) - 2 * DAY_MS
 }
 
+/// A simulated fleet: `customers` customers of agent `agent_id` for
+/// `duration_s` simulated seconds from `start`.
+fn fleet(seed: u64, customers: usize, agent_id: &str, start: i64, duration_s: u64) -> SimConfig {
+    SimConfig { seed, customers, agent_id: agent_id.into(), start, duration_s, customer_prefix: "cust-".into() }
+}
+
 struct Running {
     processor: tokio::task::JoinHandle<anyhow::Result<processor::ProcessorStats>>,
     sink: tokio::task::JoinHandle<anyhow::Result<sink::SinkStats>>,
@@ -87,14 +93,7 @@ async fn ledger_equals_clickhouse_and_final_revisions_on_the_topic() {
     let running = start(&cfg);
     // Two simulated hours across a day boundary... of the same past day:
     // minute, hour and day windows all get several revisions.
-    let sim = SimConfig {
-        seed: 7,
-        customers: 5,
-        agent_id: "it-1".into(),
-        start: past_midnight() + 22 * 3_600_000,
-        duration_s: 2 * 3600,
-        customer_prefix: "cust-".into(),
-    };
+    let sim = fleet(7, 5, "it-1", past_midnight() + 22 * 3_600_000, 2 * 3600);
     let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
     let (counters, sink_stats) = running.drain().await;
 
@@ -160,14 +159,7 @@ async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
             .await
             .unwrap();
     }
-    let sim = SimConfig {
-        seed: 3,
-        customers: 3,
-        agent_id: "it-2".into(),
-        start: past_midnight(),
-        duration_s: 600,
-        customer_prefix: "cust-".into(),
-    };
+    let sim = fleet(3, 3, "it-2", past_midnight(), 600);
     let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
     let (counters, sink_stats) = running.drain().await;
 
@@ -260,14 +252,7 @@ fn migrations_apply_to_current_clickhouse_through_chdb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_agents_are_dead_lettered_and_totals_stay_exact() {
     let mut cfg = unique_config("auth");
-    let sim = |seed, agent_id: &str| SimConfig {
-        seed,
-        customers: 3,
-        agent_id: agent_id.into(),
-        start: past_midnight() + 5 * 3_600_000,
-        duration_s: 300,
-        customer_prefix: "cust-".into(),
-    };
+    let sim = |seed, agent_id: &str| fleet(seed, 3, agent_id, past_midnight() + 5 * 3_600_000, 300);
     let customers = meter_agent::Simulator::new(sim(1, "x")).customers().to_vec();
     let first = customers[0].clone();
     // it-legit may publish for all three customers, it-narrow only for the
@@ -319,14 +304,7 @@ async fn a_draining_sink_waits_for_partitions_another_member_holds() {
         let (cfg, drain) = (cfg.clone(), processor_drain.clone());
         async move { processor::run(&cfg, Signal::default(), drain).await }
     });
-    let sim = SimConfig {
-        seed: 11,
-        customers: 6,
-        agent_id: "it-drain".into(),
-        start: past_midnight() + 3_600_000,
-        duration_s: 600,
-        customer_prefix: "cust-".into(),
-    };
+    let sim = fleet(11, 6, "it-drain", past_midnight() + 3_600_000, 600);
     let (_, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
     processor_drain.raise();
     tokio::time::timeout(Duration::from_secs(120), processor).await.expect("processor drains").unwrap().unwrap();
@@ -410,14 +388,7 @@ async fn a_record_near_the_size_limit_is_dead_lettered_truncated_and_the_process
         .send(FutureRecord::to(&cfg.topics.events).key(key.as_slice()).payload(payload.as_slice()), Duration::from_secs(10))
         .await
         .unwrap();
-    let sim = SimConfig {
-        seed: 5,
-        customers: 2,
-        agent_id: "it-huge".into(),
-        start: past_midnight() + 7_200_000,
-        duration_s: 120,
-        customer_prefix: "cust-".into(),
-    };
+    let sim = fleet(5, 2, "it-huge", past_midnight() + 7_200_000, 120);
     let (stats, ledger) = agent::run_simulated(&cfg, sim, 0.0, None).await.unwrap();
     let (counters, sink_stats) = running.drain().await;
     assert_eq!(counters.aggregated, stats.events);
@@ -471,16 +442,9 @@ async fn a_restore_waits_for_a_transaction_left_open_on_the_changelog() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let cfg = Arc::new(unique_config("zombie"));
     setup(&cfg).await;
-    let sim = |n: i64| SimConfig {
-        seed: 40 + n as u64,
-        customers: 3,
-        agent_id: format!("it-zombie-{n}"),
-        // Three consecutive minutes of one hour: its hour and day windows
-        // hold all three batches.
-        start: past_midnight() + 3_600_000 + n * 60_000,
-        duration_s: 60,
-        customer_prefix: "cust-".into(),
-    };
+    // Three consecutive minutes of one hour: its hour and day windows hold
+    // all three batches.
+    let sim = |n: i64| fleet(40 + n as u64, 3, &format!("it-zombie-{n}"), past_midnight() + 3_600_000 + n * 60_000, 60);
     let mut ledger = meter_model::ledger::Ledger::default();
 
     let shutdown = Signal::default();
