@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use meter_config::Config;
-use meter_kafka::{client_config, now_ms, Signal};
+use meter_kafka::{assign_from_beginning, client_config, now_ms, Signal};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -36,7 +36,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -314,18 +313,7 @@ fn bare_consume(cfg: &Config) -> anyhow::Result<(u64, Duration)> {
         .set("fetch.queue.backoff.ms", meter_kafka::processor::fetch_queue_backoff_ms(cfg))
         .create()
         .context("creating bare consumer")?;
-    let topic = &cfg.topics.events;
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = std::collections::HashMap::new();
-    for p in 0..cfg.topics.partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            remaining.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
+    let mut remaining = assign_from_beginning(&consumer, &consumer, &cfg.topics.events, 0..cfg.topics.partitions)?;
     let (mut n, mut bytes) = (0u64, 0usize);
     let (mut first, mut last) = (None, Instant::now());
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -490,17 +478,7 @@ fn copy_uncommitted(cfg: &Config, from: &str, to: &str) -> anyhow::Result<BasePr
         .set("isolation.level", "read_committed")
         .set("fetch.queue.backoff.ms", meter_kafka::processor::fetch_queue_backoff_ms(cfg))
         .create()?;
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = std::collections::HashMap::new();
-    for p in 0..cfg.topics.partitions {
-        let (low, high) = consumer.fetch_watermarks(from, p, timeout)?;
-        if high > low {
-            remaining.insert(p, high);
-            tpl.add_partition_offset(from, p, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
+    let mut remaining = assign_from_beginning(&consumer, &consumer, from, 0..cfg.topics.partitions)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while !remaining.is_empty() {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {

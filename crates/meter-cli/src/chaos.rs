@@ -382,20 +382,11 @@ fn dlq_reasons(cfg: &Config) -> anyhow::Result<BTreeMap<String, u64>> {
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .create()?;
-    let mut tpl = TopicPartitionList::new();
-    let mut open = std::collections::HashSet::new();
-    for p in 0..cfg.topics.partitions {
-        let (lo, hi) = consumer.fetch_watermarks(&cfg.topics.dlq, p, Duration::from_secs(10))?;
-        if hi > lo {
-            tpl.add_partition_offset(&cfg.topics.dlq, p, Offset::Beginning)?;
-            open.insert(p);
-        }
-    }
+    let mut open = meter_kafka::assign_from_beginning(&consumer, &consumer, &cfg.topics.dlq, 0..cfg.topics.partitions)?;
     let mut out = BTreeMap::new();
     if open.is_empty() {
         return Ok(out);
     }
-    consumer.assign(&tpl)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !open.is_empty() && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {

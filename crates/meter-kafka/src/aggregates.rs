@@ -11,9 +11,8 @@ use meter_model::ledger::{Ledger, LedgerKey, Totals};
 use meter_model::{AggregatedUsage, WindowKey};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
-use crate::client_config;
+use crate::{assign_from_beginning, client_config, forget_reached};
 
 /// The highest revision of every window on the topic, and how many of them
 /// are final.
@@ -59,36 +58,20 @@ pub fn read_latest(cfg: &Config, timeout: Duration) -> anyhow::Result<LatestRevi
     let topic = &cfg.topics.aggregates;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).context("fetching metadata")?;
     let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for &p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-            ends.insert(p, high);
-        }
-    }
+    let mut ends = assign_from_beginning(&consumer, &consumer, topic, partitions).context("assigning the aggregates topic")?;
     let mut out = LatestRevisions::default();
     if ends.is_empty() {
         return Ok(out);
     }
-    consumer.assign(&tpl)?;
     let deadline = Instant::now() + timeout;
     while !ends.is_empty() {
         if Instant::now() > deadline {
             bail!("timed out reading {topic}: partitions {:?} not read to their end", ends.keys().collect::<Vec<_>>());
         }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            // Transaction markers occupy offsets without being delivered.
-            if let Ok(pos) = consumer.position() {
-                for e in pos.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        if ends.get(&e.partition()).is_some_and(|&h| o >= h) {
-                            ends.remove(&e.partition());
-                        }
-                    }
-                }
-            }
+            // Markers at a partition's end are never delivered; a position
+            // that cannot be read now is read again at the next idle poll.
+            let _ = forget_reached(&consumer, topic, &mut ends);
             continue;
         };
         let m = m.context("reading aggregates")?;

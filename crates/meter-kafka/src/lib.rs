@@ -11,6 +11,7 @@ pub mod processor;
 pub mod reconcile;
 pub mod sink;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -138,6 +139,44 @@ impl Signal {
     pub fn is_raised(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// Assigns `consumer` every partition of `topic` among `partitions` that
+/// holds records, from its beginning, and returns the high watermark of each
+/// as `watermarks` answers it now: where reading it whole ends. Empty
+/// partitions are left out; nothing is assigned when all are empty.
+pub fn assign_from_beginning<C: Consumer<X>, X: ConsumerContext, W: Consumer<Y>, Y: ConsumerContext>(
+    consumer: &C,
+    watermarks: &W,
+    topic: &str,
+    partitions: impl IntoIterator<Item = i32>,
+) -> rdkafka::error::KafkaResult<BTreeMap<i32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in partitions {
+        let (low, high) = watermarks.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            ends.insert(p, high);
+        }
+    }
+    if !ends.is_empty() {
+        consumer.assign(&tpl)?;
+    }
+    Ok(ends)
+}
+
+/// Forgets the partitions of `ends` that `consumer`'s position has reached.
+/// Positions pass transaction markers, which occupy offsets but are never
+/// delivered, so this is how a read_committed reader knows it is at the end.
+pub fn forget_reached<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    ends: &mut BTreeMap<i32, i64>,
+) -> rdkafka::error::KafkaResult<()> {
+    let position = consumer.position()?;
+    ends.retain(|&p, &mut high| !matches!(position.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= high));
+    Ok(())
 }
 
 /// The consumer's fatal error, if librdkafka raised one: the client is

@@ -57,7 +57,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use crate::{client_config, now_ms, observed_client_config, DrainProbe, Signal, StatsContext};
+use crate::{assign_from_beginning, client_config, forget_reached, now_ms, observed_client_config, DrainProbe, Signal, StatsContext};
 
 /// librdkafka's `fetch.queue.backoff.ms` for consumers that must keep up
 /// with a backlog, unless `kafka.properties` sets it (perf, issue 6). Its
@@ -343,20 +343,11 @@ impl Runner {
     /// dead instance's transaction timeout plus the broker's abort check).
     fn restore_partitions(&mut self, parts: &[i32]) -> anyhow::Result<u64> {
         let topic = &self.cfg.state_topic();
-        let timeout = Duration::from_secs(10);
-        let mut tpl = TopicPartitionList::new();
-        let mut target: BTreeMap<i32, i64> = BTreeMap::new();
-        for &p in parts {
-            let (low, high) = self.watermarks.fetch_watermarks(topic, p, timeout).with_context(|| format!("watermarks of {topic}/{p}"))?;
-            if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-                target.insert(p, high);
-            }
-        }
+        let mut target = assign_from_beginning(&self.restorer, &self.watermarks, topic, parts.iter().copied())
+            .with_context(|| format!("assigning {topic}"))?;
         if target.is_empty() {
             return Ok(0);
         }
-        self.restorer.assign(&tpl)?;
         let now = now_ms();
         let mut n = 0u64;
         let started = Instant::now();
@@ -381,10 +372,7 @@ impl Runner {
                 // The position passes commit and abort markers too, so it
                 // reaches the high watermark once every transaction below it
                 // has ended.
-                let position = self.restorer.position()?;
-                target.retain(
-                    |&p, &mut high| !matches!(position.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= high),
-                );
+                forget_reached(&self.restorer, topic, &mut target)?;
                 if !target.is_empty() && !waiting_logged && started.elapsed() > Duration::from_secs(5) {
                     waiting_logged = true;
                     warn!(partitions = ?target.keys().collect::<Vec<_>>(), "restore waits for a transaction left open on the changelog (a dead instance's; the broker aborts it after its timeout)");
