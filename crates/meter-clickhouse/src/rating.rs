@@ -563,31 +563,31 @@ trait Versioned: Clone + PartialEq {
     }
 }
 
+/// `id`, `stamp` and `revision` read and write the same fields in every
+/// rating row; only the identity's field name differs.
+macro_rules! versioned_fields {
+    ($id:ident) => {
+        fn id(&self) -> String {
+            self.$id.clone()
+        }
+        fn stamp(&mut self, rated_at: u32, revision: u64) {
+            (self.rated_at, self.revision) = (rated_at, revision);
+        }
+        fn revision(&self) -> u64 {
+            self.revision
+        }
+    };
+}
+
 impl Versioned for RatedUsageRow {
-    fn id(&self) -> String {
-        self.line_id.clone()
-    }
-    fn stamp(&mut self, rated_at: u32, revision: u64) {
-        (self.rated_at, self.revision) = (rated_at, revision);
-    }
-    fn revision(&self) -> u64 {
-        self.revision
-    }
+    versioned_fields!(line_id);
     fn zeroed(&self) -> Self {
         RatedUsageRow { usage_quantity: 0, minimum_uplift: 0, quantity: 0, cost: 0, resource_ids: Vec::new(), ..self.clone() }
     }
 }
 
 impl Versioned for InvoiceLineRow {
-    fn id(&self) -> String {
-        self.line_id.clone()
-    }
-    fn stamp(&mut self, rated_at: u32, revision: u64) {
-        (self.rated_at, self.revision) = (rated_at, revision);
-    }
-    fn revision(&self) -> u64 {
-        self.revision
-    }
+    versioned_fields!(line_id);
     fn zeroed(&self) -> Self {
         InvoiceLineRow {
             usage_quantity: 0,
@@ -609,15 +609,7 @@ impl Versioned for InvoiceLineRow {
 }
 
 impl Versioned for InvoiceRow {
-    fn id(&self) -> String {
-        self.invoice_id.clone()
-    }
-    fn stamp(&mut self, rated_at: u32, revision: u64) {
-        (self.rated_at, self.revision) = (rated_at, revision);
-    }
-    fn revision(&self) -> u64 {
-        self.revision
-    }
+    versioned_fields!(invoice_id);
     fn zeroed(&self) -> Self {
         InvoiceRow { line_count: 0, total: 0, ..self.clone() }
     }
