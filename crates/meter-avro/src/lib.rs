@@ -7,14 +7,13 @@
 //!
 //! `apache-avro` parses the schemas and computes the fingerprints once, at
 //! start-up. The per-record encoders and decoders are written out by hand for
-//! these schemas (the InvoiceLine codec is in [`invoice`]): no `Value` tree, no schema resolution per record. Unit
+//! these schemas: no `Value` tree, no schema resolution per record. Unit
 //! tests check them byte for byte against `apache-avro`'s generic writer and
-//! reader so the two cannot drift apart.
+//! reader so the two cannot drift apart. Other stages write their own
+//! records with the same framing through [`SingleObject`] and [`binary`]
+//! (the InvoiceLine codec is `meter_rating::wire`).
 
 pub mod binary;
-pub mod invoice;
-
-pub use invoice::EncodeError;
 
 use std::collections::BTreeMap;
 
@@ -66,35 +65,32 @@ pub struct SchemaError {
     source: apache_avro::Error,
 }
 
-fn header(name: &'static str, avsc: &str) -> Result<[u8; HEADER_LEN], SchemaError> {
-    let schema = Schema::parse_str(avsc).map_err(|source| SchemaError { name, source })?;
-    let fp = schema.fingerprint::<Rabin>();
-    let mut h = [0u8; HEADER_LEN];
-    h[..2].copy_from_slice(&MAGIC);
-    h[2..].copy_from_slice(&fp.bytes[..8]);
-    Ok(h)
+/// The single-object framing of one schema: the header its records start
+/// with, and the check of a payload against it. Cheap to copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SingleObject {
+    header: [u8; HEADER_LEN],
 }
 
-/// Encoders and decoders for the payload schemas. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Codec {
-    event_header: [u8; HEADER_LEN],
-    aggregate_header: [u8; HEADER_LEN],
-    dead_letter_header: [u8; HEADER_LEN],
-    invoice_line_header: [u8; HEADER_LEN],
-}
-
-impl Codec {
-    pub fn new() -> Result<Self, SchemaError> {
-        Ok(Codec {
-            event_header: header("UsageEvent", USAGE_EVENT_AVSC)?,
-            aggregate_header: header("AggregatedUsage", AGGREGATED_USAGE_AVSC)?,
-            dead_letter_header: header("DeadLetter", DEAD_LETTER_AVSC)?,
-            invoice_line_header: header("InvoiceLine", INVOICE_LINE_AVSC)?,
-        })
+impl SingleObject {
+    /// The framing of the schema `avsc` (named `name` in errors).
+    pub fn new(name: &'static str, avsc: &str) -> Result<Self, SchemaError> {
+        let schema = Schema::parse_str(avsc).map_err(|source| SchemaError { name, source })?;
+        let fp = schema.fingerprint::<Rabin>();
+        let mut header = [0u8; HEADER_LEN];
+        header[..2].copy_from_slice(&MAGIC);
+        header[2..].copy_from_slice(&fp.bytes[..8]);
+        Ok(SingleObject { header })
     }
 
-    fn body<'a>(&self, expected: &[u8; HEADER_LEN], payload: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    /// Appends the header: the record's Avro body follows it.
+    pub fn write_header(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.header);
+    }
+
+    /// The Avro body of `payload`, once its header is checked to be this
+    /// schema's.
+    pub fn body<'a>(&self, payload: &'a [u8]) -> Result<&'a [u8], DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
@@ -104,16 +100,34 @@ impl Codec {
         if payload.len() < HEADER_LEN {
             return Err(DecodeError::Malformed("truncated single-object header".into()));
         }
-        if payload[..HEADER_LEN] != expected[..] {
+        if payload[..HEADER_LEN] != self.header[..] {
             let mut fp = [0u8; 8];
             fp.copy_from_slice(&payload[2..HEADER_LEN]);
             return Err(DecodeError::UnknownSchema(u64::from_le_bytes(fp)));
         }
         Ok(&payload[HEADER_LEN..])
     }
+}
+
+/// Encoders and decoders for the usage payload schemas. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    event: SingleObject,
+    aggregate: SingleObject,
+    dead_letter: SingleObject,
+}
+
+impl Codec {
+    pub fn new() -> Result<Self, SchemaError> {
+        Ok(Codec {
+            event: SingleObject::new("UsageEvent", USAGE_EVENT_AVSC)?,
+            aggregate: SingleObject::new("AggregatedUsage", AGGREGATED_USAGE_AVSC)?,
+            dead_letter: SingleObject::new("DeadLetter", DEAD_LETTER_AVSC)?,
+        })
+    }
 
     pub fn encode_event(&self, e: &UsageEvent, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.event_header);
+        self.event.write_header(out);
         let mut w = Writer(out);
         w.string(&e.event_id);
         w.string(&e.agent_id);
@@ -135,7 +149,7 @@ impl Codec {
     }
 
     pub fn decode_event(&self, payload: &[u8]) -> Result<UsageEvent, DecodeError> {
-        let mut r = Reader::new(self.body(&self.event_header, payload)?);
+        let mut r = Reader::new(self.event.body(payload)?);
         let event = UsageEvent {
             event_id: r.string()?,
             agent_id: r.string()?,
@@ -162,7 +176,7 @@ impl Codec {
     /// [`Codec::decode_event`] does, with the same errors; the hot path of
     /// the processor uses it so that a record costs no allocation.
     pub fn decode_event_ref<'a>(&self, payload: &'a [u8]) -> Result<UsageEventRef<'a>, DecodeError> {
-        let mut r = Reader::new(self.body(&self.event_header, payload)?);
+        let mut r = Reader::new(self.event.body(payload)?);
         let event_id = r.str()?;
         let agent_id = r.str()?;
         let seq = match r.long()? {
@@ -198,7 +212,7 @@ impl Codec {
     }
 
     pub fn encode_aggregate(&self, a: &AggregatedUsage, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.aggregate_header);
+        self.aggregate.write_header(out);
         let mut w = Writer(out);
         let k = &a.key;
         w.long(k.window_start);
@@ -221,7 +235,7 @@ impl Codec {
     }
 
     pub fn decode_aggregate(&self, payload: &[u8]) -> Result<AggregatedUsage, DecodeError> {
-        let mut r = Reader::new(self.body(&self.aggregate_header, payload)?);
+        let mut r = Reader::new(self.aggregate.body(payload)?);
         let window_start = r.long()?;
         let window_end = r.long()?;
         let g = r.long()?;
@@ -256,9 +270,9 @@ impl Codec {
     }
 
     pub fn encode_dead_letter(&self, d: &DeadLetter, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.dead_letter_header);
+        self.dead_letter.write_header(out);
         let mut w = Writer(out);
-        w.string(d.reason.as_str());
+        w.string(&d.reason);
         w.string(&d.detail);
         w.string(&d.source_topic);
         w.long(i64::from(d.source_partition));
@@ -274,11 +288,10 @@ impl Codec {
         w.long(d.dead_lettered_at);
     }
 
-    /// Decodes a dead letter; the reason stays a string so that reasons added
-    /// by newer processors are still readable.
-    pub fn decode_dead_letter(&self, payload: &[u8]) -> Result<DecodedDeadLetter, DecodeError> {
-        let mut r = Reader::new(self.body(&self.dead_letter_header, payload)?);
-        let d = DecodedDeadLetter {
+    /// Decodes a dead letter (its reason may be one a newer processor added).
+    pub fn decode_dead_letter(&self, payload: &[u8]) -> Result<DeadLetter, DecodeError> {
+        let mut r = Reader::new(self.dead_letter.body(payload)?);
+        let d = DeadLetter {
             reason: r.string()?,
             detail: r.string()?,
             source_topic: r.string()?,
@@ -357,19 +370,6 @@ impl EncodedAttributes<'_> {
         });
         m
     }
-}
-
-/// A dead letter as read back from `usage.dlq`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodedDeadLetter {
-    pub reason: String,
-    pub detail: String,
-    pub source_topic: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub dead_lettered_at: i64,
 }
 
 /// Attribute maps are small; a BTreeMap keeps their encoding deterministic.

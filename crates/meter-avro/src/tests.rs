@@ -101,7 +101,7 @@ fn aggregate_bytes_match_apache_avro_for_128_bit_sums() {
 fn dead_letter_round_trips_through_apache_avro() {
     let codec = Codec::new().unwrap();
     let d = DeadLetter {
-        reason: DeadLetterReason::NegativeQuantity,
+        reason: DeadLetterReason::NegativeQuantity.as_str().into(),
         detail: "quantity -5 is negative".into(),
         source_topic: "usage.events".into(),
         source_partition: 3,
@@ -116,7 +116,7 @@ fn dead_letter_round_trips_through_apache_avro() {
     assert_eq!(again, buf);
     let back = codec.decode_dead_letter(&buf).unwrap();
     assert_eq!(back.reason, "negative_quantity");
-    assert_eq!(back.payload, d.payload);
+    assert_eq!(back, d);
 }
 
 #[test]
@@ -141,12 +141,14 @@ proptest! {
     #[test]
     fn arbitrary_bytes_after_a_valid_header_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..200)) {
         let codec = Codec::new().unwrap();
-        let mut buf = codec.event_header.to_vec();
+        let mut buf = Vec::new();
+        codec.event.write_header(&mut buf);
         buf.extend_from_slice(&tail);
         let _ = codec.decode_event(&buf);
         // The borrowing decoder accepts and rejects exactly the same bytes.
         prop_assert_eq!(codec.decode_event_ref(&buf).map(|e| e.to_owned_event()), codec.decode_event(&buf));
-        let mut buf = codec.aggregate_header.to_vec();
+        let mut buf = Vec::new();
+        codec.aggregate.write_header(&mut buf);
         buf.extend_from_slice(&tail);
         let _ = codec.decode_aggregate(&buf);
     }
@@ -201,59 +203,4 @@ fn borrowed_decoder_rejects_bad_payloads_like_the_owned_one() {
         assert_eq!(codec.decode_event_ref(&c).map(|e| e.to_owned_event()), codec.decode_event(&c), "{c:?}");
         assert!(codec.decode_event_ref(&c).is_err());
     }
-}
-
-fn golden_lines() -> Vec<meter_rating::InvoiceLine> {
-    use meter_rating::{fixture::Scenario, rate_month, PriceBook, YearMonth};
-    let month: YearMonth = "2026-02".parse().unwrap();
-    let (days, minutes) = Scenario::golden().unwrap().usage(month).unwrap();
-    rate_month(&PriceBook::sample().unwrap(), &meter_model::Catalog::builtin(), month, &days, &minutes).unwrap().lines
-}
-
-#[test]
-fn invoice_line_bytes_match_apache_avro() {
-    let codec = Codec::new().unwrap();
-    let lines = golden_lines();
-    // Graduated (several tiers), package, free allowance, per-unit with minimums: every shape of line.
-    assert!(lines.iter().any(|l| l.tiers.len() > 1) && lines.iter().any(|l| l.packages.is_some()));
-    assert!(lines.iter().any(|l| l.tiers.iter().any(|t| t.up_to.is_some())) && lines.iter().any(|l| l.unit_rate.is_none()));
-    for l in &lines {
-        let mut buf = Vec::new();
-        codec.encode_invoice_line(l, &mut buf).unwrap();
-        let (value, again) = apache_round_trip(INVOICE_LINE_AVSC, &buf);
-        assert_eq!(again, buf, "{}", l.key);
-        assert_eq!(field(&value, "line_id"), &Value::String(l.line_id.clone()));
-        // apache-avro reads the billed amount as the same number of cents.
-        let Value::Decimal(d) = field(&value, "amount") else { panic!("amount is not a decimal") };
-        let bytes: Vec<u8> = d.try_into().unwrap();
-        let fill = if bytes[0] & 0x80 != 0 { 0xFF } else { 0 };
-        let mut be = [fill; 16];
-        be[16 - bytes.len()..].copy_from_slice(&bytes);
-        let cents = meter_rating::Decimal::from_i128_with_scale(i128::from_be_bytes(be), 2);
-        assert_eq!(cents, l.amount, "{}", l.key);
-        assert_eq!(codec.decode_invoice_line(&buf).unwrap(), *l);
-    }
-}
-
-#[test]
-fn invoice_line_refuses_what_the_schema_cannot_hold() {
-    let codec = Codec::new().unwrap();
-    let mut l = golden_lines().remove(0);
-    l.amount = "1.005".parse().unwrap();
-    let mut buf = vec![1, 2, 3];
-    assert!(matches!(codec.encode_invoice_line(&l, &mut buf), Err(EncodeError::Scale { field: "amount", .. })));
-    assert_eq!(buf, vec![1, 2, 3]);
-    // Truncated and trailing input is malformed, a foreign schema is unknown.
-    let good = {
-        let mut b = Vec::new();
-        codec.encode_invoice_line(&golden_lines()[0], &mut b).unwrap();
-        b
-    };
-    assert!(matches!(codec.decode_invoice_line(&good[..good.len() - 1]), Err(DecodeError::Malformed(_))));
-    let mut longer = good.clone();
-    longer.push(0);
-    assert!(matches!(codec.decode_invoice_line(&longer), Err(DecodeError::Malformed(_))));
-    let mut event = Vec::new();
-    codec.encode_event(&sample_event(), &mut event);
-    assert!(matches!(codec.decode_invoice_line(&event), Err(DecodeError::UnknownSchema(_))));
 }

@@ -4,14 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use meter_agent::procfs;
-use meter_agent::stats::AgentStats;
-use meter_config::Config;
-use meter_kafka::agent::{run_agent, Source};
+use meter_agent::{procfs, run_agent, AgentMetrics, Source};
+use meter_config::{Config, Valid};
 
 use crate::SimArgs;
 
@@ -50,8 +47,8 @@ fn shutdown_signal() -> meter_kafka::Signal {
     s
 }
 
-pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let problems = cfg.agent.problems(!args.simulate);
+pub async fn run(cfg: Valid<Config>, args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let problems = if args.simulate { Vec::new() } else { cfg.agent.sampler_problems() };
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("invalid configuration: {p}");
@@ -68,13 +65,10 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         drop(fleet);
         // From memory there is no spool: ticks and acknowledged events are
         // all there is to export.
-        let telemetry = crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?;
-        let counters = Arc::new(AgentStats::default());
-        let exporter = tokio::spawn(export_metrics(counters.clone(), telemetry, cfg.clone(), false));
-        let run =
-            meter_kafka::agent::run_simulated_observed(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref(), &counters).await;
-        exporter.abort();
-        let (stats, ledger) = run?;
+        let metrics = AgentMetrics::register(&crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?);
+        metrics.started(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
+        let (stats, ledger) =
+            meter_agent::run_simulated_observed(&cfg, args.sim.sim_config(), args.speed, args.ledger.as_deref(), &metrics).await?;
         println!(
             "agent: {} events for {} simulated seconds in {:.1}s ({} ledger keys)",
             stats.events,
@@ -98,75 +92,37 @@ pub async fn run(cfg: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
         let identity = format!("host agent_id={}", cfg.agent.agent_id);
         (Source::host(&cfg.agent), cfg.agent.state_dir.clone(), identity)
     };
-    let stats = Arc::new(AgentStats::default());
     let shutdown = shutdown_signal();
-    let telemetry = crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?;
+    let metrics = AgentMetrics::register(&crate::telemetry(&cfg, "agent", "127.0.0.1:9466").await?);
+    metrics.started(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
     let reporter = tokio::spawn({
-        let stats = stats.clone();
+        let metrics = metrics.clone();
         async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             every.tick().await;
             loop {
                 every.tick().await;
-                tracing::info!(summary = %stats.summary(), "agent");
+                tracing::info!(summary = %metrics.summary(), "agent");
             }
         }
     });
-    let exporter = tokio::spawn(export_metrics(stats.clone(), telemetry, cfg.clone(), true));
-    let run = run_agent(&cfg, &state_dir, &identity, source, stats.clone(), shutdown, args.ledger.is_some()).await;
+    let run = run_agent(&cfg, &state_dir, &identity, source, metrics.clone(), shutdown, args.ledger.is_some()).await;
     reporter.abort();
-    exporter.abort();
     let run = run?;
     if let (Some(path), Some(ledger)) = (&args.ledger, &run.ledger) {
         std::fs::write(path, ledger.to_csv()).with_context(|| format!("writing ledger {}", path.display()))?;
     }
-    println!("agent: {} in {:.1}s", stats.summary(), run.elapsed.as_secs_f64());
+    println!("agent: {} in {:.1}s", metrics.summary(), run.elapsed.as_secs_f64());
     if args.report_usage {
         println!("{}", usage_report(cfg.agent.clock_ticks_per_second, run.elapsed)?);
     }
     if !run.drained {
         eprintln!(
             "agent: stopped with {} events not yet acknowledged; they stay in the spool for the next start",
-            AgentStats::get(&stats.backlog)
+            metrics.spool_backlog.get()
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Copies the agent's counters into its Prometheus metrics every second.
-/// The agent is live while it emits ticks (every second, also while Kafka
-/// is down and it spools), and ready while it runs. `spooled`: the agent
-/// has a spool, whose size limit is then exported.
-async fn export_metrics(stats: Arc<AgentStats>, telemetry: meter_telemetry::Telemetry, cfg: Config, spooled: bool) {
-    let m = meter_telemetry::agent::AgentMetrics::register(&telemetry);
-    let health = telemetry.health();
-    health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
-    health.beat();
-    health.set_ready();
-    if spooled {
-        m.spool_limit_bytes.set(i64::try_from(cfg.agent.spool_max_bytes).unwrap_or(i64::MAX));
-    }
-    let mut last_ticks = 0;
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        every.tick().await;
-        let g = AgentStats::get;
-        for (counter, value) in [
-            (&m.events_produced, g(&stats.produced)),
-            (&m.events_spooled, g(&stats.spooled)),
-            (&m.events_replayed, g(&stats.replayed)),
-            (&m.events_dropped, g(&stats.dropped)),
-            (&m.ticks_caught_up, g(&stats.caught_up_ticks)),
-        ] {
-            counter.inc_by(value.saturating_sub(counter.get()));
-        }
-        m.spool_bytes.set(i64::try_from(g(&stats.spool_bytes)).unwrap_or(i64::MAX));
-        let ticks = g(&stats.ticks);
-        if ticks != last_ticks {
-            last_ticks = ticks;
-            health.beat();
-        }
-    }
 }
 
 async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
@@ -206,11 +162,11 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
     println!("  interfaces         {}", first.net.keys().cloned().collect::<Vec<_>>().join(", "));
     println!("  disks              {}", first.disks.keys().cloned().collect::<Vec<_>>().join(", "));
     let mut ticks = Vec::new();
-    let t0 = meter_kafka::now_ms();
+    let t0 = meter_model::now_ms();
     sampler.observe(first, t0, &mut ticks);
     tokio::time::sleep(Duration::from_millis((1000 - t0.rem_euclid(1000)) as u64 + 10)).await;
     let second = procfs::read_sample(&proc_root, &interfaces, &disks).context("sampling /proc")?;
-    sampler.observe(second, meter_kafka::now_ms(), &mut ticks);
+    sampler.observe(second, meter_model::now_ms(), &mut ticks);
     for t in &ticks {
         println!("would emit for the second starting at {} ({} events):", t.time, t.events.len());
         for e in &t.events {

@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use meter_clickhouse::Connection;
 use meter_config::Config;
-use meter_kafka::reconcile::reconcile;
 use meter_kafka::Signal;
+use meter_model::Date;
+use meter_report::cost_report::{self, CostArgs, CostBy};
+use meter_report::prices::{self, PricesCommand};
+use meter_report::report::{self, By, Format, UsageArgs};
+use meter_sink::reconcile::reconcile;
 
-use meter_rating::Date;
-
-use crate::cost_report::{self, CostArgs, CostBy};
-use crate::prices::{self, PricesCommand};
 use crate::rate;
-use crate::report::{self, By, Format, UsageArgs};
 use crate::SimArgs;
 
 #[derive(clap::Args)]
@@ -35,23 +35,19 @@ pub struct DemoArgs {
     ledger: Option<std::path::PathBuf>,
 }
 
-pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let run_id = meter_kafka::now_ms();
-    for topic in [&mut cfg.topics.events, &mut cfg.topics.aggregates, &mut cfg.topics.dlq, &mut cfg.topics.invoice_lines] {
-        *topic = format!("{topic}.demo-{run_id}");
-    }
-    cfg.processor.group_id = format!("{}-demo-{run_id}", cfg.processor.group_id);
-    cfg.sink.group_id = format!("{}-demo-{run_id}", cfg.sink.group_id);
+pub async fn run(base: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let run_id = meter_model::now_ms();
+    let mut cfg = base.scoped(&format!("demo-{run_id}"));
     cfg.clickhouse.database = args.database.clone();
     // Short idle timeout and commit interval: the demo's fleet stops, and
     // its windows should become final soon after.
     cfg.processor.idle_timeout_ms = 2_000;
     cfg.processor.commit_interval_ms = 500;
     cfg.sink.batch_ms = 500;
-    cfg.validate()?;
+    let cfg = cfg.validate()?;
 
     let started = Instant::now();
-    let conn = meter_kafka::sink::connection(&cfg);
+    let conn = Connection::from(&cfg.clickhouse);
     meter_clickhouse::check_identifier(&cfg.clickhouse.database)?;
     conn.server_client()
         .query(&format!("DROP DATABASE IF EXISTS {}", cfg.clickhouse.database))
@@ -66,16 +62,16 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (proc_drain, sink_drain, stop) = (Signal::default(), Signal::default(), Signal::default());
     let processor = tokio::spawn({
         let (cfg, drain, stop) = (cfg.clone(), proc_drain.clone(), stop.clone());
-        async move { meter_kafka::processor::run(&cfg, stop, drain).await }
+        async move { meter_processor::run(&cfg, stop, drain).await }
     });
     let sink = tokio::spawn({
         let (cfg, drain, stop) = (cfg.clone(), sink_drain.clone(), stop.clone());
-        async move { meter_kafka::sink::run(&cfg, stop, drain).await }
+        async move { meter_sink::run(&cfg, stop, drain).await }
     });
 
     let sim = args.sim.sim_config();
     let (from, to) = (sim.start, sim.start + 1000 * sim.duration_s as i64);
-    let (agent, ledger) = meter_kafka::agent::run_simulated(&cfg, sim, 0.0, args.ledger.as_deref()).await?;
+    let (agent, ledger) = meter_agent::run_simulated(&cfg, sim, 0.0, args.ledger.as_deref()).await?;
     println!(
         "agent: {} events ({} simulated seconds, {} customers) in {:.1}s: {:.0} events/s",
         agent.events,
@@ -108,7 +104,11 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let usage_args = UsageArgs { from, to, customer: None, by: By::Service, format: Format::Table };
     let rows = report::usage(&cfg, &usage_args).await?;
-    println!("usage {} .. {} (UTC), latest revision per window:\n", crate::time::format_date(from), crate::time::format_date(to));
+    println!(
+        "usage {} .. {} (UTC), latest revision per window:\n",
+        meter_model::time::format_date(from),
+        meter_model::time::format_date(to)
+    );
     print!("{}", report::render_usage(&rows, By::Service, Format::Table, &cfg.catalog()?));
     let families: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.service.as_str()).collect();
     println!("\nservice families: {}", families.into_iter().collect::<Vec<_>>().join(", "));

@@ -2,23 +2,17 @@
 //! around a library crate.
 
 mod agent;
-mod audit;
-mod bench;
-mod chaos;
-mod cost_report;
 mod demo;
-mod prices;
 mod rate;
-mod report;
-mod time;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use meter_config::Config;
+use meter_config::{Config, Valid};
 use meter_kafka::Signal;
+use meter_model::time;
 
 #[derive(Parser)]
 #[command(name = "meter", version, about = "meterline: per-second usage metering, exactly to the unit")]
@@ -56,23 +50,25 @@ enum Command {
     /// Fault-injection harness: agents with duplicates, reordering, late
     /// and poison input; two processors killed with SIGKILL again and
     /// again; the sink killed; the broker restarted; ClickHouse stopped.
-    /// Then checks everything against the ledger.
-    Chaos(chaos::ChaosArgs),
+    /// Then checks everything against the ledger. (Builds with the
+    /// `testkit` feature only.)
+    #[cfg(feature = "testkit")]
+    Chaos(meter_testkit::chaos::ChaosArgs),
     /// The price book: `meter prices load` writes it to ClickHouse.
     Prices {
         #[command(subcommand)]
-        command: prices::PricesCommand,
+        command: meter_report::prices::PricesCommand,
     },
     /// Rate a month's final usage into rated lines, invoice lines and
     /// invoices (idempotent) and publish changed invoice lines.
     Rate(rate::RateArgs),
     /// Reconcile a month: minute/hour/day usage, rated lines, invoice lines
     /// and invoices. Exit code 1 on any difference.
-    Audit(audit::AuditArgs),
+    Audit(meter_report::audit::AuditArgs),
     /// Reports from ClickHouse.
     Report {
         #[command(subcommand)]
-        report: report::ReportCommand,
+        report: meter_report::report::ReportCommand,
     },
     /// Run agent, processor and sink on the local stack, then print a usage
     /// report and a reconciliation against the agent's ledger.
@@ -82,9 +78,10 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// End-to-end benchmark on the local stack (run by ops/bench).
-    #[command(hide = true)]
-    Bench(bench::BenchArgs),
+    /// End-to-end benchmark on the local stack (run by ops/bench). (Builds
+    /// with the `testkit` feature only.)
+    #[cfg(feature = "testkit")]
+    Bench(meter_testkit::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -120,7 +117,7 @@ pub struct SimArgs {
 
 impl SimArgs {
     pub fn sim_config(&self) -> meter_agent::SimConfig {
-        let start = self.start.unwrap_or_else(|| time::day_floor(meter_kafka::now_ms()) - 2 * 86_400_000);
+        let start = self.start.unwrap_or_else(|| time::day_floor(meter_model::now_ms()) - 2 * time::DAY_MS);
         meter_agent::SimConfig {
             seed: self.seed,
             customers: self.customers,
@@ -170,7 +167,11 @@ fn service_signals(drain: bool) -> (Signal, Signal) {
 
 /// A telemetry registry for `component`, served on `metrics.listen` (or
 /// `default_listen`) unless metrics are turned off.
-pub(crate) async fn telemetry(cfg: &Config, component: &'static str, default_listen: &str) -> anyhow::Result<meter_telemetry::Telemetry> {
+pub(crate) async fn telemetry(
+    cfg: &Valid<Config>,
+    component: &'static str,
+    default_listen: &str,
+) -> anyhow::Result<meter_telemetry::Telemetry> {
     let t = meter_telemetry::Telemetry::new(component);
     if let Some(addr) = cfg.metrics.listen_or(default_listen) {
         meter_telemetry::http::serve(&addr, t.clone()).await?;
@@ -213,7 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("info");
             let cfg = load()?;
             meter_kafka::admin::ensure_topics(&cfg).await?;
-            let applied = meter_clickhouse::migrate(&meter_kafka::sink::connection(&cfg)).await.context("applying migrations")?;
+            let applied = meter_clickhouse::migrate(&(&cfg.clickhouse).into()).await.context("applying migrations")?;
             println!(
                 "topics ready; migrations applied: {}",
                 if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") }
@@ -222,7 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             init_logging("info");
             let cfg = load()?;
-            let applied = meter_clickhouse::migrate(&meter_kafka::sink::connection(&cfg)).await.context("applying migrations")?;
+            let applied = meter_clickhouse::migrate(&(&cfg.clickhouse).into()).await.context("applying migrations")?;
             println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
         }
         Command::Agent(args) => {
@@ -234,7 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load()?;
             let (shutdown, drain) = service_signals(drain);
             let t = telemetry(&cfg, "processor", "127.0.0.1:9464").await?;
-            let s = meter_kafka::processor::run_observed(&cfg, shutdown, drain, t).await?;
+            let s = meter_processor::run_observed(&cfg, shutdown, drain, t).await?;
             let c = &s.counters;
             println!("processor: {} aggregated, {} duplicates, {} dead-lettered", c.aggregated, c.duplicates, c.dead_lettered());
         }
@@ -243,40 +244,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load()?;
             let (shutdown, drain) = service_signals(drain);
             let t = telemetry(&cfg, "sink", "127.0.0.1:9465").await?;
-            let s = meter_kafka::sink::run_observed(&cfg, shutdown, drain, t).await?;
+            let s = meter_sink::run_observed(&cfg, shutdown, drain, t).await?;
             println!("sink: {} usage rows, {} dead letters in {} batches", s.usage_rows, s.dead_letter_rows, s.batches);
         }
         Command::Report { report } => {
             init_logging("warn");
             let cfg = load()?;
-            report::run(&cfg, report).await?;
+            meter_report::report::run(&cfg, report).await?;
         }
         Command::Prices { command } => {
             init_logging("warn");
-            prices::run(&load()?, command).await?;
+            meter_report::prices::run(&*load()?, command).await?;
         }
         Command::Rate(args) => {
             init_logging("warn");
-            rate::run(&load()?, &args).await?;
+            rate::run(&*load()?, &args).await?;
         }
         Command::Audit(args) => {
             init_logging("warn");
-            return audit::run(&load()?, &args).await;
+            return meter_report::audit::run(&*load()?, &args).await;
         }
+        #[cfg(feature = "testkit")]
         Command::Chaos(args) => {
             init_logging("warn");
             let cfg = load()?;
-            return chaos::run(cfg, args).await;
+            return meter_testkit::chaos::run(cfg.into_inner(), args).await;
         }
         Command::Config { command: ConfigCommand::Check { file } } => return check_config(&file),
         Command::Demo(args) => {
             init_logging("warn");
             let cfg = load()?;
-            return demo::run(cfg, args).await;
+            return demo::run(cfg.into_inner(), args).await;
         }
+        #[cfg(feature = "testkit")]
         Command::Bench(args) => {
             init_logging("warn");
-            return bench::run(load()?, args).await;
+            return meter_testkit::bench::run(load()?.into_inner(), args).await;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -8,14 +8,11 @@
 
 mod agent_support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use agent_support::*;
-use meter_agent::stats::AgentStats;
-use meter_agent::Simulator;
+use meter_agent::{run_agent, AgentMetrics, Simulator, Source};
 use meter_avro::Codec;
-use meter_kafka::agent::{run_agent, Source};
 use meter_kafka::Signal;
 use meter_model::ledger::Ledger;
 
@@ -31,14 +28,15 @@ async fn a_full_spool_drops_counted_ticks_without_seq_holes_and_the_ledger_knows
     let identity = "simulator full-agent";
 
     // 1. Kafka unreachable: everything goes to the spool until it is full.
-    let mut down = cfg.clone();
+    let mut down = cfg.clone().into_inner();
     down.kafka.brokers = "127.0.0.1:9".into();
-    let stats = Arc::new(AgentStats::default());
+    let down = down.validate().unwrap();
+    let stats = AgentMetrics::unserved();
     let shutdown = Signal::default();
     let watcher = tokio::spawn({
         let (stats, shutdown) = (stats.clone(), shutdown.clone());
         async move {
-            while AgentStats::get(&stats.ticks) < 120 {
+            while stats.ticks.get() < 120 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             shutdown.raise();
@@ -47,19 +45,19 @@ async fn a_full_spool_drops_counted_ticks_without_seq_holes_and_the_ledger_knows
     let source = Source::Simulated { sim: Box::new(Simulator::new(sim.clone())), speed: 0.0 };
     let first = run_agent(&down, &state, identity, source, stats.clone(), shutdown, true).await.unwrap();
     watcher.await.unwrap();
-    let g = |c: &std::sync::atomic::AtomicU64| AgentStats::get(c);
+    let g = |c: &prometheus::IntCounter| c.get();
     eprintln!("first run: {}", stats.summary());
     assert!(!first.drained);
     assert!(g(&stats.dropped) > 0, "the spool never filled");
     assert!(g(&stats.spooled) > 0);
     assert_eq!(g(&stats.spooled) + g(&stats.dropped), g(&stats.generated), "every event is either kept or counted as dropped");
     assert_eq!(g(&stats.produced), 0);
-    assert!(g(&stats.spool_bytes) <= 65536);
+    assert!(stats.spool_bytes.get() <= 65536);
     let kept = first.ledger.unwrap();
     assert_eq!(kept.event_count() as u64, g(&stats.spooled));
 
     // 2. Kafka is back: a new process sends what was kept and ends.
-    let stats2 = Arc::new(AgentStats::default());
+    let stats2 = AgentMetrics::unserved();
     let source = Source::Simulated { sim: Box::new(Simulator::new(sim.clone())), speed: 0.0 };
     let second =
         tokio::time::timeout(Duration::from_secs(120), run_agent(&cfg, &state, identity, source, stats2.clone(), Signal::default(), true))

@@ -9,13 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meter_agent as agent;
 use meter_agent::SimConfig;
 use meter_config::Config;
-use meter_kafka::{admin, agent, reconcile, sink, Signal};
+use meter_kafka::{admin, Signal};
+use meter_sink::reconcile;
 
 const DAY_MS: i64 = 86_400_000;
 
-fn config_file(dir: &std::path::Path, id: &str) -> (std::path::PathBuf, Config) {
+fn config_file(dir: &std::path::Path, id: &str) -> (std::path::PathBuf, meter_config::Valid<Config>) {
     let text = format!(
         r#"
 [topics]
@@ -92,18 +94,18 @@ async fn killed_processors_neither_lose_nor_double_count() {
     let id = format!("crash_{}", std::process::id());
     let (path, cfg) = config_file(dir.path(), &id);
     admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
-    meter_clickhouse::migrate(&sink::connection(&cfg)).await.expect("ClickHouse must be running (ops/up)");
+    meter_clickhouse::migrate(&meter_clickhouse::Connection::from(&cfg.clickhouse)).await.expect("ClickHouse must be running (ops/up)");
     let cfg = Arc::new(cfg);
 
     let sink_drain = Signal::default();
     let sink_task = tokio::spawn({
         let (cfg, drain) = (cfg.clone(), sink_drain.clone());
-        async move { sink::run(&cfg, Signal::default(), drain).await }
+        async move { meter_sink::run(&cfg, Signal::default(), drain).await }
     });
 
     // 50 simulated minutes at 120x: about 25 s of publishing, while the
     // processors are killed eight times.
-    let now = meter_kafka::now_ms();
+    let now = meter_model::now_ms();
     let sim = SimConfig {
         seed: 11,
         customers: 6,

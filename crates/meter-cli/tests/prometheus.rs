@@ -14,9 +14,10 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use meter_agent as agent;
 use meter_agent::SimConfig;
 use meter_config::Config;
-use meter_kafka::{admin, agent, sink};
+use meter_kafka::admin;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -150,7 +151,7 @@ batch_ms = 300
     .unwrap();
     let cfg = Config::load(Some(&config)).unwrap();
     admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
-    meter_clickhouse::migrate(&sink::connection(&cfg)).await.expect("ClickHouse must be running (ops/up)");
+    meter_clickhouse::migrate(&meter_clickhouse::Connection::from(&cfg.clickhouse)).await.expect("ClickHouse must be running (ops/up)");
 
     let (process_port, sink_port, agent_port, prom_port) = (free_port(), free_port(), free_port(), free_port());
     let _processor = spawn_meter(&config, &["process"], process_port);
@@ -158,7 +159,7 @@ batch_ms = 300
     // The spooling agent publishes one simulated second per second to a
     // topic of its own, so that the processor's counts stay exact below.
     let agent_topic = format!("test.{id}.agent.events");
-    let mut agent_cfg = cfg.clone();
+    let mut agent_cfg = cfg.clone().into_inner();
     agent_cfg.topics.events = agent_topic.clone();
     admin::ensure_topics(&agent_cfg).await.unwrap();
     let state_dir = dir.path().join("agent-state");
@@ -208,7 +209,7 @@ batch_ms = 300
     assert_eq!(get(process_port, "/health/live").map(|r| r.0), Some(200));
 
     // First batch: one simulated fleet and one malformed record.
-    let now = meter_kafka::now_ms();
+    let now = meter_model::now_ms();
     let start = now - now.rem_euclid(DAY_MS) - 2 * DAY_MS;
     let sim = |seed, agent_id: &str| SimConfig {
         seed,
@@ -219,7 +220,7 @@ batch_ms = 300
         customer_prefix: "cust-".into(),
     };
     let (first, _) = agent::run_simulated(&cfg, sim(5, "prom-a"), 0.0, None).await.unwrap();
-    let producer = agent::producer(&cfg).unwrap();
+    let producer = meter_kafka::publish::producer(&cfg.kafka, meter_kafka::publish::Tuning::bulk()).unwrap();
     producer
         .send(rdkafka::producer::FutureRecord::to(&cfg.topics.events).key("cust-0001").payload(&b"not avro"[..]), Duration::from_secs(10))
         .await

@@ -20,10 +20,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use meter_clickhouse::UsageRow;
 use meter_config::Config;
 use meter_rating::fixture::{Scenario, GOLDEN_EXPECTED_INVOICES, GOLDEN_EXPECTED_LINES};
 use meter_rating::{Date, YearMonth};
+use meter_sink::UsageRow;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -35,15 +35,9 @@ const DAY: i64 = 86_400_000;
 fn unique_config(name: &str) -> Config {
     static N: AtomicU32 = AtomicU32::new(0);
     let id = format!("{}_{}_{}", name, std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let mut cfg = Config::default();
-    for topic in [&mut cfg.topics.events, &mut cfg.topics.aggregates, &mut cfg.topics.dlq, &mut cfg.topics.invoice_lines] {
-        *topic = format!("test.{id}.{topic}");
-    }
-    cfg.topics.state = format!("test.{id}.state");
+    let mut cfg = Config::default().scoped(&format!("test-{id}"));
     cfg.topics.partitions = 1;
-    cfg.clickhouse.database = format!("test_{id}");
-    cfg.validate().unwrap();
-    cfg
+    cfg.validate().unwrap().into_inner()
 }
 
 /// Runs the `meter` binary against the test's database and topics.
@@ -198,13 +192,13 @@ fn topic_lines(cfg: &Config, at_least: usize, wait: Duration) -> Vec<meter_ratin
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&cfg.topics.invoice_lines, 0, Offset::Beginning).unwrap();
     consumer.assign(&tpl).unwrap();
-    let codec = meter_avro::Codec::new().unwrap();
+    let codec = meter_rating::wire::InvoiceLineCodec::new().unwrap();
     let mut out = Vec::new();
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.unwrap();
-            let line = codec.decode_invoice_line(m.payload().unwrap()).unwrap();
+            let line = codec.decode(m.payload().unwrap()).unwrap();
             assert_eq!(m.key(), Some(line.line_id.as_bytes()));
             out.push(line);
         } else if out.len() >= at_least {
@@ -227,7 +221,7 @@ fn golden(name: &str, actual: &str) {
 async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
     let cfg = unique_config("rating");
     meter_kafka::admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
-    let conn = meter_kafka::sink::connection(&cfg);
+    let conn = meter_clickhouse::Connection::from(&cfg.clickhouse);
     meter_clickhouse::migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
     let client = conn.client().unwrap();
 

@@ -1,5 +1,7 @@
-//! ClickHouse access for meterline: migrations, the sink's inserts, and the
-//! queries behind reports and reconciliation.
+//! ClickHouse plumbing for meterline: the one connection builder every
+//! ClickHouse client in the project uses, migrations, and the usage queries
+//! that reconciliation and reports share. The stages own their rows and
+//! queries (`meter-sink`'s inserts, `meter-report`'s rating and reports).
 //!
 //! Talks HTTP with RowBinary through the official `clickhouse` crate, with
 //! schema validation off: the Debian-packaged server (18.16) lacks the
@@ -11,16 +13,11 @@
 //! configuration, values are bound with `?` (escaped client-side by the
 //! crate, the only parameter mechanism 18.16 understands).
 
-pub mod audit;
-pub mod cost;
 mod migrate;
 mod query;
-pub mod rating;
-mod rows;
 
 pub use migrate::{migrate, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 pub use query::{latest_totals, usage_report, ReportGrouping, ReportRow};
-pub use rows::{seconds, DeadLetterRow, UsageRow};
 
 /// The analysts' guide, `docs/analysts.md`.
 pub const ANALYSTS_GUIDE: &str = include_str!("../../../docs/analysts.md");
@@ -48,6 +45,7 @@ pub fn analyst_examples() -> Vec<String> {
 }
 
 use clickhouse::Client;
+use meter_config::ClickHouseConfig;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -66,13 +64,31 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Connection settings (see `meter_config::ClickHouseConfig`).
-#[derive(Debug, Clone)]
+/// Connection settings (see [`meter_config::ClickHouseConfig`]).
+#[derive(Clone)]
 pub struct Connection {
     pub url: String,
     pub database: String,
     pub user: String,
     pub password: String,
+}
+
+/// The password never reaches a log line through `{:?}`.
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &if self.password.is_empty() { "" } else { "***" })
+            .finish()
+    }
+}
+
+impl From<&ClickHouseConfig> for Connection {
+    fn from(c: &ClickHouseConfig) -> Self {
+        Connection { url: c.url.clone(), database: c.database.clone(), user: c.user.clone(), password: c.password.clone() }
+    }
 }
 
 impl Connection {
@@ -139,6 +155,13 @@ fn is_loopback(url: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Epoch milliseconds as ClickHouse DateTime seconds.
+pub fn seconds(ms: i64) -> u32 {
+    // Event times are validated to lie in 1970..2100, which fits u32 seconds
+    // until 2106.
+    u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX)
+}
+
 /// Checks that `name` can be used as a ClickHouse identifier unquoted.
 pub fn check_identifier(name: &str) -> Result<()> {
     if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -146,39 +169,6 @@ pub fn check_identifier(name: &str) -> Result<()> {
     } else {
         Err(Error::InvalidIdentifier(name.to_owned()))
     }
-}
-
-/// Every rating, report and audit query with sample arguments written as SQL
-/// literals, in bind order: the chDB test runs each of them on current
-/// ClickHouse (the integration tests run them on the local 18.16 through
-/// the functions that use them).
-pub fn checked_queries() -> Vec<(String, String, Vec<&'static str>)> {
-    let month = ["'2026-02-01'", "'2026-02-01'", "'acme'", "'acme'"];
-    let range = ["1769904000", "1772323200", "''", "''"];
-    let mut q: Vec<(String, String, Vec<&'static str>)> = vec![
-        ("stored price book".into(), rating::SQL_STORED_PRICE_BOOK.into(), vec![]),
-        ("month usage".into(), rating::SQL_MONTH_USAGE.into(), range.to_vec()),
-        (
-            "minute series".into(),
-            rating::SQL_MINUTE_SERIES.into(),
-            vec!["1769903940", "1772359200", "'acme'", "'acme'", "['compute/BoxUsage:t3.micro','database/InstanceUsage:db.t3.medium']"],
-        ),
-        ("stored rated usage".into(), rating::SQL_STORED_RATED_USAGE.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
-        ("stored invoice lines".into(), rating::SQL_STORED_INVOICE_LINES.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
-        ("stored invoices".into(), rating::SQL_STORED_INVOICES.into(), vec!["'2026-02-01'", "'2026-01'", "'acme'", "'acme'"]),
-        ("top customers".into(), cost::SQL_TOP_CUSTOMERS.into(), vec!["'2026-02-01'", "'2026-02-01'", "10"]),
-        ("cur export".into(), cost::SQL_CUR.into(), month.to_vec()),
-        ("audit rated by day".into(), audit::SQL_RATED_BY_DAY.into(), month.to_vec()),
-        ("audit lines".into(), audit::SQL_LINES.into(), month.to_vec()),
-        ("audit invoices".into(), audit::SQL_INVOICES.into(), month.to_vec()),
-    ];
-    for g in cost::CostGrouping::ALL {
-        q.push((format!("cost by {g:?}"), cost::cost_sql(g), month.to_vec()));
-    }
-    for t in ["usage_minute", "usage_hour", "usage_day"] {
-        q.push((format!("audit {t}"), audit::usage_sql(t), range.to_vec()));
-    }
-    q
 }
 
 /// `sql` with each `?` replaced by the next of `args` (SQL literals), for

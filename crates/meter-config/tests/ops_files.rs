@@ -49,6 +49,7 @@ const METRICS: &[&str] = &[
     "meter_sink_insert_failures_total",
     "meter_sink_last_success_timestamp_seconds",
     // agent
+    "meter_agent_events_generated_total",
     "meter_agent_events_produced_total",
     "meter_agent_events_spooled_total",
     "meter_agent_events_replayed_total",
@@ -56,6 +57,12 @@ const METRICS: &[&str] = &[
     "meter_agent_spool_bytes",
     "meter_agent_spool_limit_bytes",
     "meter_agent_ticks_caught_up_total",
+    "meter_agent_ticks_total",
+    "meter_agent_delivery_failures_total",
+    "meter_agent_seconds_compressed_total",
+    "meter_agent_counter_resets_total",
+    "meter_agent_counter_wraps_total",
+    "meter_agent_spool_backlog_events",
 ];
 
 const HISTOGRAMS: &[&str] = &[

@@ -1,15 +1,13 @@
-//! Kafka edges of meterline: topic setup, the simulated agent's producer,
-//! the processor and sink runners, and reading back `usage.aggregates`.
-//!
-//! Each runner is thin: decoding, validation and aggregation live in
-//! `meter-processor`, ClickHouse access in `meter-clickhouse`.
+//! Kafka plumbing shared by every stage: client settings from
+//! configuration, librdkafka statistics as metrics and rebalance logs
+//! ([`StatsContext`]), topic setup ([`admin`]), producing with backpressure
+//! ([`publish`]), reading a topic whole ([`assign_from_beginning`],
+//! [`forget_reached`]) and the drain checks ([`DrainProbe`]). The stages
+//! (`meter-agent`, `meter-processor`, `meter-sink`, `meter rate`) build on
+//! it; nothing here knows their payloads.
 
 pub mod admin;
-pub mod agent;
-pub mod aggregates;
-pub mod processor;
-pub mod reconcile;
-pub mod sink;
+pub mod publish;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,10 +118,13 @@ fn sample(client: &'static str, s: &Statistics) -> ClientSample {
     }
 }
 
-/// Milliseconds since the epoch from the wall clock.
-pub fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+/// librdkafka's `fetch.queue.backoff.ms` for consumers that must keep up
+/// with a backlog, unless `kafka.properties` sets it (perf, issue 6). Its
+/// default (1000 ms) pauses fetching a partition for a whole second each
+/// time its local queue passes `queued.min.messages`: on a backlog that
+/// capped the processor, and a bare consumer, at about 250k records/s.
+pub fn fetch_queue_backoff_ms(kafka: &KafkaConfig) -> String {
+    kafka.properties.get("fetch.queue.backoff.ms").cloned().unwrap_or_else(|| "10".into())
 }
 
 /// A flag the orchestrator raises to tell a runner something: stop now

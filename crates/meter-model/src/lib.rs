@@ -2,16 +2,22 @@
 //! aggregated window revision, dead-letter reasons, event-time windows and
 //! the catalog of accepted usage types.
 //!
-//! This crate does no I/O beyond reading a catalog file; everything here is
-//! plain data and arithmetic that the processor, sink and reports agree on.
+//! This crate does no I/O beyond reading a catalog file and the wall clock;
+//! everything here is plain data and arithmetic that the processor, sink and
+//! reports agree on: the calendar ([`date`]), the clock and the durations
+//! and instants users type ([`time`]).
 
 pub mod catalog;
+pub mod date;
 pub mod ledger;
+pub mod time;
 pub mod window;
 
 use std::collections::BTreeMap;
 
 pub use catalog::{Catalog, UsageTypeInfo};
+pub use date::{Date, YearMonth};
+pub use time::now_ms;
 pub use window::Granularity;
 
 /// Milliseconds since the Unix epoch, UTC.
@@ -177,10 +183,12 @@ impl std::fmt::Display for DeadLetterReason {
 }
 
 /// A record the processor refused, with the original bytes, as published on
-/// `usage.dlq`.
+/// `usage.dlq` and stored in the `dead_letters` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    pub reason: DeadLetterReason,
+    /// A [`DeadLetterReason`] as a string: read back from the topic it may be
+    /// one that a newer processor added, and it is kept as it came.
+    pub reason: String,
     pub detail: String,
     pub source_topic: String,
     pub source_partition: i32,

@@ -1,5 +1,7 @@
 //! Decimal helpers: reading decimals from TOML without passing through
-//! binary floating point, and the fixed internal scale.
+//! binary floating point, the fixed internal scale, and the one conversion
+//! between money and the fixed-scale integers that ClickHouse columns and
+//! Avro decimals store ([`mantissa`], [`from_mantissa`]).
 
 use std::fmt;
 
@@ -18,6 +20,48 @@ use serde::Deserialize;
 /// below about 7.9e16 is exact, which makes the telescoping daily lines
 /// (see [`crate::rate`]) sum to the monthly amount with no residue.
 pub const INTERNAL_SCALE: u32 = 12;
+
+/// Scale of quantities in pricing units and of full amounts, as stored
+/// (ClickHouse `Decimal(38, 12)`, Avro decimals of scale 12): [`INTERNAL_SCALE`].
+pub const FULL_SCALE: u32 = INTERNAL_SCALE;
+/// Scale of billed amounts (ClickHouse `Decimal(38, 2)`, Avro scale 2).
+pub const AMOUNT_SCALE: u32 = 2;
+
+/// How [`mantissa`] treats a value with more decimal places than the scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Refuse it: for values rating has already rounded (amounts, and
+    /// everything sent to billing consumers), where more places mean a bug.
+    Exact,
+    /// Round half to even: for derived rates shown to analysts (a package
+    /// price / size can have more places than a column holds).
+    HalfEven,
+}
+
+/// A value that does not fit a scale.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value} does not fit {scale} decimal places")]
+pub struct ScaleError {
+    pub value: String,
+    pub scale: u32,
+}
+
+/// `d` as the mantissa of a decimal with exactly `scale` places.
+pub fn mantissa(d: Decimal, scale: u32, rounding: Rounding) -> Result<i128, ScaleError> {
+    let rounded = d.round_dp_with_strategy(scale, RoundingStrategy::MidpointNearestEven);
+    let mut r = rounded;
+    // Rescaling fails to reach `scale` when the digits would exceed 28.
+    r.rescale(scale);
+    if (rounding == Rounding::Exact && rounded != d) || r != rounded || r.scale() != scale {
+        return Err(ScaleError { value: d.to_string(), scale });
+    }
+    Ok(r.mantissa())
+}
+
+/// The decimal whose mantissa at `scale` places is `m`.
+pub fn from_mantissa(m: i128, scale: u32) -> Result<Decimal, ScaleError> {
+    Decimal::try_from_i128_with_scale(m, scale).map_err(|_| ScaleError { value: format!("{m}e-{scale}"), scale })
+}
 
 /// Round to [`INTERNAL_SCALE`], half to even.
 pub fn internal(d: Decimal) -> Decimal {
@@ -66,5 +110,23 @@ impl<'de> Deserialize<'de> for Dec {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mantissas_are_exact_or_rounded_as_asked() {
+        let d: Decimal = "1402.88".parse().unwrap_or_default();
+        assert_eq!(mantissa(d, 12, Rounding::Exact), Ok(1_402_880_000_000_000));
+        assert_eq!(from_mantissa(1_402_880_000_000_000, 12), Ok(d));
+        assert_eq!(mantissa("3.48".parse().unwrap_or_default(), 2, Rounding::Exact), Ok(348));
+        let third = Decimal::ONE / Decimal::from(3);
+        assert!(mantissa(third, 12, Rounding::Exact).is_err());
+        assert_eq!(mantissa(third, 12, Rounding::HalfEven), Ok(333_333_333_333));
+        assert_eq!(mantissa("1.005".parse().unwrap_or_default(), 2, Rounding::HalfEven), Ok(100));
+        assert!(mantissa("1.005".parse().unwrap_or_default(), 2, Rounding::Exact).is_err());
     }
 }

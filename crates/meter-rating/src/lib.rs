@@ -1,7 +1,9 @@
 //! The rating core of meterline: a versioned price book and a pure function
 //! that turns a month's final usage into daily rated lines and monthly
-//! invoice lines. No I/O beyond reading a price book file; the ClickHouse
-//! and Kafka edges live elsewhere.
+//! invoice lines, the idempotent comparison of a rating run with what is
+//! stored ([`plan`]), and the wire format of invoice lines ([`wire`]). No
+//! I/O beyond reading a price book file; the ClickHouse edge is
+//! `meter-report`, the Kafka edge `meter rate`.
 //!
 //! Money is `rust_decimal::Decimal`, never floating point. Quantities in
 //! pricing units and amounts are carried at [`INTERNAL_SCALE`] decimal
@@ -29,19 +31,21 @@
 //! ```
 
 pub mod book;
-pub mod date;
+pub use meter_model::date;
 pub mod decimal;
 pub mod error;
 pub mod fixture;
 pub mod line_id;
 pub mod model;
+pub mod plan;
 pub mod rate;
 pub mod runs;
 pub mod units;
+pub mod wire;
 
 pub use book::{Price, PriceBook, Version, SAMPLE_PRICE_BOOK};
 pub use date::{Date, YearMonth};
-pub use decimal::INTERNAL_SCALE;
+pub use decimal::{Rounding, AMOUNT_SCALE, FULL_SCALE, INTERNAL_SCALE};
 pub use error::{Error, Result};
 pub use model::{Charge, Model, Tier, TierCharge};
 pub use rate::{rate_month, DailyLine, Invoice, InvoiceLine, LineKey, MinuteRow, RatedMonth, UsageRow};

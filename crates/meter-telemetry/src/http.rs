@@ -127,8 +127,8 @@ mod tests {
     #[tokio::test]
     async fn serves_metrics_and_probes() {
         let t = Telemetry::new("sink");
-        let m = crate::sink::SinkMetrics::register(&t);
-        m.insert_retries.inc_by(3);
+        let retries = t.counter("meter_sink_insert_retries_total", "Batch inserts retried after a failure.");
+        retries.inc_by(3);
         let addr = serve("127.0.0.1:0", t.clone()).await.unwrap();
 
         let (status, body) = get(addr, "/metrics").await;

@@ -4,7 +4,10 @@
 //! Prometheus registry holding the metrics of its component and a [`Health`]
 //! its loop keeps current. [`http::serve`] exposes both: `GET /metrics`
 //! (Prometheus text format 0.0.4), `GET /health/live` and
-//! `GET /health/ready`.
+//! `GET /health/ready`. Each stage registers its own metrics and the named
+//! events that move them in its crate (`meter_processor::metrics`,
+//! `meter_sink::metrics`, `meter_agent::metrics`); the librdkafka client
+//! metrics every stage shares are here ([`kafka`]).
 //!
 //! Metric names and labels are a contract with the dashboards and alert rules
 //! in `ops/` (see `ops/prometheus/alerts.yml`): `meter_<noun>_<verb>_total`,
@@ -13,12 +16,9 @@
 //! they cost nothing on the hot path and never count work that was rolled
 //! back.
 
-pub mod agent;
 mod health;
 pub mod http;
 pub mod kafka;
-pub mod processor;
-pub mod sink;
 
 use std::sync::Arc;
 
@@ -68,34 +68,35 @@ impl Telemetry {
     }
 
     // Registration can only fail on an invalid or duplicate name, which is a
-    // bug in this crate, not something the outside world can cause.
+    // bug in the registering crate, not something the outside world can
+    // cause.
 
     fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
         self.registry.register(Box::new(c.clone())).expect("metric names are valid and registered once");
         c
     }
 
-    fn counter(&self, name: &str, help: &str) -> IntCounter {
+    pub fn counter(&self, name: &str, help: &str) -> IntCounter {
         self.register(IntCounter::new(name, help).expect("valid metric"))
     }
 
-    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         self.register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
 
-    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+    pub fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.register(IntGauge::new(name, help).expect("valid metric"))
     }
 
-    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    pub fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
 
-    fn float_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::GaugeVec {
+    pub fn float_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::GaugeVec {
         self.register(prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
 
-    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    pub fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
         self.register(Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid metric"))
     }
 }
@@ -103,6 +104,7 @@ impl Telemetry {
 /// Buckets for durations of network round trips and transactions.
 pub const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-pub(crate) fn unix_seconds() -> i64 {
+/// Unix time now, in seconds.
+pub fn unix_seconds() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use meter_agent::{SimConfig, Simulator};
 use meter_avro::Codec;
-use meter_config::Config;
-use meter_kafka::{admin, processor, reconcile, sink, Signal};
+use meter_config::{Config, Valid};
+use meter_kafka::{admin, Signal};
 use meter_model::ledger::Ledger;
+use meter_sink::reconcile;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,7 +25,7 @@ pub const DAY_MS: i64 = 86_400_000;
 /// A configuration file with topics, groups and a database of its own;
 /// `extra_agent` goes into `[agent]`. Brokers come from the environment
 /// (`METER__KAFKA__BROKERS`) like every other setting.
-pub fn config_file(dir: &Path, id: &str, extra_agent: &str) -> (PathBuf, Config) {
+pub fn config_file(dir: &Path, id: &str, extra_agent: &str) -> (PathBuf, Valid<Config>) {
     let text = format!(
         r#"
 [topics]
@@ -59,12 +60,12 @@ checkpoint_interval_ms = 200
 
 pub async fn setup(cfg: &Config) {
     admin::ensure_topics(cfg).await.expect("Kafka must be running (ops/up)");
-    meter_clickhouse::migrate(&sink::connection(cfg)).await.expect("ClickHouse must be running (ops/up)");
+    meter_clickhouse::migrate(&meter_clickhouse::Connection::from(&cfg.clickhouse)).await.expect("ClickHouse must be running (ops/up)");
 }
 
 /// A simulated fleet starting two days ago, so every window can be final.
 pub fn sim_config(seed: u64, customers: usize, agent_id: &str, duration_s: u64) -> SimConfig {
-    let now = meter_kafka::now_ms();
+    let now = meter_model::now_ms();
     SimConfig {
         seed,
         customers,
@@ -151,17 +152,17 @@ pub fn check_seqs(events: &HashMap<(String, String, i64), Vec<Vec<u8>>>) -> (usi
 
 /// Runs processor and sink until both drained, then reconciles ClickHouse
 /// and the aggregates topic against `ledger`.
-pub async fn drain_and_reconcile(cfg: &Config, ledger: &Ledger) -> reconcile::Reconciliation {
+pub async fn drain_and_reconcile(cfg: &Valid<Config>, ledger: &Ledger) -> reconcile::Reconciliation {
     let cfg = Arc::new(cfg.clone());
     let (pd, sd) = (Signal::default(), Signal::default());
     pd.raise();
     let p = tokio::spawn({
         let cfg = cfg.clone();
-        async move { processor::run(&cfg, Signal::default(), pd).await }
+        async move { meter_processor::run(&cfg, Signal::default(), pd).await }
     });
     let s = tokio::spawn({
         let (cfg, sd) = (cfg.clone(), sd.clone());
-        async move { sink::run(&cfg, Signal::default(), sd).await }
+        async move { meter_sink::run(&cfg, Signal::default(), sd).await }
     });
     let counters = tokio::time::timeout(Duration::from_secs(180), p).await.expect("processor drains").unwrap().unwrap().counters;
     sd.raise();

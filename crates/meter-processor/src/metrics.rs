@@ -1,0 +1,146 @@
+//! Metrics of `meter process` and the named events that move them.
+
+use std::time::Duration;
+
+use prometheus::{GaugeVec, Histogram, IntCounter, IntCounterVec, IntGauge};
+use tracing::{debug, info, warn};
+
+use meter_telemetry::{Telemetry, LATENCY_BUCKETS};
+
+#[derive(Clone)]
+pub struct ProcessorMetrics {
+    pub events_received: IntCounter,
+    pub events_aggregated: IntCounter,
+    pub events_deduplicated: IntCounter,
+    pub events_dead_lettered: IntCounterVec,
+    pub aggregates_emitted: IntCounterVec,
+    pub watermark_delay: GaugeVec,
+    pub windows_open: IntGauge,
+    pub dedup_streams: IntGauge,
+    pub partitions_assigned: IntGauge,
+    pub transactions_committed: IntCounter,
+    pub transactions_aborted: IntCounter,
+    pub transaction_duration: Histogram,
+    pub restore_duration: Histogram,
+}
+
+impl ProcessorMetrics {
+    pub fn register(t: &Telemetry) -> Self {
+        ProcessorMetrics {
+            events_received: t.counter("meter_events_received_total", "Input records handled, counted when their transaction commits."),
+            events_aggregated: t.counter("meter_events_aggregated_total", "Events added to their windows (committed)."),
+            events_deduplicated: t
+                .counter("meter_events_deduplicated_total", "Events dropped as duplicates of one already counted (committed)."),
+            events_dead_lettered: t.counter_vec(
+                "meter_events_dead_lettered_total",
+                "Input records sent to the dead-letter topic, by reason (committed).",
+                &["reason"],
+            ),
+            aggregates_emitted: t.counter_vec(
+                "meter_aggregates_emitted_total",
+                "Window revisions written to the aggregates topic (committed).",
+                &["granularity", "final"],
+            ),
+            watermark_delay: t.float_gauge_vec(
+                "meter_watermark_delay_seconds",
+                "Wall clock minus the event-time watermark, per owned input partition.",
+                &["partition"],
+            ),
+            windows_open: t.gauge("meter_windows_open", "Windows held in state (open, or final and still correctable)."),
+            dedup_streams: t.gauge("meter_dedup_streams", "(agent, customer) seq streams held in dedup state."),
+            partitions_assigned: t.gauge("meter_partitions_assigned", "Input partitions owned by this instance."),
+            transactions_committed: t.counter("meter_transactions_committed_total", "Kafka transactions committed."),
+            transactions_aborted: t
+                .counter("meter_transactions_aborted_total", "Kafka transactions aborted (state restored and input rewound)."),
+            transaction_duration: t.histogram(
+                "meter_transaction_commit_duration_seconds",
+                "From beginning a transaction to its commit acknowledgement.",
+                LATENCY_BUCKETS,
+            ),
+            restore_duration: t.histogram(
+                "meter_state_restore_duration_seconds",
+                "Time to restore partition state from the changelog.",
+                &[0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+        }
+    }
+}
+
+/// Outcomes of the records handled since the previous commit, counted once
+/// their transaction has committed.
+#[derive(Debug, Default)]
+pub struct OutcomesCommitted<'a> {
+    pub aggregated: u64,
+    pub duplicates: u64,
+    pub dead_letters: Vec<(&'a str, u64)>,
+}
+
+impl OutcomesCommitted<'_> {
+    pub fn emit(&self, m: &ProcessorMetrics) {
+        let dead: u64 = self.dead_letters.iter().map(|(_, n)| n).sum();
+        m.events_received.inc_by(self.aggregated + self.duplicates + dead);
+        m.events_aggregated.inc_by(self.aggregated);
+        m.events_deduplicated.inc_by(self.duplicates);
+        for (reason, n) in &self.dead_letters {
+            if *n > 0 {
+                m.events_dead_lettered.with_label_values(&[reason]).inc_by(*n);
+                warn!(reason, count = n, "records dead-lettered");
+            }
+        }
+    }
+}
+
+/// One committed transaction.
+#[derive(Debug)]
+pub struct TransactionCommitted {
+    /// Revisions by (granularity, is_final).
+    pub revisions: Vec<(&'static str, bool, u64)>,
+    pub changes: usize,
+    pub dead_letters: usize,
+    pub duration: Duration,
+}
+
+impl TransactionCommitted {
+    pub fn emit(&self, m: &ProcessorMetrics) {
+        m.transactions_committed.inc();
+        m.transaction_duration.observe(self.duration.as_secs_f64());
+        for &(granularity, is_final, n) in &self.revisions {
+            m.aggregates_emitted.with_label_values(&[granularity, if is_final { "true" } else { "false" }]).inc_by(n);
+        }
+        debug!(
+            revisions = self.revisions.iter().map(|r| r.2).sum::<u64>(),
+            changes = self.changes,
+            dead_letters = self.dead_letters,
+            ms = self.duration.as_millis() as u64,
+            "transaction committed"
+        );
+    }
+}
+
+/// A transaction that failed and was aborted.
+#[derive(Debug)]
+pub struct TransactionAborted<'a> {
+    pub error: &'a str,
+}
+
+impl TransactionAborted<'_> {
+    pub fn emit(&self, m: &ProcessorMetrics) {
+        m.transactions_aborted.inc();
+        warn!(error = self.error, "transaction aborted; state will be restored and input rewound");
+    }
+}
+
+/// Partition state restored from the changelog.
+#[derive(Debug)]
+pub struct StateRestored<'a> {
+    pub partitions: &'a [i32],
+    pub entries: u64,
+    pub duration: Duration,
+}
+
+impl StateRestored<'_> {
+    pub fn emit(&self, m: &ProcessorMetrics) {
+        m.restore_duration.observe(self.duration.as_secs_f64());
+        info!(partitions = ?self.partitions, entries = self.entries, ms = self.duration.as_millis() as u64, "partition state restored");
+    }
+}

@@ -1,0 +1,257 @@
+//! Reconciliation of a month, per customer, usage type and day:
+//!
+//! 1. usage_minute = usage_hour = usage_day (latest revision of every
+//!    window, final or not: the processor emits all three from the same
+//!    events in the same commit);
+//! 2. final usage_day = rated_usage.usage_quantity (what `meter rate` rated);
+//! 3. sum of the daily costs = invoice line amount_full, and their usage =
+//!    the line's usage_quantity;
+//! 4. sum of a customer's billed invoice line amounts = the invoice total.
+//!
+//! The rating side is the price-book version rated last for the month.
+//! Every difference is returned; none is hidden behind a tolerance (all
+//! quantities are exact integers and all amounts exact decimals).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clickhouse::Client;
+use meter_config::Config;
+use meter_rating::{Date, YearMonth};
+use serde::Deserialize;
+
+use crate::rating::{decimal, AMOUNT_SCALE, FULL_SCALE};
+use crate::Result;
+
+const DAY_S: u32 = 86_400;
+
+/// Per (key, day) usage of one granularity table; binds: from, to, customer, customer.
+pub fn usage_sql(table: &str) -> String {
+    format!(
+        "SELECT customer_id, service, usage_type, region, toUInt32(intDiv(toUInt32(window_start), {DAY_S})) AS day, \
+                sum(q) AS quantity, sumIf(q, f = 1) AS final_quantity \
+         FROM (SELECT customer_id, service, usage_type, region, resource_id, window_start, \
+                      argMax(quantity_sum, revision) AS q, argMax(is_final, revision) AS f \
+               FROM {table} \
+               WHERE window_start >= toDateTime(?) AND window_start < toDateTime(?) AND (? = '' OR customer_id = ?) \
+               GROUP BY customer_id, service, usage_type, region, resource_id, window_start) \
+         GROUP BY customer_id, service, usage_type, region, day"
+    )
+}
+
+/// Binds: month, month, customer, customer.
+pub const SQL_RATED_BY_DAY: &str = "SELECT customer_id, service, usage_type, region, toUInt32(day) AS day, \
+    sum(usage_quantity) AS quantity, sum(cost) AS cost \
+    FROM rated_usage FINAL WHERE month = toDate(?) AND version_id = (SELECT argMax(version_id, revision) FROM invoices WHERE month = toDate(?)) \
+      AND (? = '' OR customer_id = ?) \
+    GROUP BY customer_id, service, usage_type, region, day";
+
+/// Binds: month, month, customer, customer.
+pub const SQL_LINES: &str = "SELECT customer_id, service, usage_type, region, usage_quantity, amount_full, amount \
+    FROM invoice_lines FINAL WHERE month = toDate(?) AND version_id = (SELECT argMax(version_id, revision) FROM invoices WHERE month = toDate(?)) \
+      AND (? = '' OR customer_id = ?)";
+
+/// Binds: month, month, customer, customer.
+pub const SQL_INVOICES: &str = "SELECT customer_id, total FROM invoices FINAL \
+    WHERE month = toDate(?) AND version_id = (SELECT argMax(version_id, revision) FROM invoices WHERE month = toDate(?)) \
+      AND (? = '' OR customer_id = ?)";
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct UsageDay {
+    customer_id: String,
+    service: String,
+    usage_type: String,
+    region: String,
+    day: u32,
+    quantity: i128,
+    final_quantity: i128,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct RatedDay {
+    customer_id: String,
+    service: String,
+    usage_type: String,
+    region: String,
+    day: u32,
+    quantity: i128,
+    cost: i128,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Line {
+    customer_id: String,
+    service: String,
+    usage_type: String,
+    region: String,
+    usage_quantity: i128,
+    amount_full: i128,
+    amount: i128,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct InvoiceTotal {
+    customer_id: String,
+    total: i128,
+}
+
+/// One difference found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// Which reconciliation: `minute/hour`, `hour/day`, `usage/rated`, `rated/line`, `lines/invoice`.
+    pub check: &'static str,
+    /// customer/service/usage_type/region[/day], or the customer.
+    pub key: String,
+    pub what: &'static str,
+    pub left: String,
+    pub right: String,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} {}: {} != {}", self.check, self.key, self.what, self.left, self.right)
+    }
+}
+
+/// What an audit compared, and every difference.
+#[derive(Debug, Default, Clone)]
+pub struct AuditReport {
+    pub usage_keys: usize,
+    pub rated_keys: usize,
+    pub lines: usize,
+    pub invoices: usize,
+    pub differences: Vec<Difference>,
+}
+
+type Key = (String, String, String, String);
+
+fn key_str(k: &Key) -> String {
+    format!("{}/{}/{}/{}", k.0, k.1, k.2, k.3)
+}
+
+fn day_str(day: u32) -> String {
+    Date::from_millis(i64::from(day) * 86_400_000).map_or_else(|| day.to_string(), |d| d.to_string())
+}
+
+fn dec(m: i128, scale: u32) -> String {
+    decimal(m, scale).map_or_else(|_| format!("{m}e-{scale}"), |d| d.to_string())
+}
+
+fn compare<V: PartialEq + Copy + Default>(
+    out: &mut Vec<Difference>,
+    check: &'static str,
+    what: &'static str,
+    left: &BTreeMap<(Key, u32), V>,
+    right: &BTreeMap<(Key, u32), V>,
+    show: impl Fn(V) -> String,
+    with_day: bool,
+) {
+    let keys: std::collections::BTreeSet<&(Key, u32)> = left.keys().chain(right.keys()).collect();
+    for k in keys {
+        let (a, b) = (left.get(k).copied().unwrap_or_default(), right.get(k).copied().unwrap_or_default());
+        if a != b {
+            let key = if with_day { format!("{}/{}", key_str(&k.0), day_str(k.1)) } else { key_str(&k.0) };
+            out.push(Difference { check, key, what, left: show(a), right: show(b) });
+        }
+    }
+}
+
+/// Audits `month` (optionally one customer).
+pub async fn audit(client: &Client, month: YearMonth, customer: Option<&str>) -> Result<AuditReport> {
+    let c = customer.unwrap_or("");
+    let (from, to) = (month.start_millis().div_euclid(1000), month.end_millis().div_euclid(1000));
+    let (from, to) = (u32::try_from(from).unwrap_or(0), u32::try_from(to).unwrap_or(u32::MAX));
+    let mut usage: Vec<BTreeMap<(Key, u32), (i128, i128)>> = Vec::new();
+    for table in ["usage_minute", "usage_hour", "usage_day"] {
+        let rows: Vec<UsageDay> = client.query(&usage_sql(table)).bind(from).bind(to).bind(c).bind(c).fetch_all().await?;
+        usage.push(
+            rows.into_iter()
+                .map(|r| (((r.customer_id, r.service, r.usage_type, r.region), r.day), (r.quantity, r.final_quantity)))
+                .collect(),
+        );
+    }
+    let m = month.first_day().to_string();
+    let rated: Vec<RatedDay> = client.query(SQL_RATED_BY_DAY).bind(m.as_str()).bind(m.as_str()).bind(c).bind(c).fetch_all().await?;
+    let lines: Vec<Line> = client.query(SQL_LINES).bind(m.as_str()).bind(m.as_str()).bind(c).bind(c).fetch_all().await?;
+    let invoices: Vec<InvoiceTotal> = client.query(SQL_INVOICES).bind(m.as_str()).bind(m.as_str()).bind(c).bind(c).fetch_all().await?;
+
+    let mut report = AuditReport { lines: lines.len(), invoices: invoices.len(), ..AuditReport::default() };
+    let d = &mut report.differences;
+    let all = |t: &BTreeMap<(Key, u32), (i128, i128)>| t.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>();
+    let (minute, hour, day) = (all(&usage[0]), all(&usage[1]), all(&usage[2]));
+    report.usage_keys = day.len();
+    compare(d, "minute/hour", "quantity", &minute, &hour, |v: i128| v.to_string(), true);
+    compare(d, "hour/day", "quantity", &hour, &day, |v: i128| v.to_string(), true);
+
+    // Rating only prices final days; days that are not final yet are not expected in rated_usage.
+    let final_day: BTreeMap<(Key, u32), i128> = usage[2].iter().filter(|(_, v)| v.1 != 0).map(|(k, v)| (k.clone(), v.1)).collect();
+    let rated_usage: BTreeMap<(Key, u32), i128> = rated
+        .iter()
+        .filter(|r| r.quantity != 0)
+        .map(|r| (((r.customer_id.clone(), r.service.clone(), r.usage_type.clone(), r.region.clone()), r.day), r.quantity))
+        .collect();
+    report.rated_keys = rated_usage.len();
+    compare(d, "usage/rated", "usage quantity", &final_day, &rated_usage, |v: i128| v.to_string(), true);
+
+    let mut rated_key: BTreeMap<(Key, u32), (i128, i128)> = BTreeMap::new();
+    for r in &rated {
+        let e = rated_key.entry(((r.customer_id.clone(), r.service.clone(), r.usage_type.clone(), r.region.clone()), 0)).or_default();
+        e.0 += r.quantity;
+        e.1 += r.cost;
+    }
+    let line_key: BTreeMap<(Key, u32), (i128, i128)> = lines
+        .iter()
+        .map(|l| {
+            (((l.customer_id.clone(), l.service.clone(), l.usage_type.clone(), l.region.clone()), 0), (l.usage_quantity, l.amount_full))
+        })
+        .collect();
+    let part = |t: &BTreeMap<(Key, u32), (i128, i128)>, i: usize| {
+        t.iter().map(|(k, v)| (k.clone(), if i == 0 { v.0 } else { v.1 })).collect::<BTreeMap<_, _>>()
+    };
+    compare(d, "rated/line", "usage quantity", &part(&rated_key, 0), &part(&line_key, 0), |v: i128| v.to_string(), false);
+    compare(d, "rated/line", "amount_full", &part(&rated_key, 1), &part(&line_key, 1), |v: i128| dec(v, FULL_SCALE), false);
+
+    let mut per_customer: BTreeMap<(Key, u32), i128> = BTreeMap::new();
+    for l in &lines {
+        *per_customer.entry(((l.customer_id.clone(), String::new(), String::new(), String::new()), 0)).or_default() += l.amount;
+    }
+    let totals: BTreeMap<(Key, u32), i128> =
+        invoices.iter().map(|i| (((i.customer_id.clone(), String::new(), String::new(), String::new()), 0), i.total)).collect();
+    let before = d.len();
+    compare(d, "lines/invoice", "total", &per_customer, &totals, |v: i128| dec(v, AMOUNT_SCALE), false);
+    for diff in &mut d[before..] {
+        diff.key = diff.key.trim_end_matches('/').to_owned();
+    }
+    Ok(report)
+}
+
+/// `meter audit --month YYYY-MM [--customer C]`.
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    /// The month to audit, YYYY-MM (UTC).
+    #[arg(long)]
+    pub month: YearMonth,
+    /// Only this customer.
+    #[arg(long)]
+    pub customer: Option<String>,
+}
+
+/// Prints every difference; exit code 1 when there is any.
+pub async fn run(cfg: &Config, args: &AuditArgs) -> anyhow::Result<ExitCode> {
+    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
+    eprintln!("auditing {} ...", args.month);
+    let r = audit(&client, args.month, args.customer.as_deref()).await.context("auditing")?;
+    for d in &r.differences {
+        println!("{d}");
+    }
+    let figures =
+        format!("{} usage key-days, {} rated key-days, {} invoice lines, {} invoices", r.usage_keys, r.rated_keys, r.lines, r.invoices);
+    if r.differences.is_empty() {
+        println!("audit {}: ok ({figures}, 0 differences)", args.month);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("audit {}: FAILED ({figures}, {} differences)", args.month, r.differences.len());
+        Ok(ExitCode::from(1))
+    }
+}
