@@ -320,6 +320,9 @@ impl<'a> Runtime<'a> {
             }
             sampler.restore(state, &boot.0, boot.1);
         }
+        // With `serialization.events = "confluent"` the schema is
+        // registered now: the spool keeps records framed as they are sent.
+        let (codec, _) = meter_kafka::registry::codec_for(cfg, &[meter_kafka::registry::Writes::Events])?;
         let deliveries = Deliveries::default();
         let producer = agent_producer(cfg, &deliveries)?;
         let dropped = DroppedLedger::load(state_dir.join("dropped-ledger.csv"))?;
@@ -335,7 +338,7 @@ impl<'a> Runtime<'a> {
             spool,
             seqs: rec.seqs,
             last_tick,
-            codec: Codec::new()?,
+            codec,
             deliveries,
             producer,
             inflight: InFlight::default(),

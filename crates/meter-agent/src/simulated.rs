@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use meter_avro::Codec;
 use meter_config::{Config, Valid};
 use meter_kafka::publish::{producer, Publisher, Tuning};
 use meter_model::ledger::Ledger;
@@ -50,7 +49,7 @@ pub async fn run_simulated_observed(
     metrics: &AgentMetrics,
 ) -> anyhow::Result<(SimulatedRun, Ledger)> {
     let producer = producer(&cfg.kafka, Tuning::bulk())?;
-    let codec = Codec::new()?;
+    let (codec, _) = meter_kafka::registry::codec_for(cfg, &[meter_kafka::registry::Writes::Events])?;
     let mut sim = Simulator::new(sim_cfg);
     let mut out = Publisher::new(&producer, &cfg.topics.events);
     let started = Instant::now();

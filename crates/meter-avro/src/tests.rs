@@ -1,6 +1,6 @@
 use super::*;
+use crate::testing::{apache_round_trip, field};
 use apache_avro::types::Value;
-use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter};
 use proptest::prelude::*;
 
 fn sample_event() -> UsageEvent {
@@ -41,25 +41,6 @@ fn sample_aggregate(sum: i128) -> AggregatedUsage {
         revision: 7,
         is_final: true,
         delta_sum: sum / -2,
-    }
-}
-
-/// Decodes `bytes` with apache-avro's generic reader and encodes the value
-/// again with its generic writer: the bytes must come back unchanged.
-fn apache_round_trip(avsc: &str, bytes: &[u8]) -> (Value, Vec<u8>) {
-    let schema = Schema::parse_str(avsc).unwrap();
-    let reader = GenericSingleObjectReader::new(schema.clone()).unwrap();
-    let value = reader.read_value(&mut &bytes[..]).unwrap();
-    let mut writer = GenericSingleObjectWriter::new_with_capacity(&schema, 256).unwrap();
-    let mut out = Vec::new();
-    writer.write_value_ref(&value, &mut out).unwrap();
-    (value, out)
-}
-
-fn field<'a>(v: &'a Value, name: &str) -> &'a Value {
-    match v {
-        Value::Record(fields) => &fields.iter().find(|(n, _)| n == name).unwrap().1,
-        _ => panic!("not a record"),
     }
 }
 
@@ -203,4 +184,134 @@ fn borrowed_decoder_rejects_bad_payloads_like_the_owned_one() {
         assert_eq!(codec.decode_event_ref(&c).map(|e| e.to_owned_event()), codec.decode_event(&c), "{c:?}");
         assert!(codec.decode_event_ref(&c).is_err());
     }
+}
+
+/// The specification's fingerprints, as the single-object header carries
+/// them (little-endian), computed independently by Java's
+/// `SchemaNormalization.parsingFingerprint64` (org.apache.avro:avro 1.12.2)
+/// and fastavro 1.13.1: `tests/interop/java` and `tests/interop/python`
+/// `fingerprint` print these. A changed value means a changed schema.
+const SPEC_FINGERPRINTS: [(&str, &str, &str); 4] = [
+    ("UsageEvent", USAGE_EVENT_AVSC, "ef4a872171edd5d3"),
+    ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "ce627383ae9f9048"),
+    ("DeadLetter", DEAD_LETTER_AVSC, "12fc328c31d77841"),
+    ("InvoiceLine", INVOICE_LINE_AVSC, "655d514a5e44920c"),
+];
+
+/// What meterline wrote before (apache-avro's canonical form keeps logical
+/// types): the fingerprints deployed agents and compacted topics carry.
+const LEGACY_FINGERPRINTS: [(&str, &str, &str); 3] = [
+    ("UsageEvent", USAGE_EVENT_AVSC, "a4dbce6eb06590ff"),
+    ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "d9d273e080c627f7"),
+    ("InvoiceLine", INVOICE_LINE_AVSC, "8777022bf336c514"),
+];
+
+fn hex_le(fp: u64) -> String {
+    fp.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn fingerprints_are_the_specifications_as_java_and_fastavro_compute_them() {
+    for (name, avsc, want) in SPEC_FINGERPRINTS {
+        assert_eq!(hex_le(canonical::fingerprint(avsc).unwrap()), want, "{name}");
+    }
+    let codec = Codec::new().unwrap();
+    let mut buf = Vec::new();
+    codec.encode_event(&sample_event(), &mut buf);
+    assert_eq!(buf[..2], [0xC3, 0x01]);
+    assert_eq!(buf[2..10].iter().map(|b| format!("{b:02x}")).collect::<String>(), SPEC_FINGERPRINTS[0].2);
+}
+
+#[test]
+fn the_legacy_fingerprint_is_read_unless_switched_off() {
+    for (name, avsc, want) in LEGACY_FINGERPRINTS {
+        assert_eq!(hex_le(framing::legacy_fingerprint(name, avsc).unwrap()), want, "{name}");
+    }
+    let mut codec = Codec::new().unwrap();
+    let e = sample_event();
+    let mut legacy = vec![0xC3, 0x01];
+    legacy.extend_from_slice(&framing::legacy_fingerprint("UsageEvent", USAGE_EVENT_AVSC).unwrap().to_le_bytes());
+    let mut current = Vec::new();
+    codec.encode_event(&e, &mut current);
+    legacy.extend_from_slice(&current[10..]);
+    let mut scratch = Vec::new();
+    let (got, body, via) = codec.decode_event_with(&legacy, &mut scratch).unwrap();
+    assert_eq!((got.to_owned_event(), body, via), (e.clone(), &current[10..], Via::LegacyFingerprint));
+    codec.events_mut().set_accept_legacy(false);
+    assert!(matches!(codec.decode_event(&legacy), Err(DecodeError::LegacyFingerprint(_))));
+    assert_eq!(DecodeError::LegacyFingerprint(0).reason(), DeadLetterReason::UnknownSchema);
+    assert_eq!(codec.decode_event(&current).unwrap(), e);
+}
+
+#[test]
+fn confluent_framing_is_written_and_read_by_registry_id() {
+    let mut codec = Codec::new().unwrap();
+    codec.events_mut().set_output(Output::Confluent { id: 0x0102_0304 });
+    let e = sample_event();
+    let mut buf = Vec::new();
+    codec.encode_event(&e, &mut buf);
+    assert_eq!(buf[..5], [0, 1, 2, 3, 4]);
+    assert_eq!(confluent_id(&buf), Some(0x0102_0304));
+    // Not looked up yet, then looked up: the current schema under that id.
+    assert_eq!(codec.decode_event(&buf), Err(DecodeError::UnknownSchemaId(0x0102_0304)));
+    codec.store().add_id(0x0102_0304, Some(USAGE_EVENT_AVSC)).unwrap();
+    let mut scratch = Vec::new();
+    let (got, _, via) = codec.decode_event_with(&buf, &mut scratch).unwrap();
+    assert_eq!((got.to_owned_event(), via), (e.clone(), Via::Confluent));
+    // An id the registry does not have.
+    codec.store().add_id(9, None).unwrap();
+    buf[1..5].copy_from_slice(&9u32.to_be_bytes());
+    assert_eq!(codec.decode_event(&buf), Err(DecodeError::NoSuchSchemaId(9)));
+    assert_eq!(DecodeError::NoSuchSchemaId(9).reason(), DeadLetterReason::UnknownSchema);
+    // Another schema's id is not an event.
+    codec.store().add_id(10, Some(AGGREGATED_USAGE_AVSC)).unwrap();
+    buf[1..5].copy_from_slice(&10u32.to_be_bytes());
+    assert!(matches!(codec.decode_event(&buf), Err(DecodeError::UnknownSchema(_))));
+}
+
+/// A UsageEvent v2 as a third-party producer might write it: a field added
+/// with a default, `attributes` (which has a default) left out, the fields
+/// in another order.
+pub(crate) const USAGE_EVENT_V2_AVSC: &str = r#"{"type":"record","name":"UsageEvent","namespace":"io.meterline","fields":[
+  {"name":"event_id","type":"string"},{"name":"agent_id","type":"string"},
+  {"name":"customer_id","type":"string"},{"name":"seq","type":["null","long"],"default":null},
+  {"name":"service","type":"string"},{"name":"usage_type","type":"string"},{"name":"resource_id","type":"string"},
+  {"name":"region","type":"string"},{"name":"quantity","type":"long"},
+  {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}},
+  {"name":"source","type":"string","default":"v2"}]}"#;
+
+#[test]
+fn a_newer_writer_schema_is_resolved_to_the_current_one() {
+    let codec = Codec::new().unwrap();
+    let v2 = Schema::parse_str(USAGE_EVENT_V2_AVSC).unwrap();
+    let e = UsageEvent { attributes: Default::default(), ..sample_event() };
+    let mut fields = vec![
+        ("event_id".to_owned(), Value::String(e.event_id.clone())),
+        ("agent_id".to_owned(), Value::String(e.agent_id.clone())),
+        ("customer_id".to_owned(), Value::String(e.customer_id.clone())),
+        ("seq".to_owned(), Value::Union(1, Box::new(Value::Long(e.seq.unwrap())))),
+        ("service".to_owned(), Value::String(e.service.clone())),
+        ("usage_type".to_owned(), Value::String(e.usage_type.clone())),
+        ("resource_id".to_owned(), Value::String(e.resource_id.clone())),
+        ("region".to_owned(), Value::String(e.region.clone())),
+        ("quantity".to_owned(), Value::Long(e.quantity)),
+        ("event_time".to_owned(), Value::TimestampMillis(e.event_time)),
+    ];
+    fields.push(("source".to_owned(), Value::String("python".into())));
+    let body = apache_avro::to_avro_datum(&v2, Value::Record(fields)).unwrap();
+    let mut payload = vec![0xC3, 0x01];
+    payload.extend_from_slice(&canonical::fingerprint(USAGE_EVENT_V2_AVSC).unwrap().to_le_bytes());
+    payload.extend_from_slice(&body);
+    // Unknown until the store knows the writer schema.
+    assert!(matches!(codec.decode_event(&payload), Err(DecodeError::UnknownSchema(_))));
+    codec.store().add_schema(USAGE_EVENT_V2_AVSC).unwrap();
+    assert_eq!(codec.decode_event(&payload).unwrap(), e);
+    let mut scratch = Vec::new();
+    let (got, current_body, via) = codec.decode_event_with(&payload, &mut scratch).unwrap();
+    assert_eq!((got.to_owned_event(), via), (e.clone(), Via::Resolved));
+    let mut current = Vec::new();
+    codec.encode_event(&e, &mut current);
+    assert_eq!(current_body, &current[10..], "resolved to the bytes of the current schema");
+    // Truncated: an error, not a panic.
+    assert!(codec.decode_event(&payload[..payload.len() - 1]).is_err());
 }

@@ -4,6 +4,7 @@
 mod agent;
 mod demo;
 mod rate;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,9 @@ enum Command {
     /// Run agent, processor and sink on the local stack, then print a usage
     /// report and a reconciliation against the agent's ledger.
     Demo(demo::DemoArgs),
+    /// Print any meterline topic as JSON lines, whatever framing and schema
+    /// version its records carry.
+    Tail(tail::TailArgs),
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
@@ -271,6 +275,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return meter_testkit::chaos::run(cfg.into_inner(), args).await;
         }
         Command::Config { command: ConfigCommand::Check { file } } => return check_config(&file),
+        Command::Tail(args) => {
+            init_logging("warn");
+            let cfg = load()?;
+            let shutdown = Signal::default();
+            on_signal(shutdown.clone());
+            return tail::run(&cfg, args, shutdown).await;
+        }
         Command::Demo(args) => {
             init_logging("warn");
             let cfg = load()?;

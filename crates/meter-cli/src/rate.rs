@@ -3,8 +3,10 @@
 //! the order of effects).
 
 use anyhow::Context;
-use meter_config::Config;
+use meter_avro::SchemaStore;
+use meter_config::{Config, Framing};
 use meter_kafka::publish::{Publisher, Tuning};
+use meter_kafka::registry::Registry;
 use meter_rating::wire::InvoiceLineCodec;
 use meter_rating::{InvoiceLine, YearMonth};
 use meter_report::rate::LinePublisher;
@@ -27,7 +29,16 @@ struct KafkaLines<'a> {
 
 impl LinePublisher for KafkaLines<'_> {
     async fn publish(&mut self, lines: &[InvoiceLine]) -> anyhow::Result<()> {
-        let codec = InvoiceLineCodec::new()?;
+        let mut codec = InvoiceLineCodec::new()?;
+        if self.cfg.serialization.invoice_lines == Framing::Confluent {
+            let s = &self.cfg.serialization;
+            let registry = Registry::new(s.registry_url.trim(), std::time::Duration::from_millis(s.registry_timeout_ms));
+            let topic = &self.cfg.topics.invoice_lines;
+            let id =
+                tokio::task::block_in_place(|| registry.register_value_schema(topic, codec.framing_mut().avsc(), &SchemaStore::default()))
+                    .with_context(|| format!("registering the schema of {topic} with the schema registry"))?;
+            codec.framing_mut().set_output(meter_avro::Output::Confluent { id });
+        }
         let producer = meter_kafka::publish::producer(&self.cfg.kafka, Tuning::billing()).context("creating the invoice-line producer")?;
         let mut out = Publisher::new(&producer, &self.cfg.topics.invoice_lines);
         let mut payload = Vec::new();

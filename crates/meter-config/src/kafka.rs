@@ -19,6 +19,25 @@ pub struct KafkaConfig {
     /// file readable only by the service.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// How meterline's producers map a record's key to its partition, and
+    /// the key contract the processor checks on `usage.events`: a record on
+    /// any other partition is dead-lettered as `wrong_partition`, so that no
+    /// customer's windows are ever split across two partitions.
+    #[serde(default)]
+    pub partitioner: KeyPartitioner,
+}
+
+/// How producers map a record's key to its partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyPartitioner {
+    /// murmur2 of the key, as Java's default partitioner and librdkafka's
+    /// `murmur2_random`: the key contract of `usage.events`.
+    #[default]
+    Murmur2,
+    /// CRC-32 of the key, librdkafka's default (`consistent_random`): what
+    /// meterline's agents used before; only for a fleet not upgraded yet.
+    Crc32,
 }
 
 fn default_brokers() -> String {
@@ -27,7 +46,7 @@ fn default_brokers() -> String {
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        KafkaConfig { brokers: default_brokers(), properties: BTreeMap::new() }
+        KafkaConfig { brokers: default_brokers(), properties: BTreeMap::new(), partitioner: KeyPartitioner::default() }
     }
 }
 
@@ -36,5 +55,19 @@ impl Section for KafkaConfig {
 
     fn check(&self, p: &mut Problems) {
         p.check(!self.brokers.trim().is_empty(), "kafka.brokers must not be empty");
+        p.check(
+            !self.properties.contains_key("partitioner"),
+            "kafka.properties.partitioner: set kafka.partitioner instead (the processor checks the key contract with it)",
+        );
+    }
+}
+
+impl KeyPartitioner {
+    /// The matching librdkafka `partitioner` setting.
+    pub fn librdkafka(self) -> &'static str {
+        match self {
+            KeyPartitioner::Murmur2 => "murmur2_random",
+            KeyPartitioner::Crc32 => "consistent_random",
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! belong in the environment, never in the file.
 //!
 //! One module per section ([`kafka`], [`topics`], [`clickhouse`],
-//! [`processor`], [`sink`], [`agent`], [`metrics`], [`rating`]); each checks
+//! [`processor`], [`sink`], [`agent`], [`metrics`], [`rating`],
+//! [`serialization`]); each checks
 //! its own values ([`Section::check`]). [`Config::load`] reports every
 //! problem of every section at once, each with its path, and returns the
 //! configuration only as [`Valid`]: the services take a `&Valid<Config>`,
@@ -22,6 +23,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod processor;
 pub mod rating;
+pub mod serialization;
 pub mod sink;
 pub mod topics;
 
@@ -31,10 +33,11 @@ use serde::{Deserialize, Serialize};
 
 pub use agent::{AgentConfig, FsyncPolicy};
 pub use clickhouse::ClickHouseConfig;
-pub use kafka::KafkaConfig;
+pub use kafka::{KafkaConfig, KeyPartitioner};
 pub use metrics::MetricsConfig;
 pub use processor::ProcessorConfig;
 pub use rating::{CatalogConfig, RatingConfig};
+pub use serialization::{Framing, SerializationConfig};
 pub use sink::SinkConfig;
 pub use topics::TopicsConfig;
 
@@ -133,6 +136,8 @@ pub struct Config {
     pub rating: RatingConfig,
     #[serde(default)]
     pub agent: AgentConfig,
+    #[serde(default)]
+    pub serialization: SerializationConfig,
 }
 
 impl Section for Config {
@@ -148,6 +153,7 @@ impl Section for Config {
         self.metrics.check(p);
         self.rating.check(p);
         self.agent.check(p);
+        self.serialization.check(p);
     }
 }
 
@@ -467,7 +473,7 @@ mod compose_tests {
     fn compose_runs_the_stack_and_every_meter_stage() {
         let c = compose();
         let services = c["services"].as_mapping().expect("services");
-        for s in ["kafka", "clickhouse", "init", "agent", "process", "sink"] {
+        for s in ["kafka", "clickhouse", "registry", "init", "agent", "process", "sink"] {
             assert!(services.contains_key(s), "docker-compose.yml lacks service {s}");
         }
         let cmd =

@@ -35,6 +35,8 @@ const METRICS: &[&str] = &[
     "meter_events_aggregated_total",
     "meter_events_deduplicated_total",
     "meter_events_dead_lettered_total",
+    "meter_events_legacy_fingerprint_total",
+    "meter_events_schema_resolved_total",
     "meter_aggregates_emitted_total",
     "meter_consumer_lag_records",
     "meter_watermark_delay_seconds",

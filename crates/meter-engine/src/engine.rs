@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use foldhash::fast::RandomState;
-use meter_avro::{Codec, UsageEventRef};
+use meter_avro::{Codec, DecodeError, UsageEventRef, Via};
+use meter_model::partition::Partitioner;
 use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, WindowKey};
 
 use crate::auth::AgentRegistry;
@@ -41,6 +42,9 @@ pub struct EngineConfig {
     pub max_string_bytes: usize,
     /// Agents and the customers they may publish for.
     pub agents: AgentRegistry,
+    /// How producers must map a record's key to its partition (the key
+    /// contract of `usage.events`).
+    pub partitioner: Partitioner,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +57,7 @@ impl Default for EngineConfig {
             max_payload_bytes: 64 * 1024,
             max_string_bytes: 256,
             agents: AgentRegistry::default(),
+            partitioner: Partitioner::default(),
         }
     }
 }
@@ -79,6 +84,13 @@ pub struct Counters {
     pub aggregated: u64,
     pub duplicates: u64,
     pub dead_letters: BTreeMap<DeadLetterReason, u64>,
+    /// Records whose single-object header carries the fingerprint meterline
+    /// wrote before it followed the specification (counted whatever their
+    /// outcome; see `serialization.accept_legacy_fingerprint`).
+    pub legacy_fingerprint: u64,
+    /// Records written with another version of the UsageEvent schema,
+    /// resolved to the current one (whatever their outcome).
+    pub resolved_schema: u64,
 }
 
 impl Counters {
@@ -368,6 +380,9 @@ pub struct Engine {
     /// bytes: duplicate) from a conflict (same id, other bytes).
     unsequenced: Map<(i32, Millis), Map<String, u64>>,
     counters: Counters,
+    /// Partitions of `usage.events`: when known, a record on a partition its
+    /// key does not map to is dead-lettered (`wrong_partition`).
+    partitions: Option<i32>,
 }
 
 type Rejection = (DeadLetterReason, String);
@@ -399,6 +414,7 @@ impl Engine {
             last_flush: Millis::MIN,
             unsequenced: Map::default(),
             counters: Counters::default(),
+            partitions: None,
         }
     }
 
@@ -440,6 +456,12 @@ impl Engine {
         self.clocks.get(&partition).map(|c| c.watermark)
     }
 
+    /// Checks from now on that every record is on the partition its key maps
+    /// to among `partitions` (the runner tells it on every assignment).
+    pub fn set_partitions(&mut self, partitions: i32) {
+        self.partitions = (partitions > 0).then_some(partitions);
+    }
+
     /// Classifies and, where valid and new, aggregates one record.
     pub fn process(&mut self, input: Input<'_>, now: Millis) -> Outcome {
         let outcome = match self.try_process(input, now) {
@@ -478,11 +500,36 @@ impl Engine {
             None | Some([]) => return Err((DeadLetterReason::MissingKey, "record has no key; events are keyed by customer_id".into())),
             Some(k) => k,
         };
-        let event = self.codec.decode_event_ref(payload).map_err(|e| (e.reason(), e.to_string()))?;
+        if let Some(n) = self.partitions {
+            let expected = self.cfg.partitioner.partition(key, n);
+            if expected != input.partition {
+                return Err((
+                    DeadLetterReason::WrongPartition,
+                    format!(
+                        "the key belongs on partition {expected} of {n} ({:?} partitioner), not {}: the producer does not follow the key contract",
+                        self.cfg.partitioner,
+                        input.partition
+                    ),
+                ));
+            }
+        }
+        let mut scratch = Vec::new();
+        let decoded = self.codec.decode_event_with(payload, &mut scratch);
+        if matches!(decoded, Err(DecodeError::LegacyFingerprint(_))) {
+            self.counters.legacy_fingerprint += 1;
+        }
+        let (event, body, via) = decoded.map_err(|e| (e.reason(), e.to_string()))?;
+        match via {
+            Via::LegacyFingerprint => self.counters.legacy_fingerprint += 1,
+            Via::Resolved => self.counters.resolved_schema += 1,
+            Via::SingleObject | Via::Confluent => {}
+        }
         let kind = self.validate(&event, key, now)?;
         self.check_time(&event, watermark)?;
-        // Only events without a seq are deduplicated by id and need the hash.
-        let payload_hash = if event.seq.is_none() { fnv1a(payload) } else { 0 };
+        // Only events without a seq are deduplicated by id and need the
+        // hash: of the body in the current schema, so that the same event
+        // framed or versioned otherwise is the same event.
+        let payload_hash = if event.seq.is_none() { fnv1a(body) } else { 0 };
         // Looked up once for the dedup stream and the series (lookups
         // only: see find_series).
         let customer = self.symbols.get(event.customer_id);
@@ -958,7 +1005,9 @@ impl Engine {
     /// restored from the changelog again.
     pub fn reset(&mut self) {
         let counters = std::mem::take(&mut self.counters);
+        let partitions = self.partitions;
         *self = Engine::new(self.catalog.clone(), self.codec.clone(), self.cfg.clone());
+        self.partitions = partitions;
         self.counters = counters;
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod publish;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,15 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     for (k, v) in &kafka.properties {
         c.set(k, v);
     }
+    c
+}
+
+/// [`client_config`] for a producer: keys go to the partition the key
+/// contract gives them (`kafka.partitioner`, Java's murmur2 by default:
+/// whichever client writes a customer's events, they land on one partition).
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(kafka);
+    c.set("partitioner", kafka.partitioner.librdkafka());
     c
 }
 

@@ -26,7 +26,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryFuture, FutureProducer
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
-use crate::client_config;
+use crate::producer_config;
 
 /// Outstanding deliveries before a [`Publisher`] waits for acknowledgements.
 pub const MAX_IN_FLIGHT: usize = 100_000;
@@ -68,9 +68,10 @@ impl Tuning {
 }
 
 /// The settings of an idempotent producer (`acks=all`, no duplicates from
-/// retries, order kept per partition) tuned by `tuning`.
+/// retries, order kept per partition, keys partitioned by the key contract)
+/// tuned by `tuning`.
 pub fn idempotent_config(kafka: &KafkaConfig, tuning: Tuning) -> ClientConfig {
-    let mut c = client_config(kafka);
+    let mut c = producer_config(kafka);
     c.set("enable.idempotence", "true").set("acks", "all");
     if let Some(ms) = tuning.linger_ms {
         c.set("linger.ms", ms.to_string());

@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod date;
 pub mod ledger;
+pub mod partition;
 pub mod time;
 pub mod window;
 
@@ -126,10 +127,11 @@ pub enum DeadLetterReason {
     EventIdConflict,
     Unauthorized,
     InvalidSeq,
+    WrongPartition,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 19] = [
+    pub const ALL: [DeadLetterReason; 20] = [
         Self::EmptyPayload,
         Self::OversizePayload,
         Self::BadMagic,
@@ -149,6 +151,7 @@ impl DeadLetterReason {
         Self::EventIdConflict,
         Self::Unauthorized,
         Self::InvalidSeq,
+        Self::WrongPartition,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -172,6 +175,7 @@ impl DeadLetterReason {
             Self::EventIdConflict => "event_id_conflict",
             Self::Unauthorized => "unauthorized",
             Self::InvalidSeq => "invalid_seq",
+            Self::WrongPartition => "wrong_partition",
         }
     }
 }

@@ -47,16 +47,18 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use meter_avro::Codec;
-use meter_config::{Config, Valid};
+use meter_avro::{confluent_id, Codec, SchemaStore};
+use meter_config::{Config, KeyPartitioner, Valid};
 use meter_engine::{Counters, Engine, EngineConfig, Input, Outcome, StateChange};
 use meter_kafka::publish::send_blocking;
+use meter_kafka::registry::{codec_for, Registry, Writes};
 use meter_kafka::{
     assign_from_beginning, client_config, fetch_queue_backoff_ms, forget_reached, observed_client_config, DrainProbe, Signal, StatsContext,
 };
+use meter_model::partition::Partitioner;
 use meter_model::{now_ms, DeadLetter, Millis};
 use meter_telemetry::kafka::KafkaMetrics;
-use meter_telemetry::Telemetry;
+use meter_telemetry::{Health, Telemetry};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -78,6 +80,10 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         max_payload_bytes: p.max_payload_bytes,
         max_string_bytes: p.max_string_bytes,
         agents: meter_engine::AgentRegistry::new(&p.agents),
+        partitioner: match cfg.kafka.partitioner {
+            KeyPartitioner::Murmur2 => Partitioner::Murmur2,
+            KeyPartitioner::Crc32 => Partitioner::Crc32,
+        },
     }
 }
 
@@ -243,6 +249,7 @@ fn skip_restore(_: &Config) -> bool {
 
 fn transactional_producer(cfg: &Config, context: StatsContext) -> anyhow::Result<BaseProducer<StatsContext>> {
     let producer: BaseProducer<StatsContext> = observed_client_config(cfg)
+        .set("partitioner", cfg.kafka.partitioner.librdkafka())
         .set("transactional.id", format!("{}-{}", cfg.processor.group_id, cfg.processor.instance_id))
         .set("transaction.timeout.ms", cfg.processor.transaction_timeout_ms.to_string())
         .set("enable.idempotence", "true")
@@ -309,6 +316,11 @@ impl Runner {
         }
         // read_committed: waits for pending transactional offsets (require_stable).
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(60)).context("fetching committed offsets")?;
+        // The key contract is checked against the topic's partition count
+        // as it is now (partitions can be added; a key's partition moves).
+        let metadata = consumer.fetch_metadata(Some(&events), Duration::from_secs(30)).context("fetching the events topic's metadata")?;
+        let count = metadata.topics().iter().find(|t| t.name() == events).map_or(0, |t| t.partitions().len());
+        self.engine.set_partitions(i32::try_from(count).unwrap_or(0));
         let started = Instant::now();
         for &p in parts {
             self.engine.drop_partition(p);
@@ -471,8 +483,14 @@ impl Runner {
             .iter()
             .map(|(reason, n)| (reason.as_str(), n - before.dead_letters.get(reason).copied().unwrap_or(0)))
             .collect();
-        OutcomesCommitted { aggregated: now.aggregated - before.aggregated, duplicates: now.duplicates - before.duplicates, dead_letters }
-            .emit(&self.metrics);
+        OutcomesCommitted {
+            aggregated: now.aggregated - before.aggregated,
+            duplicates: now.duplicates - before.duplicates,
+            dead_letters,
+            legacy_fingerprint: now.legacy_fingerprint - before.legacy_fingerprint,
+            resolved_schema: now.resolved_schema - before.resolved_schema,
+        }
+        .emit(&self.metrics);
         self.counted = now.clone();
     }
 
@@ -540,7 +558,8 @@ pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, 
 
 fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Telemetry) -> anyhow::Result<ProcessorStats> {
     let catalog = cfg.catalog().context("loading catalog")?;
-    let codec = Codec::new()?;
+    let (codec, registry) = codec_for(cfg, &[Writes::Aggregates, Writes::DeadLetters])?;
+    let ids = registry.map(|r| (r, codec.store().clone()));
     let metrics = ProcessorMetrics::register(telemetry);
     let kafka_metrics = KafkaMetrics::register(telemetry);
     telemetry.health().set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
@@ -598,7 +617,7 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
     };
     *lock(&consumer.context().runner) = Some(runner);
     info!(topic = %cfg.topics.events, group = %cfg.processor.group_id, instance = %cfg.processor.instance_id, "processor started");
-    let result = run_loop(cfg, &consumer, shutdown, drain, telemetry);
+    let result = run_loop(cfg, &consumer, shutdown, drain, telemetry, ids.as_ref());
     telemetry.health().set_not_ready("stopped");
     // Take the runner out before the consumer closes: closing revokes the
     // partitions, and the callback must find nothing left to commit.
@@ -631,6 +650,40 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
 
 type Span = (Option<Instant>, Option<Instant>);
 
+/// Looks up in the schema registry the ids of the batch's Confluent-framed
+/// records that `store` does not know yet. While the registry cannot be
+/// reached nothing is handled (dead-lettering those records would need a
+/// replay to count them), and the processor reports not ready; a registry
+/// that refuses the request (a wrong URL, no permission) stops it.
+fn learn_schema_ids(
+    registry: &Registry,
+    store: &SchemaStore,
+    batch: &[rdkafka::message::BorrowedMessage<'_>],
+    shutdown: &Signal,
+    health: &Health,
+) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let unknown: std::collections::BTreeSet<u32> =
+            batch.iter().filter_map(|m| m.payload().and_then(confluent_id)).filter(|&id| !store.knows_id(id)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        match registry.learn_ids(unknown.iter().copied(), store) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !shutdown.is_raised() => {
+                warn!(error = %e, ids = ?unknown, retry_in_ms = backoff.as_millis() as u64, "cannot look up writer schemas; waiting for the registry");
+                health.set_not_ready(format!("schema registry unreachable: {e}"));
+                health.beat();
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) if e.is_retryable() => return Ok(()),
+            Err(e) => return Err(e).context("looking up writer schemas in the registry"),
+        }
+    }
+}
+
 /// Records taken from librdkafka before the runner is locked once for all
 /// of them (perf, issue 6): locking, `prepare` and the clock reads then cost
 /// per batch instead of per record, where they took as long as the engine's
@@ -638,7 +691,14 @@ type Span = (Option<Instant>, Option<Instant>);
 /// waits for input that is not there yet.
 const MAX_BATCH: usize = 1024;
 
-fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain: &Signal, telemetry: &Telemetry) -> anyhow::Result<Span> {
+fn run_loop(
+    cfg: &Config,
+    consumer: &BaseConsumer<Ctx>,
+    shutdown: &Signal,
+    drain: &Signal,
+    telemetry: &Telemetry,
+    ids: Option<&(Registry, SchemaStore)>,
+) -> anyhow::Result<Span> {
     let health = telemetry.health();
     let interval = Duration::from_millis(cfg.processor.commit_interval_ms);
     let mut next_commit = Instant::now() + interval;
@@ -670,6 +730,9 @@ fn run_loop(cfg: &Config, consumer: &BaseConsumer<Ctx>, shutdown: &Signal, drain
                 }
                 timeout = Duration::ZERO;
             }
+        }
+        if let Some((registry, store)) = ids {
+            learn_schema_ids(registry, store, &batch, shutdown, health)?;
         }
         let mut guard = lock(&consumer.context().runner);
         let r = guard.as_mut().ok_or_else(|| anyhow!("processor runner missing"))?;

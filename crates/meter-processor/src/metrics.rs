@@ -13,6 +13,8 @@ pub struct ProcessorMetrics {
     pub events_aggregated: IntCounter,
     pub events_deduplicated: IntCounter,
     pub events_dead_lettered: IntCounterVec,
+    pub events_legacy_fingerprint: IntCounter,
+    pub events_schema_resolved: IntCounter,
     pub aggregates_emitted: IntCounterVec,
     pub watermark_delay: GaugeVec,
     pub windows_open: IntGauge,
@@ -35,6 +37,14 @@ impl ProcessorMetrics {
                 "meter_events_dead_lettered_total",
                 "Input records sent to the dead-letter topic, by reason (committed).",
                 &["reason"],
+            ),
+            events_legacy_fingerprint: t.counter(
+                "meter_events_legacy_fingerprint_total",
+                "Input records whose single-object header carries the fingerprint meterline wrote before it followed the Avro specification (committed).",
+            ),
+            events_schema_resolved: t.counter(
+                "meter_events_schema_resolved_total",
+                "Input records written with another version of the UsageEvent schema, resolved to the current one (committed).",
             ),
             aggregates_emitted: t.counter_vec(
                 "meter_aggregates_emitted_total",
@@ -73,6 +83,8 @@ pub struct OutcomesCommitted<'a> {
     pub aggregated: u64,
     pub duplicates: u64,
     pub dead_letters: Vec<(&'a str, u64)>,
+    pub legacy_fingerprint: u64,
+    pub resolved_schema: u64,
 }
 
 impl OutcomesCommitted<'_> {
@@ -81,6 +93,8 @@ impl OutcomesCommitted<'_> {
         m.events_received.inc_by(self.aggregated + self.duplicates + dead);
         m.events_aggregated.inc_by(self.aggregated);
         m.events_deduplicated.inc_by(self.duplicates);
+        m.events_legacy_fingerprint.inc_by(self.legacy_fingerprint);
+        m.events_schema_resolved.inc_by(self.resolved_schema);
         for (reason, n) in &self.dead_letters {
             if *n > 0 {
                 m.events_dead_lettered.with_label_values(&[reason]).inc_by(*n);

@@ -7,7 +7,7 @@
 //! [`crate::decimal::mantissa`]).
 
 use meter_avro::binary::{Reader, Writer};
-use meter_avro::{DecodeError, SchemaError, SingleObject, INVOICE_LINE_AVSC};
+use meter_avro::{DecodeError, Framed, SchemaError, SchemaStore, INVOICE_LINE_AVSC};
 
 use crate::decimal::{self, Rounding, AMOUNT_SCALE, FULL_SCALE};
 use crate::{Decimal, InvoiceLine, LineKey, TierCharge};
@@ -48,15 +48,30 @@ fn read_optional(r: &mut Reader<'_>, field: &str) -> Result<Option<Decimal>, Dec
     }
 }
 
-/// Encoder and decoder of invoice lines. Cheap to copy.
-#[derive(Debug, Clone, Copy)]
+/// Encoder and decoder of invoice lines. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct InvoiceLineCodec {
-    framing: SingleObject,
+    framing: Framed,
 }
 
 impl InvoiceLineCodec {
+    /// Single-object framing, with a schema store of its own.
     pub fn new() -> Result<Self, SchemaError> {
-        Ok(InvoiceLineCodec { framing: SingleObject::new("InvoiceLine", INVOICE_LINE_AVSC)? })
+        InvoiceLineCodec::with_store(&SchemaStore::default())
+    }
+
+    /// Writer schemas (registry ids) known to `store`.
+    pub fn with_store(store: &SchemaStore) -> Result<Self, SchemaError> {
+        Ok(InvoiceLineCodec { framing: Framed::new("InvoiceLine", INVOICE_LINE_AVSC, store)? })
+    }
+
+    pub fn framing(&self) -> &Framed {
+        &self.framing
+    }
+
+    /// The framing, to set what it writes.
+    pub fn framing_mut(&mut self) -> &mut Framed {
+        &mut self.framing
     }
 
     /// Appends the single-object encoding of `l` to `out`; on error `out` is
@@ -107,7 +122,7 @@ impl InvoiceLineCodec {
     }
 
     pub fn decode(&self, payload: &[u8]) -> Result<InvoiceLine, DecodeError> {
-        let mut r = Reader::new(self.framing.body(payload)?);
+        let mut r = Reader::new(self.framing.current_body(payload)?);
         let full = |r: &mut Reader<'_>, field: &str| -> Result<Decimal, DecodeError> { decimal(field, r.decimal()?, FULL_SCALE) };
         let line_id = r.string()?;
         let month_s = r.string()?;
@@ -171,26 +186,7 @@ impl InvoiceLineCodec {
 mod tests {
     use super::*;
     use apache_avro::types::Value;
-    use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
-
-    /// Decodes `bytes` with apache-avro's generic reader and encodes the value
-    /// again with its generic writer: the bytes must come back unchanged.
-    fn apache_round_trip(avsc: &str, bytes: &[u8]) -> (Value, Vec<u8>) {
-        let schema = Schema::parse_str(avsc).unwrap();
-        let reader = GenericSingleObjectReader::new(schema.clone()).unwrap();
-        let value = reader.read_value(&mut &bytes[..]).unwrap();
-        let mut writer = GenericSingleObjectWriter::new_with_capacity(&schema, 256).unwrap();
-        let mut out = Vec::new();
-        writer.write_value_ref(&value, &mut out).unwrap();
-        (value, out)
-    }
-
-    fn field<'a>(v: &'a Value, name: &str) -> &'a Value {
-        match v {
-            Value::Record(fields) => &fields.iter().find(|(n, _)| n == name).unwrap().1,
-            other => panic!("not a record: {other:?}"),
-        }
-    }
+    use meter_avro::testing::{apache_round_trip, field};
 
     fn golden_lines() -> Vec<crate::InvoiceLine> {
         use crate::{fixture::Scenario, rate_month, PriceBook, YearMonth};
@@ -243,7 +239,7 @@ mod tests {
         longer.push(0);
         assert!(matches!(codec.decode(&longer), Err(DecodeError::Malformed(_))));
         let mut event = Vec::new();
-        SingleObject::new("UsageEvent", meter_avro::USAGE_EVENT_AVSC).unwrap().write_header(&mut event);
+        Framed::new("UsageEvent", meter_avro::USAGE_EVENT_AVSC, &SchemaStore::default()).unwrap().write_header(&mut event);
         event.extend_from_slice(&good[10..]);
         assert!(matches!(codec.decode(&event), Err(DecodeError::UnknownSchema(_))));
     }

@@ -98,7 +98,7 @@ pub async fn run(cfg: &Valid<Config>, shutdown: Signal, drain: Signal) -> anyhow
 /// [`run`], reporting metrics and health to `telemetry`. Ready while
 /// inserts succeed; not ready while ClickHouse refuses them.
 pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, telemetry: Telemetry) -> anyhow::Result<SinkStats> {
-    let codec = Codec::new()?;
+    let (codec, registry) = meter_kafka::registry::codec_for(cfg, &[])?;
     let client = Connection::from(&cfg.clickhouse).client()?;
     let metrics = SinkMetrics::register(&telemetry);
     let health = telemetry.health();
@@ -139,6 +139,7 @@ pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, 
             Ok(Ok(m)) => {
                 let topic = m.topic().to_owned();
                 let payload = m.payload().unwrap_or_default();
+                learn_schema_id(registry.as_ref(), &codec, payload).await?;
                 if topic == cfg.topics.aggregates {
                     match codec.decode_aggregate(payload) {
                         Ok(a) => batch.usage.entry(a.key.granularity).or_default().push(UsageRow::from(&a)),
@@ -177,6 +178,19 @@ pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, 
     health.set_not_ready("stopped");
     info!(usage_rows = stats.usage_rows, dead_letter_rows = stats.dead_letter_rows, batches = stats.batches, "sink stopped");
     Ok(stats)
+}
+
+/// The registry's answer for the schema id of a Confluent-framed record the
+/// codec has not seen (once per id). An unreachable registry is an error:
+/// the sink stops uncommitted and its supervisor restarts it.
+async fn learn_schema_id(registry: Option<&meter_kafka::registry::Registry>, codec: &Codec, payload: &[u8]) -> anyhow::Result<()> {
+    let (Some(registry), Some(id)) = (registry, meter_avro::confluent_id(payload)) else { return Ok(()) };
+    if codec.store().knows_id(id) {
+        return Ok(());
+    }
+    let (registry, store) = (registry.clone(), codec.store().clone());
+    tokio::task::spawn_blocking(move || registry.learn_ids([id], &store)).await?.context("looking up a writer schema in the registry")?;
+    Ok(())
 }
 
 /// A record the sink cannot decode stops it, uncommitted: skipping it would

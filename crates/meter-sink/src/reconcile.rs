@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use meter_avro::Codec;
 use meter_config::Config;
 use meter_kafka::{assign_from_beginning, client_config, forget_reached};
 use meter_model::ledger::{compare, Ledger, LedgerKey, Mismatch, Totals};
@@ -103,7 +102,7 @@ impl LatestRevisions {
 
 /// Reads the whole aggregates topic up to its current end.
 pub fn read_latest(cfg: &Config, timeout: Duration) -> anyhow::Result<LatestRevisions> {
-    let codec = Codec::new()?;
+    let (codec, registry) = meter_kafka::registry::codec_for(cfg, &[])?;
     let consumer: BaseConsumer = client_config(&cfg.kafka)
         .set("group.id", "meter-reconcile")
         .set("enable.auto.commit", "false")
@@ -131,6 +130,9 @@ pub fn read_latest(cfg: &Config, timeout: Duration) -> anyhow::Result<LatestRevi
         };
         let m = m.context("reading aggregates")?;
         out.records += 1;
+        if let (Some(registry), Some(id)) = (&registry, m.payload().and_then(meter_avro::confluent_id)) {
+            registry.learn_ids([id], codec.store()).context("looking up a writer schema in the registry")?;
+        }
         let a = codec
             .decode_aggregate(m.payload().unwrap_or_default())
             .with_context(|| format!("decoding aggregate at offset {}", m.offset()))?;

@@ -227,10 +227,13 @@ fn poison(codec: &Codec, customer: &str, now: i64, sim_start: i64, n: u64) -> Ve
     oversize.resize(70 * 1024, 0);
     use DeadLetterReason as R;
     vec![
-        (R::BadMagic, key.clone(), b"\x00\x01garbage, not avro".to_vec()),
+        (R::BadMagic, key.clone(), b"{\"json\": \"not avro\"}".to_vec()),
         (R::BadMagic, key.clone(), wrong_magic),
         (R::MalformedAvro, key.clone(), good[..good.len() / 2].to_vec()),
         (R::UnknownSchema, key.clone(), unknown_fp),
+        // The Confluent framing with a schema id nobody registered (the
+        // processors here have no registry configured).
+        (R::UnknownSchema, key.clone(), [&[0u8, 0, 0, 0x30, 0x39][..], &good[10..]].concat()),
         (R::EmptyPayload, key.clone(), Vec::new()),
         (R::MissingKey, None, good.clone()),
         (R::KeyMismatch, Some(b"someone-else".to_vec()), good.clone()),

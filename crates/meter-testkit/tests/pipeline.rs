@@ -141,7 +141,8 @@ async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
         attributes: Default::default(),
     };
     let bad: Vec<(DeadLetterReason, Vec<u8>)> = vec![
-        (DeadLetterReason::BadMagic, b"\x00\xffnot avro at all".to_vec()),
+        // Not 0x00 first: that is the Confluent framing (an unknown schema id).
+        (DeadLetterReason::BadMagic, b"{\"not\": \"avro\"}".to_vec()),
         (DeadLetterReason::UnknownUsageType, encode(&UsageEvent { usage_type: "BoxUsage:x99.mega".into(), seq: Some(2), ..good.clone() })),
         (DeadLetterReason::NegativeQuantity, encode(&UsageEvent { quantity: -40, seq: Some(3), ..good.clone() })),
         (DeadLetterReason::EmptyCustomerId, encode(&UsageEvent { customer_id: String::new(), seq: Some(4), ..good.clone() })),

@@ -395,3 +395,48 @@ fn interning_tables_are_rebuilt_once_windows_expire_and_keys_stay_right() {
     assert_eq!(out.len(), 3);
     assert!(out.iter().all(|a| a.key.customer_id == "c7" && a.quantity_sum == 7 && a.key.region == "us-east-1"));
 }
+
+/// A producer that does not follow the key contract would split a
+/// customer's windows across two partitions (two instances, two sets of
+/// windows under one record key: consumers keep the higher revision and
+/// lose the other's usage). Records off their key's partition are
+/// dead-lettered before they touch any state.
+#[test]
+fn a_record_off_its_keys_partition_is_dead_lettered_before_dedup() {
+    let mut en = engine();
+    en.set_partitions(6);
+    let e = event(1, T0, 7);
+    let payload = encode(&e);
+    let right = Partitioner::Murmur2.partition(b"c1", 6);
+    let wrong = (right + 1) % 6;
+    let outcome = en.process(Input { partition: wrong, key: Some(b"c1"), payload: Some(&payload) }, NOW);
+    assert!(
+        matches!(&outcome, Outcome::DeadLetter { reason: DeadLetterReason::WrongPartition, detail } if detail.contains(&format!("partition {right} of 6"))),
+        "{outcome:?}"
+    );
+    // Nothing was remembered: the same seq on the right partition counts.
+    assert_eq!(en.process(Input { partition: right, key: Some(b"c1"), payload: Some(&payload) }, NOW), Outcome::Aggregated);
+    assert_eq!(en.counters().dead_letters.get(&DeadLetterReason::WrongPartition), Some(&1));
+    // Engines that were not told the partition count do not check.
+    let mut unchecked = engine();
+    assert_eq!(unchecked.process(Input { partition: wrong, key: Some(b"c1"), payload: Some(&payload) }, NOW), Outcome::Aggregated);
+}
+
+#[test]
+fn legacy_and_resolved_records_are_counted_and_aggregate_like_current_ones() {
+    let mut en = engine();
+    let e = event(1, T0, 7);
+    let current = encode(&e);
+    let mut legacy = vec![0xC3, 0x01];
+    legacy.extend_from_slice(&meter_avro::framing::legacy_fingerprint("UsageEvent", meter_avro::USAGE_EVENT_AVSC).unwrap().to_le_bytes());
+    legacy.extend_from_slice(&current[10..]);
+    assert_eq!(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&legacy) }, NOW), Outcome::Aggregated);
+    // The same event under the current fingerprint is its duplicate.
+    assert_eq!(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&current) }, NOW), Outcome::Duplicate);
+    assert_eq!(en.counters().legacy_fingerprint, 1);
+    let mut strict = Codec::new().unwrap();
+    strict.events_mut().set_accept_legacy(false);
+    let mut en = Engine::new(Catalog::builtin(), strict, EngineConfig::default());
+    let outcome = en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&legacy) }, NOW);
+    assert!(matches!(outcome, Outcome::DeadLetter { reason: DeadLetterReason::UnknownSchema, .. }), "{outcome:?}");
+}
