@@ -32,6 +32,8 @@ import fastavro.schema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
+# Seconds per schema registry request (confluent-kafka retries a timeout).
+REGISTRY_TIMEOUT_S = 10
 
 PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)

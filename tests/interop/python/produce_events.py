@@ -131,7 +131,8 @@ def main() -> int:
         from confluent_kafka.schema_registry.avro import AvroSerializer
         from confluent_kafka.serialization import MessageField, SerializationContext
 
-        ser = AvroSerializer(SchemaRegistryClient({"url": args.registry}), json.dumps(schema))
+        # A request timeout: the client's default is none (see read_topic.py).
+        ser = AvroSerializer(SchemaRegistryClient({"url": args.registry, "timeout": ic.REGISTRY_TIMEOUT_S}), json.dumps(schema))
         ctx = SerializationContext(args.topic, MessageField.VALUE)
 
         def encode(ev: dict) -> bytes:

@@ -79,8 +79,14 @@ class ConfluentDecoder:
         from confluent_kafka.schema_registry.avro import AvroDeserializer
         from confluent_kafka.serialization import MessageField, SerializationContext
 
-        self.client = SchemaRegistryClient({"url": registry})
-        self.deser = AvroDeserializer(self.client, json.dumps(schema))
+        from confluent_kafka.schema_registry import topic_subject_name_strategy
+
+        # A request timeout (the client's default is none: a registry that
+        # never answers hung this reader for good; timeouts are retried), and
+        # the plain {topic}-value subject: the default strategy of 2.16 first
+        # asks the associations API, which Apicurio does not serve.
+        self.client = SchemaRegistryClient({"url": registry, "timeout": ic.REGISTRY_TIMEOUT_S})
+        self.deser = AvroDeserializer(self.client, json.dumps(schema), conf={"subject.name.strategy": topic_subject_name_strategy})
         self.ctx = SerializationContext(topic, MessageField.VALUE)
         self.reader_raw = fastavro.parse_schema(ic.strip_logical_types(schema))
         self.writers: dict[int, object] = {}
