@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use meter_model::Millis;
 use meter_telemetry::Telemetry;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tracing::{error, info, warn};
 
 /// The agent's metrics, registered in its [`Telemetry`]. Cheap to clone.
@@ -47,6 +47,14 @@ pub struct AgentMetrics {
     pub spool_backlog: IntGauge,
     /// Configured size limit of the spool.
     pub spool_limit_bytes: IntGauge,
+    /// Free bytes of the file system holding the spool.
+    pub disk_free_bytes: IntGauge,
+    /// Writes of the state folder that failed, by file (`spool`,
+    /// `checkpoint`, `dropped_ledger`): a full or failing disk.
+    pub state_write_failures: IntCounterVec,
+    /// Bytes of torn ends cut off the state files at start (a crash during a
+    /// write; never events that were sent).
+    pub state_torn_bytes: IntCounter,
 }
 
 impl AgentMetrics {
@@ -72,6 +80,13 @@ impl AgentMetrics {
             spool_bytes: t.gauge("meter_agent_spool_bytes", "Bytes held in the on-disk spool."),
             spool_backlog: t.gauge("meter_agent_spool_backlog_events", "Spooled events not yet acknowledged by Kafka."),
             spool_limit_bytes: t.gauge("meter_agent_spool_limit_bytes", "Configured size limit of the spool."),
+            disk_free_bytes: t.gauge("meter_agent_disk_free_bytes", "Free bytes of the file system holding the spool."),
+            state_write_failures: t.counter_vec(
+                "meter_agent_state_write_failures_total",
+                "Writes of the agent's state folder that failed (a full or failing disk), by file.",
+                &["file"],
+            ),
+            state_torn_bytes: t.counter("meter_agent_state_torn_bytes_total", "Bytes of torn ends cut off the state files at start."),
         }
     }
 
@@ -202,6 +217,8 @@ pub struct TicksDropped {
     pub events: u64,
     pub tick: Millis,
     pub spool_bytes: u64,
+    /// Why, for the log.
+    pub why: &'static str,
     /// Whether to log this time: the loop logs drops at most every 10 s.
     pub log: bool,
 }
@@ -215,7 +232,8 @@ impl TicksDropped {
                 tick = self.tick,
                 dropped_total = m.dropped.get(),
                 spool_bytes = self.spool_bytes,
-                "spool full or failing: dropped ticks (counted in meter_agent_events_dropped_total)"
+                why = self.why,
+                "dropped ticks (counted in meter_agent_events_dropped_total; recorded in dropped-ledger.csv once a later tick is kept)"
             );
         }
     }
@@ -252,15 +270,21 @@ impl DeliveryFailed<'_> {
 
 /// What opening the spool found after the previous run.
 #[derive(Debug)]
-pub struct SpoolRecovered {
+pub struct SpoolRecovered<'a> {
     pub truncated_bytes: u64,
     pub unacked: u64,
+    /// Why `checkpoint.json` could not be used, if it could not.
+    pub checkpoint_fallback: Option<&'a str>,
 }
 
-impl SpoolRecovered {
+impl SpoolRecovered<'_> {
     pub fn emit(&self, m: &AgentMetrics) {
         if self.truncated_bytes > 0 {
+            m.state_torn_bytes.inc_by(self.truncated_bytes);
             warn!(bytes = self.truncated_bytes, "cut off a torn tick at the end of the spool (it was never sent)");
+        }
+        if let Some(why) = self.checkpoint_fallback {
+            warn!(reason = why, "the checkpoint cannot be read: continuing from the previous one; what it does not cover is sent again");
         }
         if self.unacked > 0 {
             info!(events = self.unacked, "sending the unacknowledged tail of the spool again");
@@ -280,5 +304,60 @@ impl SpoolMeasured {
     pub fn emit(&self, m: &AgentMetrics) {
         m.spool_bytes.set(gauge(self.bytes));
         m.spool_backlog.set(gauge(self.backlog));
+    }
+}
+
+/// At start, the spool's file system has less free than the reserve the
+/// spool leaves: every tick is dropped (counted, recorded) until space is
+/// freed or `agent.disk_reserve_bytes` lowered.
+#[derive(Debug)]
+pub struct DiskBelowReserve {
+    pub free: u64,
+    pub reserve: u64,
+}
+
+impl DiskBelowReserve {
+    pub fn emit(&self, m: &AgentMetrics) {
+        m.disk_free_bytes.set(gauge(self.free));
+        if self.free < self.reserve {
+            warn!(
+                free = self.free,
+                reserve = self.reserve,
+                "the state folder's file system has less free than agent.disk_reserve_bytes: every tick is dropped (counted, recorded) until space is freed or the reserve lowered"
+            );
+        }
+    }
+}
+
+/// A torn end cut off a state file at start.
+#[derive(Debug)]
+pub struct TornTailCut {
+    pub file: &'static str,
+    pub bytes: u64,
+}
+
+impl TornTailCut {
+    pub fn emit(&self, m: &AgentMetrics) {
+        if self.bytes > 0 {
+            m.state_torn_bytes.inc_by(self.bytes);
+            warn!(file = self.file, bytes = self.bytes, "cut off a torn end (a crash during a write)");
+        }
+    }
+}
+
+/// A write of the state folder failed: usually a full disk. Nothing is
+/// lost: a spool write that fails drops its tick (counted, recorded), a
+/// checkpoint that fails is tried again, a dropped-ledger record waits in
+/// memory for the next turn.
+#[derive(Debug)]
+pub struct StateWriteFailed<'a> {
+    pub file: &'static str,
+    pub error: &'a str,
+}
+
+impl StateWriteFailed<'_> {
+    pub fn emit(&self, m: &AgentMetrics) {
+        m.state_write_failures.with_label_values(&[self.file]).inc();
+        error!(file = self.file, error = self.error, "cannot write the state folder (is the disk full?); retrying");
     }
 }

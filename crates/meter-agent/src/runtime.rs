@@ -36,16 +36,16 @@ use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::dropped::DroppedLedger;
 use crate::metrics::{
-    AgentMetrics, CountersWentDown, DeliveryFailed, EventsAcknowledged, GapCompressed, SpoolMeasured, SpoolRecovered, TicksCaughtUp,
-    TicksDropped, TicksEmitted, TicksSpooled,
+    AgentMetrics, CountersWentDown, DeliveryFailed, DiskBelowReserve, EventsAcknowledged, GapCompressed, SpoolMeasured, SpoolRecovered,
+    StateWriteFailed, TicksCaughtUp, TicksDropped, TicksEmitted, TicksSpooled, TornTailCut,
 };
 use crate::procfs::{self, Sampler, Tick};
 use crate::sim::Simulator;
-use crate::spool::{Batch, Fsync, Spool, SpoolSettings};
+use crate::spool::{free_bytes, Appended, Batch, Fsync, Spool, SpoolSettings};
 
 /// Where `meter agent`'s ticks come from.
 // One per process: the size difference of the variants does not matter.
@@ -90,6 +90,10 @@ pub struct AgentRun {
     pub ledger: Option<Ledger>,
     /// Whether everything spooled was acknowledged before returning.
     pub drained: bool,
+    /// Whether the last checkpoint and the dropped ledger were written (if
+    /// not, the disk refused: the next start sends again what the previous
+    /// checkpoint does not cover, and nothing is lost).
+    pub checkpointed: bool,
     pub elapsed: Duration,
 }
 
@@ -209,6 +213,7 @@ fn spool_settings(a: &AgentConfig, state_dir: &Path) -> SpoolSettings {
         dir: state_dir.join("spool"),
         max_bytes: a.spool_max_bytes,
         segment_bytes: a.spool_segment_bytes,
+        reserve_bytes: a.disk_reserve_bytes,
         fsync: match a.fsync {
             FsyncPolicy::Always => Fsync::Always,
             FsyncPolicy::Interval => Fsync::Interval(Duration::from_millis(a.fsync_interval_ms)),
@@ -265,6 +270,7 @@ pub struct Runtime<'a> {
     resend_after: Option<Instant>,
     next_checkpoint: Instant,
     next_host_sample: Instant,
+    spool_dir: PathBuf,
     metrics: AgentMetrics,
 }
 
@@ -283,8 +289,20 @@ impl<'a> Runtime<'a> {
         let a = &cfg.agent;
         let started = Instant::now();
         let (spool, rec) = Spool::open(spool_settings(a, state_dir), identity)?;
-        SpoolRecovered { truncated_bytes: rec.truncated_bytes, unacked: rec.unacked }.emit(&metrics);
-        let last_tick = rec.last_tick;
+        SpoolRecovered {
+            truncated_bytes: rec.truncated_bytes,
+            unacked: rec.unacked,
+            checkpoint_fallback: rec.checkpoint_fallback.as_deref(),
+        }
+        .emit(&metrics);
+        if let Ok(free) = free_bytes(&state_dir.join("spool")) {
+            DiskBelowReserve { free, reserve: a.disk_reserve_bytes }.emit(&metrics);
+        }
+        let (dropped, loaded) = DroppedLedger::load(state_dir.join("dropped-ledger.csv"))?;
+        TornTailCut { file: "dropped_ledger", bytes: loaded.torn_bytes }.emit(&metrics);
+        // The last tick kept (in the log or the checkpoint) or dropped (in
+        // the dropped ledger, with its record).
+        let last_tick = rec.last_tick.max(dropped.last_tick());
         // The simulator resumes after the last tick kept (or dropped) before
         // a restart; the skipped seconds still count in its ledger.
         if let Source::Simulated { sim, .. } = &mut source {
@@ -325,7 +343,6 @@ impl<'a> Runtime<'a> {
         let (codec, _) = meter_kafka::registry::codec_for(cfg, &[meter_kafka::registry::Writes::Events])?;
         let deliveries = Deliveries::default();
         let producer = agent_producer(cfg, &deliveries)?;
-        let dropped = DroppedLedger::load(state_dir.join("dropped-ledger.csv"))?;
         metrics.spool_limit_bytes.set(i64::try_from(a.spool_max_bytes).unwrap_or(i64::MAX));
         let now = Instant::now();
         Ok(Runtime {
@@ -355,6 +372,7 @@ impl<'a> Runtime<'a> {
             resend_after: None,
             next_checkpoint: now + Duration::from_millis(a.checkpoint_interval_ms),
             next_host_sample: now,
+            spool_dir: state_dir.join("spool"),
             metrics,
         })
     }
@@ -484,14 +502,38 @@ impl<'a> Runtime<'a> {
                 self.batch.push(*seq, e.customer_id.as_bytes(), &self.payload);
             }
         }
-        self.last_tick = Some(self.last_tick.map_or(turn_last, |t| t.max(turn_last)));
-        let kept = match self.spool.append(&mut self.batch) {
-            Ok(k) => k,
+        // Drops become final before a later tick is kept: written first,
+        // or this tick is not kept either (see `crate::dropped`).
+        let appended = match self.spool.room_for(&self.batch) {
+            Ok(Appended::Kept) => match self.dropped.flush() {
+                Ok(()) => match self.spool.append(&mut self.batch) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        StateWriteFailed { file: "spool", error: &e.to_string() }.emit(&self.metrics);
+                        Appended::Full
+                    }
+                },
+                Err(e) => {
+                    StateWriteFailed { file: "dropped_ledger", error: &e.to_string() }.emit(&self.metrics);
+                    Appended::DiskLow { free: 0 }
+                }
+            },
+            Ok(other) => other,
             Err(e) => {
-                error!(error = %e, "cannot append to the spool");
-                false
+                StateWriteFailed { file: "spool", error: &e.to_string() }.emit(&self.metrics);
+                Appended::Full
             }
         };
+        if let Appended::DiskLow { free } = appended {
+            self.metrics.disk_free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        let kept = appended == Appended::Kept;
+        if kept {
+            // A restart resumes after the last tick kept, or the last one
+            // the dropped ledger holds (each file knows its own: a torn
+            // record cannot leave a resume point past what it lost).
+            self.last_tick = Some(self.last_tick.map_or(turn_last, |t| t.max(turn_last)));
+        }
         let events = self.ticks.drain(..).flat_map(|t| t.events);
         if kept {
             TicksSpooled { events: n }.emit(&self.metrics);
@@ -509,14 +551,17 @@ impl<'a> Runtime<'a> {
                 }
                 dropped_now.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
             }
-            // Remembered before any later tick is kept (a restart resumes
-            // after the last tick in the log).
-            self.dropped.record(&dropped_now);
+            // Written before any later tick is kept.
+            self.dropped.record(&dropped_now, turn_last);
             let log = self.dropped_logged.elapsed() >= Duration::from_secs(10);
             if log {
                 self.dropped_logged = Instant::now();
             }
-            TicksDropped { events: n, tick: turn_last, spool_bytes: self.spool.bytes(), log }.emit(&self.metrics);
+            let why = match appended {
+                Appended::DiskLow { .. } => "the disk is full (less free than agent.disk_reserve_bytes)",
+                _ => "the spool is full (agent.spool_max_bytes) or failing",
+            };
+            TicksDropped { events: n, tick: turn_last, spool_bytes: self.spool.bytes(), why, log }.emit(&self.metrics);
         }
     }
 
@@ -592,22 +637,42 @@ impl<'a> Runtime<'a> {
     fn checkpoint(&mut self) {
         if Instant::now() >= self.next_checkpoint {
             if let Err(e) = self.spool.checkpoint(&self.seqs, self.last_tick) {
-                error!(error = %e, "cannot checkpoint the spool");
+                StateWriteFailed { file: "checkpoint", error: &e.to_string() }.emit(&self.metrics);
             }
+            self.measure_disk();
             self.next_checkpoint = Instant::now() + Duration::from_millis(self.cfg.agent.checkpoint_interval_ms);
         }
         if let Err(e) = self.spool.sync(false) {
-            error!(error = %e, "cannot sync the spool");
+            StateWriteFailed { file: "spool", error: &e.to_string() }.emit(&self.metrics);
         }
         SpoolMeasured { bytes: self.spool.bytes(), backlog: self.spool.backlog() }.emit(&self.metrics);
     }
 
+    fn measure_disk(&self) {
+        if let Ok(free) = free_bytes(self.spool_dir.as_path()) {
+            self.metrics.disk_free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Flush: outstanding deliveries get what is left of the shutdown time;
-    /// then the spool is synced and checkpointed.
+    /// then the spool is synced and checkpointed. A disk that refuses loses
+    /// nothing (the log holds everything after the last checkpoint, sent
+    /// again by the next start), so it is reported, not fatal.
     fn finish(mut self) -> anyhow::Result<AgentRun> {
         let _ = self.producer.flush(Duration::from_millis(200));
-        self.spool.sync(true)?;
-        self.spool.checkpoint(&self.seqs, self.last_tick)?;
+        let mut checkpointed = true;
+        if let Err(e) = self.spool.sync(true) {
+            StateWriteFailed { file: "spool", error: &e.to_string() }.emit(&self.metrics);
+        }
+        // The drops of the last turns are final now.
+        if let Err(e) = self.dropped.flush() {
+            StateWriteFailed { file: "dropped_ledger", error: &e.to_string() }.emit(&self.metrics);
+            checkpointed = false;
+        }
+        if let Err(e) = self.spool.checkpoint(&self.seqs, self.last_tick) {
+            StateWriteFailed { file: "checkpoint", error: &e.to_string() }.emit(&self.metrics);
+            checkpointed = false;
+        }
         SpoolMeasured { bytes: self.spool.bytes(), backlog: self.spool.backlog() }.emit(&self.metrics);
         let drained = self.spool.backlog() == 0;
         let ledger = match self.source {
@@ -618,8 +683,8 @@ impl<'a> Runtime<'a> {
             }
             _ => self.own_ledger,
         };
-        info!(summary = %self.metrics.summary(), drained, "agent stopped");
-        Ok(AgentRun { ledger, drained, elapsed: self.started.elapsed() })
+        info!(summary = %self.metrics.summary(), drained, checkpointed, "agent stopped");
+        Ok(AgentRun { ledger, drained, checkpointed, elapsed: self.started.elapsed() })
     }
 }
 

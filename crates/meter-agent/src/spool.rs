@@ -12,8 +12,25 @@
 //! never used. The highest seq per customer is the maximum of the checkpoint
 //! and the log, so a restarted agent never reuses a seq.
 //!
-//! Layout of `dir`: `checkpoint.json` (written to a temporary file and
-//! renamed) and segments `{first_event_index:020}.seg`, each a sequence of
+//! Every file is written so that a crash or a full disk leaves the old or
+//! the new version, never a torn one that stops the agent:
+//! - segments: one write per batch, CRC-framed; a write that fails (a full
+//!   disk) is cut off again at once, and a torn tail (a crash during the
+//!   write) fails its CRC and is cut off at open;
+//! - the checkpoint: written to a temporary file, synced, and renamed over
+//!   `checkpoint.json` after the previous one is renamed to
+//!   `checkpoint.prev.json`. Segments are deleted only once the *previous*
+//!   checkpoint covers them, so that if `checkpoint.json` cannot be read, the
+//!   previous one with the segments still on disk gives the same seqs and
+//!   sends again, never less.
+//!
+//! The spool also keeps room on the disk: an append that would leave less
+//! than `reserve_bytes` free is refused like one past `max_bytes` (the tick
+//! is dropped and counted), so the checkpoint and the dropped ledger can
+//! always be written.
+//!
+//! Layout of `dir`: `checkpoint.json`, `checkpoint.prev.json` and segments
+//! `{first_event_index:020}.seg`, each a sequence of
 //! batches `[u32 body_len][u32 crc32(body)][body]` with body
 //! `[u64 first_index][i64 tick_time][u32 count][u32 meta_len][meta]` then
 //! per event `[i64 seq][u16 key_len][key][u32 payload_len][payload]`
@@ -67,6 +84,37 @@ pub struct SpoolSettings {
     pub max_bytes: u64,
     pub segment_bytes: u64,
     pub fsync: Fsync,
+    /// Free space an append must leave on the spool's file system.
+    pub reserve_bytes: u64,
+}
+
+/// What [`Spool::append`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Kept,
+    /// Not kept: the spool holds `max_bytes`.
+    Full,
+    /// Not kept: the file system has `free` bytes, fewer than the batch and
+    /// the reserve need.
+    DiskLow {
+        free: u64,
+    },
+}
+
+/// Free bytes of the file system holding `dir` (for unprivileged writers).
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Inodes a new segment must leave free: for the checkpoint's temporary
+/// file, the dropped ledger and the lock (file systems that report none,
+/// like some network ones, say 0 free and u64::MAX total: not checked).
+const MIN_FREE_INODES: u64 = 8;
+
+fn inodes_low(dir: &Path) -> std::io::Result<bool> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_files > 0 && s.f_files != u64::MAX && s.f_favail < MIN_FREE_INODES)
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -96,6 +144,9 @@ pub struct Recovered {
     pub truncated_bytes: u64,
     /// `meta` of the last batch in the log that had one.
     pub last_meta: Option<Vec<u8>>,
+    /// `checkpoint.json` could not be read, and the previous checkpoint was
+    /// used (why, for the log).
+    pub checkpoint_fallback: Option<String>,
 }
 
 /// One batch (a tick's events) being built before it is appended.
@@ -195,6 +246,13 @@ pub struct Spool {
     dirty_since: Option<Instant>,
     /// `meta` of the last appended batch.
     last_meta: Option<Vec<u8>>,
+    /// `acked` of the checkpoint on disk, and of the one before it:
+    /// segments below the previous one's go (see the module docs).
+    durable_acked: u64,
+    prev_acked: u64,
+    /// The next append starts a new segment (the current one is fully
+    /// acknowledged and big: it goes once both checkpoints cover it).
+    roll_next: bool,
     _lock: File,
 }
 
@@ -276,18 +334,64 @@ impl Spool {
             return Err(SpoolError::Locked(dir));
         }
         let cp_path = dir.join("checkpoint.json");
-        let checkpoint = match std::fs::read(&cp_path) {
-            Ok(bytes) => serde_json::from_slice::<Checkpoint>(&bytes)
-                .map_err(|e| SpoolError::Checkpoint { path: cp_path.clone(), message: e.to_string() })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint { identity: identity.to_owned(), ..Default::default() },
-            Err(e) => return Err(io(&cp_path)(e)),
+        let prev_path = dir.join("checkpoint.prev.json");
+        let read = |path: &Path| -> Result<Option<Checkpoint>, String> {
+            match std::fs::read(path) {
+                Ok(bytes) => serde_json::from_slice::<Checkpoint>(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            }
         };
+        let (current, prev) = (read(&cp_path), read(&prev_path));
+        let mut fallback = None;
+        let (checkpoint, prev_acked) = match (current, prev) {
+            (Ok(Some(c)), p) => {
+                let prev_acked = p.ok().flatten().map_or(c.acked, |p| p.acked.min(c.acked));
+                (c, prev_acked)
+            }
+            (Ok(None), Ok(None)) => (Checkpoint { identity: identity.to_owned(), ..Default::default() }, 0),
+            // Torn, unreadable, or gone between the two renames of a write:
+            // the previous checkpoint and the segments it does not cover are
+            // consistent (segments go only once that one covers them).
+            (why, Ok(Some(p))) => {
+                fallback = Some(match why {
+                    Err(e) => e,
+                    _ => format!("{} is missing", cp_path.display()),
+                });
+                let acked = p.acked;
+                (p, acked)
+            }
+            // No previous checkpoint means none was ever renamed away, and
+            // segments go only after that: the log is whole from its start.
+            (Err(e), Ok(None)) => {
+                fallback = Some(format!("{e}; no previous checkpoint: the log is whole, every event in it is sent again"));
+                (Checkpoint { identity: identity.to_owned(), ..Default::default() }, 0)
+            }
+            (Err(e), Err(_)) | (Ok(None), Err(e)) => {
+                return Err(SpoolError::Checkpoint {
+                    path: cp_path,
+                    message: format!(
+                        "{e}; and no readable previous checkpoint. The seqs already used cannot be known: move the folder away and start the agent with a new identity"
+                    ),
+                })
+            }
+        };
+        if fallback.is_some() {
+            // The unreadable file must never become the previous checkpoint
+            // (the next write renames the current one to it).
+            match std::fs::remove_file(&cp_path) {
+                Ok(()) => File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&cp_path)(e)),
+            }
+        }
         if checkpoint.identity != identity {
             return Err(SpoolError::Identity { path: dir, found: checkpoint.identity, expected: identity.to_owned() });
         }
         let mut rec = Recovered {
             seqs: checkpoint.seqs.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             last_tick: checkpoint.last_tick,
+            checkpoint_fallback: fallback,
             ..Default::default()
         };
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
@@ -368,6 +472,9 @@ impl Spool {
             cursor: Cursor::default(),
             dirty_since: None,
             last_meta: rec.last_meta.clone(),
+            durable_acked: acked,
+            prev_acked: prev_acked.min(acked),
+            roll_next: false,
             _lock: lock,
         };
         spool.seek(acked)?;
@@ -396,22 +503,52 @@ impl Spool {
         self.next_index
     }
 
-    /// Appends a batch as one write. Returns false (appending nothing) when
-    /// the spool would exceed its size limit.
-    pub fn append(&mut self, batch: &mut Batch) -> Result<bool> {
+    /// Whether [`Spool::append`] would keep `batch`: within the size limit,
+    /// leaving the reserve free on the file system (and a few inodes, if it
+    /// starts a segment).
+    pub fn room_for(&self, batch: &Batch) -> Result<Appended> {
+        let framed = batch.framed_bytes();
         if batch.is_empty() {
-            return Ok(true);
+            return Ok(Appended::Kept);
+        }
+        if self.total_bytes + framed > self.settings.max_bytes {
+            return Ok(Appended::Full);
+        }
+        let free = free_bytes(&self.settings.dir).map_err(io(&self.settings.dir))?;
+        if free < framed.saturating_add(self.settings.reserve_bytes) {
+            return Ok(Appended::DiskLow { free });
+        }
+        if self.rolls(framed) && inodes_low(&self.settings.dir).map_err(io(&self.settings.dir))? {
+            return Ok(Appended::DiskLow { free });
+        }
+        Ok(Appended::Kept)
+    }
+
+    fn rolls(&self, framed: u64) -> bool {
+        self.roll_next
+            || match self.segments.last() {
+                None => true,
+                Some(s) => s.bytes > 0 && s.bytes + framed > self.settings.segment_bytes,
+            }
+    }
+
+    /// Appends a batch as one write, unless the spool would exceed its size
+    /// limit or leave less than the reserve free on its file system (then
+    /// nothing is appended; see [`Spool::room_for`]). An error means
+    /// nothing was appended either.
+    pub fn append(&mut self, batch: &mut Batch) -> Result<Appended> {
+        if batch.is_empty() {
+            return Ok(Appended::Kept);
+        }
+        let room = self.room_for(batch)?;
+        if room != Appended::Kept {
+            return Ok(room);
         }
         let framed = batch.framed_bytes();
-        if self.total_bytes + framed > self.settings.max_bytes {
-            return Ok(false);
-        }
-        let roll = match self.segments.last() {
-            None => true,
-            Some(s) => s.bytes > 0 && s.bytes + framed > self.settings.segment_bytes,
-        };
+        let roll = self.rolls(framed);
         if roll || self.writer.is_none() {
             self.open_writer(roll)?;
+            self.roll_next = false;
         }
         batch.body[0..8].copy_from_slice(&self.next_index.to_le_bytes());
         batch.body[8..16].copy_from_slice(&batch.tick_time.to_le_bytes());
@@ -421,7 +558,7 @@ impl Spool {
         frame.extend_from_slice(&crc32(&batch.body).to_le_bytes());
         frame.extend_from_slice(&batch.body);
         let (Some(seg), Some(w)) = (self.segments.last_mut(), self.writer.as_mut()) else {
-            return Ok(false);
+            return Ok(Appended::Full);
         };
         // One write per tick: a crash tears at most this batch (CRC).
         let written = w.write_all(&frame).and_then(|()| match self.settings.fsync {
@@ -448,7 +585,7 @@ impl Spool {
         if let Fsync::Interval(_) = self.settings.fsync {
             self.dirty_since.get_or_insert_with(Instant::now);
         }
-        Ok(true)
+        Ok(Appended::Kept)
     }
 
     fn open_writer(&mut self, new_segment: bool) -> Result<()> {
@@ -594,7 +731,9 @@ impl Spool {
     }
 
     /// Writes the checkpoint (acknowledged position, seqs, last tick) and
-    /// deletes fully acknowledged segments.
+    /// deletes the segments the previous checkpoint already covered. On an
+    /// error (a full disk) the checkpoints on disk are as they were, and
+    /// nothing is deleted.
     pub fn checkpoint(&mut self, seqs: &HashMap<String, i64>, last_tick: Option<i64>) -> Result<()> {
         let cp = Checkpoint {
             identity: self.identity.clone(),
@@ -604,35 +743,56 @@ impl Spool {
             meta: self.last_meta.clone(),
         };
         let path = self.settings.dir.join("checkpoint.json");
+        let prev = self.settings.dir.join("checkpoint.prev.json");
         let tmp = self.settings.dir.join("checkpoint.json.tmp");
         let bytes = serde_json::to_vec(&cp).map_err(|e| SpoolError::Checkpoint { path: path.clone(), message: e.to_string() })?;
-        {
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&bytes).map_err(io(&tmp))?;
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
             if self.settings.fsync != Fsync::Never {
-                f.sync_all().map_err(io(&tmp))?;
+                f.sync_all()?;
             }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            // Leave no partial file behind to fill the disk further.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&tmp)(e));
+        }
+        match std::fs::rename(&path, &prev) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&prev)(e)),
         }
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         self.sync_dir()?;
-        // A segment is done when the next one starts at or below `acked`;
-        // the last segment stays (it is being written).
-        while self.segments.len() > 1 && self.segments[1].first <= self.acked {
+        self.prev_acked = self.durable_acked;
+        self.durable_acked = self.acked;
+        let covered = self.prev_acked;
+        // A segment is done when the next one starts at or below what the
+        // previous checkpoint covers; the last segment stays (it is being
+        // written).
+        while self.segments.len() > 1 && self.segments[1].first <= covered {
             let seg = self.segments.remove(0);
             std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
             self.total_bytes -= seg.bytes;
         }
-        // The segment being written goes too once everything in it is
-        // acknowledged and it is big enough to matter: acknowledged data
-        // must not fill the spool. The checkpoint just written holds the
-        // seqs, the last tick and the meta it would have given.
+        // Acknowledged data must not fill the spool: the segment being
+        // written goes too once both checkpoints cover everything in it and
+        // it is big enough to matter (the checkpoints hold the seqs, the last
+        // tick and the meta it would have given); while new ticks keep
+        // coming, a fully acknowledged big one is closed instead, so that it
+        // goes at the next checkpoint like any other.
         let min_roll = self.settings.segment_bytes.min(self.settings.max_bytes / 4).max(1);
-        if self.acked == self.next_index && self.segments.len() == 1 && self.segments[0].bytes >= min_roll {
+        let big = self.segments.last().is_some_and(|s| s.bytes >= min_roll);
+        if covered == self.next_index && self.segments.len() == 1 && big {
             self.writer = None;
             let seg = self.segments.remove(0);
             std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
             self.total_bytes -= seg.bytes;
             self.seek(self.next_index)?;
+        } else if self.durable_acked == self.next_index && big {
+            self.roll_next = true;
         }
         Ok(())
     }
@@ -643,7 +803,7 @@ mod tests {
     use super::*;
 
     fn settings(dir: &Path, max: u64) -> SpoolSettings {
-        SpoolSettings { dir: dir.to_owned(), max_bytes: max, segment_bytes: 4096, fsync: Fsync::Never }
+        SpoolSettings { dir: dir.to_owned(), max_bytes: max, segment_bytes: 4096, fsync: Fsync::Never, reserve_bytes: 0 }
     }
 
     fn tick(spool: &mut Spool, t: i64, seqs: &mut HashMap<String, i64>, n: usize) -> bool {
@@ -655,7 +815,7 @@ mod tests {
             *s += 1;
             b.push(*s, c.as_bytes(), format!("payload {t} {i} {}", "x".repeat(100)).as_bytes());
         }
-        spool.append(&mut b).unwrap()
+        spool.append(&mut b).unwrap() == Appended::Kept
     }
 
     fn drain(spool: &mut Spool) -> Vec<(u64, i64, String)> {
@@ -715,6 +875,8 @@ mod tests {
             drain(&mut s);
             s.ack(149);
             s.checkpoint(&seqs, None).unwrap();
+            assert_eq!(s.bytes(), before, "segments go once the previous checkpoint covers them too");
+            s.checkpoint(&seqs, None).unwrap();
             assert!(s.bytes() < before);
             assert!(s.segments[0].first <= 150);
         }
@@ -753,6 +915,10 @@ mod tests {
                 s.ack(sent.last().unwrap().0);
                 s.checkpoint(&seqs, Some(last)).unwrap();
                 assert!(s.bytes() < 8192);
+                // An idle turn: both checkpoints cover everything.
+                if last % 7 == 0 {
+                    s.checkpoint(&seqs, Some(last)).unwrap();
+                }
                 if last >= 200 && s.segments.is_empty() {
                     break;
                 }
@@ -783,8 +949,10 @@ mod tests {
             }
         }
         // The batch that rolled into segment 2 is not read yet; the first
-        // segment is fully acknowledged and goes at the checkpoint.
+        // segment is fully acknowledged and goes once two checkpoints cover it.
         assert_eq!(s.acked(), s.segments[1].first);
+        s.checkpoint(&seqs, None).unwrap();
+        assert_eq!(s.segments.len(), 2);
         s.checkpoint(&seqs, None).unwrap();
         assert_eq!(s.segments.len(), 1);
         assert_eq!(drain(&mut s).len(), 5);

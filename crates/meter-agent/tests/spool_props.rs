@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
-use meter_agent::spool::{Batch, Fsync, Spool, SpoolSettings};
+use meter_agent::spool::{Appended, Batch, Fsync, Spool, SpoolSettings};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -29,6 +29,9 @@ enum Op {
     Crash,
     /// SIGKILL in the middle of a write: garbage at the end of the log.
     TornCrash(Vec<u8>),
+    /// A crash that leaves `checkpoint.json` cut to this fraction (of 256)
+    /// of its length: disk corruption, or a writer before this release.
+    TornCheckpoint(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,13 +43,18 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Checkpoint),
         1 => Just(Op::Crash),
         1 => prop::collection::vec(any::<u8>(), 1..40).prop_map(Op::TornCrash),
+        1 => any::<u8>().prop_map(Op::TornCheckpoint),
     ]
 }
 
 const MAX_BYTES: u64 = 16 * 1024;
 
 fn open(dir: &Path) -> (Spool, meter_agent::spool::Recovered) {
-    Spool::open(SpoolSettings { dir: dir.to_owned(), max_bytes: MAX_BYTES, segment_bytes: 4096, fsync: Fsync::Never }, "prop").unwrap()
+    Spool::open(
+        SpoolSettings { dir: dir.to_owned(), max_bytes: MAX_BYTES, segment_bytes: 4096, fsync: Fsync::Never, reserve_bytes: 0 },
+        "prop",
+    )
+    .unwrap()
 }
 
 proptest! {
@@ -88,7 +96,7 @@ proptest! {
                         batch.push(*s, customer.as_bytes(), &payload);
                         events.push(((customer, *s), payload));
                     }
-                    if spool.append(&mut batch).unwrap() {
+                    if spool.append(&mut batch).unwrap() == Appended::Kept {
                         seqs = tentative;
                         appended.extend(events);
                     }
@@ -108,8 +116,14 @@ proptest! {
                     in_flight.clear();
                 }
                 Op::Checkpoint => spool.checkpoint(&seqs, Some(tick_no as i64)).unwrap(),
-                Op::Crash | Op::TornCrash(_) => {
+                Op::Crash | Op::TornCrash(_) | Op::TornCheckpoint(_) => {
                     drop(spool);
+                    if let Op::TornCheckpoint(fraction) = &op {
+                        let path = dir.path().join("checkpoint.json");
+                        if let Ok(bytes) = std::fs::read(&path) {
+                            std::fs::write(&path, &bytes[..bytes.len() * usize::from(*fraction) / 256]).unwrap();
+                        }
+                    }
                     if let Op::TornCrash(garbage) = &op {
                         let mut segs: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path())
                             .filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();

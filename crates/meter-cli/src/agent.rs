@@ -122,6 +122,12 @@ pub async fn run(cfg: Valid<Config>, args: AgentArgs) -> anyhow::Result<ExitCode
             metrics.spool_backlog.get()
         );
     }
+    if !run.checkpointed {
+        eprintln!(
+            "agent: the last checkpoint or dropped-ledger record could not be written (see the log; a full disk?); \
+             nothing is lost: the next start sends again what the previous checkpoint does not cover"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -155,6 +161,20 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
         .and_then(|_| std::fs::write(&probe, b"ok"))
         .and_then(|_| std::fs::remove_file(&probe))
         .with_context(|| format!("agent.state_dir {} is not writable", a.state_dir.display()))?;
+    match meter_agent::spool::free_bytes(&a.state_dir) {
+        Ok(free) if free < a.disk_reserve_bytes => println!(
+            "  disk               WARNING: {free} bytes free, less than agent.disk_reserve_bytes ({}): \
+             every tick is dropped (counted and recorded) until space is freed or the reserve lowered",
+            a.disk_reserve_bytes
+        ),
+        Ok(free) if free < a.spool_max_bytes.saturating_add(a.disk_reserve_bytes) => println!(
+            "  disk               WARNING: {free} bytes free, less than agent.spool_max_bytes ({}) + agent.disk_reserve_bytes ({}): \
+             a long Kafka outage fills the disk before the spool, and ticks are dropped then (counted and recorded)",
+            a.spool_max_bytes, a.disk_reserve_bytes
+        ),
+        Ok(free) => println!("  disk               {free} bytes free"),
+        Err(e) => println!("  disk               free space unknown ({e})"),
+    }
     println!("  kafka              {}", kafka_reachable(cfg).await);
     println!("  agent.proc_root    {}", a.proc_root.display());
     let Source::Host { mut sampler, proc_root, interfaces, disks } = Source::host(a) else { return Ok(ExitCode::FAILURE) };

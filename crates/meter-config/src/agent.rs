@@ -75,6 +75,11 @@ pub struct AgentConfig {
     /// segments are deleted whole.
     #[serde(default = "default_spool_segment_bytes")]
     pub spool_segment_bytes: u64,
+    /// Free space the spool leaves on its file system for the checkpoint and
+    /// the dropped ledger: a tick that would leave less is dropped (counted,
+    /// recorded) like one past `spool_max_bytes`.
+    #[serde(default = "default_disk_reserve_bytes")]
+    pub disk_reserve_bytes: u64,
     /// When the spool is forced to disk: `always`, `interval` or `never`.
     #[serde(default = "default_fsync")]
     pub fsync: FsyncPolicy,
@@ -124,6 +129,9 @@ fn default_spool_max_bytes() -> u64 {
 fn default_spool_segment_bytes() -> u64 {
     16 << 20
 }
+fn default_disk_reserve_bytes() -> u64 {
+    8 << 20
+}
 fn default_fsync() -> FsyncPolicy {
     FsyncPolicy::Interval
 }
@@ -159,6 +167,7 @@ impl Default for AgentConfig {
             state_dir: default_state_dir(),
             spool_max_bytes: default_spool_max_bytes(),
             spool_segment_bytes: default_spool_segment_bytes(),
+            disk_reserve_bytes: default_disk_reserve_bytes(),
             fsync: default_fsync(),
             fsync_interval_ms: default_fsync_interval_ms(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),

@@ -65,6 +65,9 @@ const METRICS: &[&str] = &[
     "meter_agent_counter_resets_total",
     "meter_agent_counter_wraps_total",
     "meter_agent_spool_backlog_events",
+    "meter_agent_disk_free_bytes",
+    "meter_agent_state_write_failures_total",
+    "meter_agent_state_torn_bytes_total",
 ];
 
 const HISTOGRAMS: &[&str] = &[

@@ -88,6 +88,11 @@ pub fn expected_ledger(sim: &SimConfig) -> Ledger {
 
 /// `meter agent --simulate --state-dir ...` for `sim`, paced at `speed`.
 pub fn spawn_agent(config: &Path, state: &Path, sim: &SimConfig, speed: f64, ledger: Option<&Path>) -> Child {
+    spawn_agent_cmd(config, state, sim, speed, ledger).spawn().unwrap()
+}
+
+/// The command of [`spawn_agent`], to add to before spawning it.
+pub fn spawn_agent_cmd(config: &Path, state: &Path, sim: &SimConfig, speed: f64, ledger: Option<&Path>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meter"));
     cmd.arg("--config")
         .arg(config)
@@ -102,7 +107,7 @@ pub fn spawn_agent(config: &Path, state: &Path, sim: &SimConfig, speed: f64, led
     if let Some(l) = ledger {
         cmd.arg("--ledger").arg(l);
     }
-    cmd.spawn().unwrap()
+    cmd
 }
 
 /// Every record on the events topic as (agent, customer, seq) -> payloads.
