@@ -8,11 +8,15 @@
 //! - [`spool`]: the write-ahead log that keeps events and seqs across
 //!   crashes and Kafka outages, and [`dropped`], what it could not keep;
 //! - [`runtime`]: the spooled agent, the loop that ties them to Kafka;
+//! - [`identity`]: the agent's incarnation and signing key, and [`lease`],
+//!   the Kafka lease that stops a second instance of one identity;
 //! - [`simulated`]: the in-memory simulated path of the demo, the benchmark
 //!   and the tests (no spool);
 //! - [`metrics`]: the agent's metrics and the named events that move them.
 
 pub mod dropped;
+pub mod identity;
+pub mod lease;
 pub mod metrics;
 pub mod procfs;
 pub mod runtime;

@@ -55,6 +55,13 @@ pub struct AgentMetrics {
     /// Bytes of torn ends cut off the state files at start (a crash during a
     /// write; never events that were sent).
     pub state_torn_bytes: IntCounter,
+    /// Incarnations this state dir started (1 for a new one; more when it
+    /// was found on another machine or its file was unreadable).
+    pub incarnations_started: IntCounter,
+    /// Lease renewals committed to Kafka.
+    pub lease_renewals: IntCounter,
+    /// Events sent with a signature.
+    pub signed: IntCounter,
 }
 
 impl AgentMetrics {
@@ -87,6 +94,12 @@ impl AgentMetrics {
                 &["file"],
             ),
             state_torn_bytes: t.counter("meter_agent_state_torn_bytes_total", "Bytes of torn ends cut off the state files at start."),
+            incarnations_started: t.counter(
+                "meter_agent_incarnations_started_total",
+                "New incarnations of this agent: a new state dir, or one found on another machine.",
+            ),
+            lease_renewals: t.counter("meter_agent_lease_renewals_total", "Renewals of the agent's Kafka lease (its identity's fencing)."),
+            signed: t.counter("meter_agent_events_signed_total", "Events sent with a meterline-signature header."),
         }
     }
 
@@ -359,5 +372,48 @@ impl StateWriteFailed<'_> {
     pub fn emit(&self, m: &AgentMetrics) {
         m.state_write_failures.with_label_values(&[self.file]).inc();
         error!(file = self.file, error = self.error, "cannot write the state folder (is the disk full?); retrying");
+    }
+}
+
+/// The agent's identity as it starts: its incarnation, how it came by it,
+/// and whether it signs.
+#[derive(Debug)]
+pub struct IdentityReady<'a> {
+    pub incarnation: &'a crate::identity::Incarnation,
+    pub origin: &'a crate::identity::Origin,
+    pub signing_key: Option<&'a str>,
+}
+
+impl IdentityReady<'_> {
+    pub fn emit(&self, m: &AgentMetrics) {
+        use crate::identity::Origin;
+        let i = self.incarnation;
+        match self.origin {
+            Origin::Recorded => {}
+            Origin::Created => m.incarnations_started.inc(),
+            Origin::Moved { previous } => {
+                m.incarnations_started.inc();
+                warn!(
+                    previous = %previous.incarnation,
+                    previous_machine = %previous.machine,
+                    machine = %i.machine,
+                    previous_agent_id = %previous.agent_id,
+                    "this state dir was created on another machine (or for another agent id): starting a new incarnation, so that this host's events never share a seq stream with the original's"
+                );
+            }
+            Origin::Unreadable { error } => {
+                m.incarnations_started.inc();
+                warn!(%error, "the incarnation file is unreadable: starting a new incarnation (safe: a new seq stream)");
+            }
+        }
+        if i.machine.is_empty() {
+            warn!("no machine identity (no /etc/machine-id and agent.host_identity unset): a copy of this state dir on another host would keep this incarnation");
+        }
+        match self.signing_key {
+            Some(id) => info!(agent_id = %i.agent_id, incarnation = %i.incarnation, signing_key = id, "agent identity"),
+            None => {
+                info!(agent_id = %i.agent_id, incarnation = %i.incarnation, "agent identity; events are not signed (no agent.signing_key_file or METER_AGENT_SIGNING_KEY)")
+            }
+        }
     }
 }

@@ -442,6 +442,7 @@ impl Sampler {
             quantity: i64::try_from(quantity).unwrap_or(i64::MAX),
             event_time: time,
             attributes: Default::default(),
+            incarnation: String::new(),
         }
     }
 }

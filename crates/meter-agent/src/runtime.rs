@@ -31,17 +31,18 @@ use meter_config::{AgentConfig, Config, FsyncPolicy, Valid};
 use meter_kafka::publish::{idempotent_config, Tuning};
 use meter_kafka::Signal;
 use meter_model::ledger::Ledger;
-use meter_model::{event_id, now_ms, Millis};
+use meter_model::{event_id, now_ms, signing, Millis};
 use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{info, warn};
 
 use crate::dropped::DroppedLedger;
 use crate::metrics::{
-    AgentMetrics, CountersWentDown, DeliveryFailed, DiskBelowReserve, EventsAcknowledged, GapCompressed, SpoolMeasured, SpoolRecovered,
-    StateWriteFailed, TicksCaughtUp, TicksDropped, TicksEmitted, TicksSpooled, TornTailCut,
+    AgentMetrics, CountersWentDown, DeliveryFailed, DiskBelowReserve, EventsAcknowledged, GapCompressed, IdentityReady, SpoolMeasured,
+    SpoolRecovered, StateWriteFailed, TicksCaughtUp, TicksDropped, TicksEmitted, TicksSpooled, TornTailCut,
 };
 use crate::procfs::{self, Sampler, Tick};
 use crate::sim::Simulator;
@@ -272,6 +273,10 @@ pub struct Runtime<'a> {
     next_host_sample: Instant,
     spool_dir: PathBuf,
     metrics: AgentMetrics,
+    /// Stamped on every event spooled from now on.
+    incarnation: crate::identity::Incarnation,
+    signing_key: Option<meter_model::signing::Key>,
+    lease: Option<crate::lease::Lease>,
 }
 
 impl<'a> Runtime<'a> {
@@ -338,6 +343,17 @@ impl<'a> Runtime<'a> {
             }
             sampler.restore(state, &boot.0, boot.1);
         }
+        let agent_id = match &source {
+            Source::Host { .. } => a.agent_id.clone(),
+            Source::Simulated { sim, .. } => sim.agent_id().to_owned(),
+        };
+        let machine = crate::identity::machine_identity(&a.host_identity);
+        let (incarnation, origin) = crate::identity::load_or_create(state_dir, &agent_id, &machine, meter_model::now_ms())?;
+        let signing_key = crate::identity::signing_key(a.signing_key_file.as_deref())?;
+        IdentityReady { incarnation: &incarnation, origin: &origin, signing_key: signing_key.as_ref().map(|k| k.id.as_str()) }
+            .emit(&metrics);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+        let lease = crate::lease::Lease::start(cfg, &incarnation, &host, metrics.lease_renewals.clone())?;
         // With `serialization.events = "confluent"` the schema is
         // registered now: the spool keeps records framed as they are sent.
         let (codec, _) = meter_kafka::registry::codec_for(cfg, &[meter_kafka::registry::Writes::Events])?;
@@ -374,6 +390,9 @@ impl<'a> Runtime<'a> {
             next_host_sample: now,
             spool_dir: state_dir.join("spool"),
             metrics,
+            incarnation,
+            signing_key,
+            lease: Some(lease),
         })
     }
 
@@ -391,6 +410,12 @@ impl<'a> Runtime<'a> {
             let mut wake = now + Duration::from_millis(100);
             if self.shutting_down.is_none() && !self.source_done {
                 wake = wake.min(self.collect_ticks(now));
+            }
+            if let Some(lost) = self.lease.as_ref().and_then(|l| l.failed()) {
+                // Spooled events stay for the next start; the checkpoint
+                // keeps what was acknowledged.
+                let _ = self.spool.checkpoint(&self.seqs, self.last_tick);
+                return Err(lost.into());
             }
             self.spool_ticks();
             self.hand_over()?;
@@ -481,6 +506,36 @@ impl<'a> Runtime<'a> {
         if self.ticks.is_empty() {
             return;
         }
+        // The simulator catches up many ticks in one turn: appended as one
+        // batch they could exceed a small spool even when it is empty, and
+        // every tick of the turn would be dropped. So its turns go in
+        // batches of at most ~512 bytes per event of the smaller bound.
+        // (The host sampler's turn stays one batch: the sampler state
+        // stored with it is that of the turn's last tick.)
+        let a = &self.cfg.agent;
+        let limit = usize::try_from(a.spool_max_bytes.min(a.spool_segment_bytes) / 512).unwrap_or(usize::MAX).max(1);
+        let total: usize = self.ticks.iter().map(|t| t.events.len()).sum();
+        if !matches!(self.source, Source::Simulated { .. }) || total <= limit {
+            return self.spool_turn();
+        }
+        let all = std::mem::take(&mut self.ticks);
+        let mut n = 0;
+        for tick in all {
+            if !self.ticks.is_empty() && n + tick.events.len() > limit {
+                self.spool_turn();
+                n = 0;
+            }
+            n += tick.events.len();
+            self.ticks.push(tick);
+        }
+        self.spool_turn();
+    }
+
+    /// [`Runtime::spool_ticks`] of the ticks in `self.ticks`, one batch.
+    fn spool_turn(&mut self) {
+        if self.ticks.is_empty() {
+            return;
+        }
         let n: u64 = self.ticks.iter().map(|t| t.events.len() as u64).sum();
         let turn_last = self.ticks.iter().map(|t| t.time).max().unwrap_or_default();
         TicksEmitted { ticks: self.ticks.len() as u64, events: n }.emit(&self.metrics);
@@ -496,7 +551,8 @@ impl<'a> Runtime<'a> {
                 let seq = self.seqs.entry(e.customer_id.clone()).or_insert(0);
                 *seq += 1;
                 e.seq = Some(*seq);
-                e.event_id = event_id(&e.agent_id, &e.customer_id, *seq);
+                e.incarnation.clone_from(&self.incarnation.incarnation);
+                e.event_id = event_id(&e.agent_id, &e.incarnation, &e.customer_id, *seq);
                 self.payload.clear();
                 self.codec.encode_event(e, &mut self.payload);
                 self.batch.push(*seq, e.customer_id.as_bytes(), &self.payload);
@@ -574,11 +630,20 @@ impl<'a> Runtime<'a> {
         if self.resend_after.is_some() {
             return Ok(());
         }
+        // Nothing goes out before the twin check (see crate::lease).
+        if self.lease.as_ref().is_some_and(|l| !l.checked()) {
+            return Ok(());
+        }
         let topic = self.cfg.topics.events.as_str();
         while self.inflight.len() < self.cfg.agent.max_in_flight {
             let Some(r) = self.spool.peek()? else { break };
-            let record =
+            let mut record =
                 BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, self.inflight.opaque(r.index)).key(r.key).payload(r.payload);
+            if let Some(k) = &self.signing_key {
+                let sig = k.sign(r.payload);
+                record = record.headers(OwnedHeaders::new().insert(Header { key: signing::HEADER, value: Some(sig.as_bytes()) }));
+                self.metrics.signed.inc();
+            }
             let index = r.index;
             match self.producer.send(record) {
                 Ok(()) => {
@@ -660,6 +725,9 @@ impl<'a> Runtime<'a> {
     /// again by the next start), so it is reported, not fatal.
     fn finish(mut self) -> anyhow::Result<AgentRun> {
         let _ = self.producer.flush(Duration::from_millis(200));
+        if let Some(lease) = self.lease.take() {
+            lease.stop();
+        }
         let mut checkpointed = true;
         if let Err(e) = self.spool.sync(true) {
             StateWriteFailed { file: "spool", error: &e.to_string() }.emit(&self.metrics);

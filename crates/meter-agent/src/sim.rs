@@ -151,6 +151,11 @@ impl Simulator {
         Simulator { cfg, rng, customers, resources, second: 0, seqs: HashMap::new(), ledger: Ledger::default() }
     }
 
+    /// The agent id stamped on the events.
+    pub fn agent_id(&self) -> &str {
+        &self.cfg.agent_id
+    }
+
     pub fn customers(&self) -> &[String] {
         &self.customers
     }
@@ -225,7 +230,7 @@ impl Simulator {
                 let customer_id = &self.customers[r.customer];
                 self.ledger.record(customer_id, service, usage_type, r.region, t, quantity);
                 out.push(UsageEvent {
-                    event_id: event_id(&self.cfg.agent_id, customer_id, *seq),
+                    event_id: event_id(&self.cfg.agent_id, "", customer_id, *seq),
                     agent_id: self.cfg.agent_id.clone(),
                     seq: Some(*seq),
                     customer_id: customer_id.clone(),
@@ -236,6 +241,8 @@ impl Simulator {
                     quantity,
                     event_time: t,
                     attributes: Default::default(),
+                    // `meter agent` sets its own when it spools the event.
+                    incarnation: String::new(),
                 });
             }
         }

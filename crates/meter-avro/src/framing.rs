@@ -11,9 +11,10 @@
 //! is then one of:
 //! - the current schema (`schemas/avro/*.avsc`): the body is decoded by the
 //!   hand-written decoders with no schema resolution (the hot path);
-//! - the same schema under the fingerprint meterline wrote before it
-//!   computed fingerprints by the specification (`legacy`, accepted unless
-//!   switched off: deployed agents write it, and compacted topics keep it);
+//! - the schema under the fingerprint meterline wrote before it computed
+//!   fingerprints by the specification (`legacy`, accepted unless switched
+//!   off: deployed agents write it, and compacted topics keep it); for
+//!   UsageEvent that is version 1 (`history/usage_event.v1.avsc`);
 //! - another version known to the [`SchemaStore`] (a schema of
 //!   `schemas/avro/history/`, one configured for a third-party producer, or
 //!   one the registry answered for an id): the body is resolved from that
@@ -135,6 +136,9 @@ pub struct Framed {
     fingerprint: u64,
     header: [u8; SINGLE_OBJECT_LEN],
     legacy: [u8; SINGLE_OBJECT_LEN],
+    /// The schema written under the legacy fingerprint, when it is not the
+    /// current one.
+    legacy_schema: Option<Arc<Schema>>,
     accept_legacy: bool,
     output: [u8; SINGLE_OBJECT_LEN],
     output_len: usize,
@@ -164,15 +168,34 @@ impl Framed {
     /// The framing of the schema `avsc` (named `name` in errors), writing
     /// single-object records, accepting the legacy fingerprint.
     pub fn new(name: &'static str, avsc: &'static str, store: &SchemaStore) -> Result<Self, SchemaError> {
+        Framed::with_legacy_of(name, avsc, avsc, store)
+    }
+
+    /// [`Framed::new`] for a schema that changed since meterline wrote the
+    /// legacy fingerprint: records with the legacy fingerprint of
+    /// `legacy_avsc` are of that version (read as [`Body::Other`]).
+    pub fn with_legacy_of(
+        name: &'static str,
+        avsc: &'static str,
+        legacy_avsc: &'static str,
+        store: &SchemaStore,
+    ) -> Result<Self, SchemaError> {
         let fingerprint = canonical::fingerprint(avsc).map_err(|e| SchemaError::new(name, e.to_string()))?;
         store.add_schema(avsc)?;
         let header = single_object(fingerprint);
+        let legacy_schema = if legacy_avsc == avsc {
+            None
+        } else {
+            store.add_schema(legacy_avsc)?;
+            Some(Arc::new(Schema::parse_str(legacy_avsc).map_err(|e| SchemaError::new(name, e.to_string()))?))
+        };
         Ok(Framed {
             name,
             avsc,
             fingerprint,
             header,
-            legacy: single_object(legacy_fingerprint(name, avsc)?),
+            legacy: single_object(legacy_fingerprint(name, legacy_avsc)?),
+            legacy_schema,
             accept_legacy: true,
             output: header,
             output_len: SINGLE_OBJECT_LEN,
@@ -250,7 +273,10 @@ impl Framed {
         let fp = u64::from_le_bytes(fp);
         if payload[..SINGLE_OBJECT_LEN] == self.legacy {
             return if self.accept_legacy {
-                Ok((Body::Current(body), Via::LegacyFingerprint))
+                match &self.legacy_schema {
+                    None => Ok((Body::Current(body), Via::LegacyFingerprint)),
+                    Some(schema) => Ok((Body::Other(schema.clone(), fp, body), Via::LegacyFingerprint)),
+                }
             } else {
                 Err(DecodeError::LegacyFingerprint(fp))
             };

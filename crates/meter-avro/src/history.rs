@@ -5,4 +5,4 @@
 //! read the previous one (the tests check it).
 
 /// The earlier versions, as written in `schemas/avro/history/`.
-pub const SCHEMAS: &[&str] = &[];
+pub const SCHEMAS: &[&str] = &[crate::USAGE_EVENT_V1_AVSC];

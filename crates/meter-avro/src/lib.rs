@@ -35,6 +35,10 @@ use binary::{Reader, Writer};
 pub use framing::{confluent_id, Body, Framed, Output, SchemaStore, Via};
 
 pub const USAGE_EVENT_AVSC: &str = include_str!("../../../schemas/avro/usage_event.avsc");
+/// UsageEvent version 1, without `incarnation`: what agents before
+/// incarnations write. Its body is a prefix of the current one's, so it is
+/// decoded by hand too, not resolved record by record.
+pub const USAGE_EVENT_V1_AVSC: &str = include_str!("../../../schemas/avro/history/usage_event.v1.avsc");
 pub const AGGREGATED_USAGE_AVSC: &str = include_str!("../../../schemas/avro/aggregated_usage.avsc");
 pub const DEAD_LETTER_AVSC: &str = include_str!("../../../schemas/avro/dead_letter.avsc");
 pub const INVOICE_LINE_AVSC: &str = include_str!("../../../schemas/avro/invoice_line.avsc");
@@ -104,6 +108,9 @@ pub struct Codec {
     dead_letter: Framed,
     /// The current UsageEvent schema, the reader of resolutions.
     event_reader: Arc<Schema>,
+    /// The fingerprints of UsageEvent version 1: the specification's and
+    /// the legacy one.
+    event_v1: [u64; 2],
 }
 
 impl Codec {
@@ -119,8 +126,11 @@ impl Codec {
             store.add_schema(avsc)?;
         }
         let event_reader = Schema::parse_str(USAGE_EVENT_AVSC).map_err(|e| SchemaError::new("UsageEvent", e.to_string()))?;
+        let v1 = canonical::fingerprint(USAGE_EVENT_V1_AVSC).map_err(|e| SchemaError::new("UsageEvent", e.to_string()))?;
         Ok(Codec {
-            event: Framed::new("UsageEvent", USAGE_EVENT_AVSC, store)?,
+            // Deployed agents with the legacy fingerprint write version 1.
+            event: Framed::with_legacy_of("UsageEvent", USAGE_EVENT_AVSC, USAGE_EVENT_V1_AVSC, store)?,
+            event_v1: [v1, framing::legacy_fingerprint("UsageEvent", USAGE_EVENT_V1_AVSC)?],
             aggregate: Framed::new("AggregatedUsage", AGGREGATED_USAGE_AVSC, store)?,
             dead_letter: Framed::new("DeadLetter", DEAD_LETTER_AVSC, store)?,
             event_reader: Arc::new(event_reader),
@@ -164,7 +174,8 @@ impl Codec {
     /// Decodes an event, whatever its framing and (known) writer schema.
     pub fn decode_event(&self, payload: &[u8]) -> Result<UsageEvent, DecodeError> {
         match self.event.read(payload)?.0 {
-            Body::Current(body) => decode_event_body(body),
+            Body::Current(body) => decode_event_body(body, true),
+            Body::Other(_, fp, body) if self.event_v1.contains(&fp) => decode_event_body(body, false),
             Body::Other(writer, _, body) => self.resolve_event(&writer, body),
         }
     }
@@ -183,6 +194,14 @@ impl Codec {
     ) -> Result<(UsageEventRef<'a>, &'a [u8], Via), DecodeError> {
         match self.event.read(payload)? {
             (Body::Current(body), via) => Ok((decode_event_body_ref(body)?, body, via)),
+            // A version-1 body plus an empty incarnation is the current body.
+            (Body::Other(_, fp, body), via) if self.event_v1.contains(&fp) => {
+                scratch.clear();
+                scratch.extend_from_slice(body);
+                Writer(scratch).string("");
+                let body: &'a [u8] = scratch.as_slice();
+                Ok((decode_event_body_ref(body)?, body, via))
+            }
             (Body::Other(writer, _, body), via) => {
                 let e = self.resolve_event(&writer, body)?;
                 scratch.clear();
@@ -327,9 +346,11 @@ fn encode_event_body(e: &UsageEvent, out: &mut Vec<u8>) {
     w.long(e.quantity);
     w.long(e.event_time);
     w.string_map(&e.attributes);
+    w.string(&e.incarnation);
 }
 
-fn decode_event_body(body: &[u8]) -> Result<UsageEvent, DecodeError> {
+/// A body of the current schema, or of version 1 (no incarnation).
+fn decode_event_body(body: &[u8], current: bool) -> Result<UsageEvent, DecodeError> {
     let mut r = Reader::new(body);
     let event = UsageEvent {
         event_id: r.string()?,
@@ -347,6 +368,7 @@ fn decode_event_body(body: &[u8]) -> Result<UsageEvent, DecodeError> {
         quantity: r.long()?,
         event_time: r.long()?,
         attributes: r.string_map()?,
+        incarnation: if current { r.string()? } else { String::new() },
     };
     r.finish()?;
     Ok(event)
@@ -372,6 +394,7 @@ fn decode_event_body_ref(body: &[u8]) -> Result<UsageEventRef<'_>, DecodeError> 
     let mut longest_attribute = 0;
     r.each_string_pair(|k, v| longest_attribute = longest_attribute.max(k.len()).max(v.len()))?;
     let attributes = r.since(start);
+    let incarnation = r.str()?;
     r.finish()?;
     Ok(UsageEventRef {
         event_id,
@@ -385,6 +408,7 @@ fn decode_event_body_ref(body: &[u8]) -> Result<UsageEventRef<'_>, DecodeError> 
         quantity,
         event_time,
         attributes: EncodedAttributes { bytes: attributes, longest: longest_attribute },
+        incarnation,
     })
 }
 
@@ -418,6 +442,7 @@ fn event_from_value(v: Value) -> Result<UsageEvent, DecodeError> {
         quantity: 0,
         event_time: 0,
         attributes: Attributes::new(),
+        incarnation: String::new(),
     };
     let bad = |name: &str, v: &Value| DecodeError::Unresolvable(format!("field {name}: unexpected value {v:?}"));
     for (name, value) in fields {
@@ -433,6 +458,7 @@ fn event_from_value(v: Value) -> Result<UsageEvent, DecodeError> {
             ("usage_type", Value::String(s)) => e.usage_type = s,
             ("resource_id", Value::String(s)) => e.resource_id = s,
             ("region", Value::String(s)) => e.region = s,
+            ("incarnation", Value::String(s)) => e.incarnation = s,
             ("seq", Value::Null) => e.seq = None,
             ("seq", Value::Long(n)) => e.seq = Some(n),
             ("quantity", Value::Long(n)) => e.quantity = n,
@@ -468,6 +494,7 @@ pub struct UsageEventRef<'a> {
     pub quantity: i64,
     pub event_time: i64,
     pub attributes: EncodedAttributes<'a>,
+    pub incarnation: &'a str,
 }
 
 impl UsageEventRef<'_> {
@@ -484,6 +511,7 @@ impl UsageEventRef<'_> {
             quantity: self.quantity,
             event_time: self.event_time,
             attributes: self.attributes.to_map(),
+            incarnation: self.incarnation.to_owned(),
         }
     }
 }

@@ -7,7 +7,7 @@ fn sample_event() -> UsageEvent {
     let mut attributes = BTreeMap::new();
     attributes.insert("instance_type".to_owned(), "m5.large".to_owned());
     UsageEvent {
-        event_id: meter_model::event_id("agent-1", "cust-7", 42),
+        event_id: meter_model::event_id("agent-1", "", "cust-7", 42),
         agent_id: "agent-1".into(),
         seq: Some(42),
         customer_id: "cust-7".into(),
@@ -18,6 +18,7 @@ fn sample_event() -> UsageEvent {
         quantity: 1,
         event_time: 1_764_000_000_000,
         attributes,
+        incarnation: String::new(),
     }
 }
 
@@ -151,6 +152,7 @@ proptest! {
         let codec = Codec::new().unwrap();
         let mut buf = Vec::new();
         codec.encode_event(&UsageEvent { attributes: Default::default(), ..sample_event() }, &mut buf);
+        buf.pop(); // the empty incarnation
         buf.pop(); // the empty map's terminating 0
         let mut w = binary::Writer(&mut buf);
         for (k, v) in &entries {
@@ -159,6 +161,7 @@ proptest! {
             w.string(v);
         }
         w.long(0);
+        w.string("");
         let owned = codec.decode_event(&buf).unwrap();
         let borrowed = codec.decode_event_ref(&buf).unwrap();
         prop_assert_eq!(borrowed.to_owned_event(), owned);
@@ -191,8 +194,9 @@ fn borrowed_decoder_rejects_bad_payloads_like_the_owned_one() {
 /// `SchemaNormalization.parsingFingerprint64` (org.apache.avro:avro 1.12.2)
 /// and fastavro 1.13.1: `tests/interop/java` and `tests/interop/python`
 /// `fingerprint` print these. A changed value means a changed schema.
-const SPEC_FINGERPRINTS: [(&str, &str, &str); 4] = [
-    ("UsageEvent", USAGE_EVENT_AVSC, "ef4a872171edd5d3"),
+const SPEC_FINGERPRINTS: [(&str, &str, &str); 5] = [
+    ("UsageEvent", USAGE_EVENT_AVSC, "7c0202c68fa08a40"),
+    ("UsageEvent v1", USAGE_EVENT_V1_AVSC, "ef4a872171edd5d3"),
     ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "ce627383ae9f9048"),
     ("DeadLetter", DEAD_LETTER_AVSC, "12fc328c31d77841"),
     ("InvoiceLine", INVOICE_LINE_AVSC, "655d514a5e44920c"),
@@ -201,7 +205,7 @@ const SPEC_FINGERPRINTS: [(&str, &str, &str); 4] = [
 /// What meterline wrote before (apache-avro's canonical form keeps logical
 /// types): the fingerprints deployed agents and compacted topics carry.
 const LEGACY_FINGERPRINTS: [(&str, &str, &str); 3] = [
-    ("UsageEvent", USAGE_EVENT_AVSC, "a4dbce6eb06590ff"),
+    ("UsageEvent", USAGE_EVENT_V1_AVSC, "a4dbce6eb06590ff"),
     ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "d9d273e080c627f7"),
     ("InvoiceLine", INVOICE_LINE_AVSC, "8777022bf336c514"),
 ];
@@ -229,11 +233,14 @@ fn the_legacy_fingerprint_is_read_unless_switched_off() {
     }
     let mut codec = Codec::new().unwrap();
     let e = sample_event();
+    // Deployed agents wrote version 1 (no incarnation) under it: the
+    // current body less its empty incarnation.
     let mut legacy = vec![0xC3, 0x01];
-    legacy.extend_from_slice(&framing::legacy_fingerprint("UsageEvent", USAGE_EVENT_AVSC).unwrap().to_le_bytes());
+    legacy.extend_from_slice(&framing::legacy_fingerprint("UsageEvent", USAGE_EVENT_V1_AVSC).unwrap().to_le_bytes());
     let mut current = Vec::new();
     codec.encode_event(&e, &mut current);
-    legacy.extend_from_slice(&current[10..]);
+    legacy.extend_from_slice(&current[10..current.len() - 1]);
+    assert_eq!(codec.decode_event(&legacy).unwrap(), e);
     let mut scratch = Vec::new();
     let (got, body, via) = codec.decode_event_with(&legacy, &mut scratch).unwrap();
     assert_eq!((got.to_owned_event(), body, via), (e.clone(), &current[10..], Via::LegacyFingerprint));
@@ -314,4 +321,36 @@ fn a_newer_writer_schema_is_resolved_to_the_current_one() {
     assert_eq!(current_body, &current[10..], "resolved to the bytes of the current schema");
     // Truncated: an error, not a panic.
     assert!(codec.decode_event(&payload[..payload.len() - 1]).is_err());
+}
+
+/// Version 1 of UsageEvent (no incarnation), as agents before incarnations
+/// write it with the spec fingerprint: read by hand (no resolution per
+/// record), with an empty incarnation, byte for byte what apache-avro's
+/// resolution gives; and the current schema keeps the incarnation.
+#[test]
+fn version_1_events_read_with_an_empty_incarnation_and_version_2_keeps_it() {
+    let codec = Codec::new().unwrap();
+    let e = sample_event();
+    let mut current = Vec::new();
+    codec.encode_event(&e, &mut current);
+    let mut v1 = vec![0xC3, 0x01];
+    v1.extend_from_slice(&canonical::fingerprint(USAGE_EVENT_V1_AVSC).unwrap().to_le_bytes());
+    v1.extend_from_slice(&current[10..current.len() - 1]);
+    // apache-avro: the v1 body is a valid v1 record, resolvable to v2.
+    let writer = apache_avro::Schema::parse_str(USAGE_EVENT_V1_AVSC).unwrap();
+    let reader = apache_avro::Schema::parse_str(USAGE_EVENT_AVSC).unwrap();
+    let value = decode_generic(&writer, &v1[10..]).unwrap().resolve(&reader).unwrap();
+    assert_eq!(event_from_value(value).unwrap(), e);
+    assert_eq!(codec.decode_event(&v1).unwrap(), e);
+    let mut scratch = Vec::new();
+    let (got, body, via) = codec.decode_event_with(&v1, &mut scratch).unwrap();
+    assert_eq!((got.to_owned_event(), body, via), (e.clone(), &current[10..], Via::Resolved));
+    let with = UsageEvent { incarnation: "5f1c9a0e7d2b4c31".into(), ..e };
+    let mut buf = Vec::new();
+    codec.encode_event(&with, &mut buf);
+    assert_eq!(codec.decode_event(&buf).unwrap(), with);
+    assert_eq!(codec.decode_event_ref(&buf).unwrap().incarnation, "5f1c9a0e7d2b4c31");
+    let (value, again) = testing::apache_round_trip(USAGE_EVENT_AVSC, &buf);
+    assert_eq!(again, buf);
+    assert_eq!(testing::field(&value, "incarnation"), &apache_avro::types::Value::String("5f1c9a0e7d2b4c31".into()));
 }

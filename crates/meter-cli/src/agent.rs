@@ -154,6 +154,30 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
     }
     println!("  agent              {} (customer {}, region {}, resource {})", a.agent_id, a.customer_id, a.region, a.host_resource_id());
     println!("  agent.state_dir    {}", a.state_dir.display());
+    // Identity: what a start would use (nothing is created here).
+    let machine = meter_agent::identity::machine_identity(&a.host_identity);
+    let recorded = std::fs::read(a.state_dir.join(meter_agent::identity::FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<meter_agent::identity::Incarnation>(&b).ok());
+    match (&recorded, machine.is_empty()) {
+        (_, true) => println!(
+            "  identity           WARNING: no machine identity (no /etc/machine-id, agent.host_identity unset): \
+             a copy of this state dir on another host would keep its incarnation"
+        ),
+        (Some(r), false) if r.machine == machine && r.agent_id == a.agent_id => {
+            println!("  identity           incarnation {} (machine {machine})", r.incarnation)
+        }
+        (Some(r), false) => println!(
+            "  identity           the recorded incarnation {} is of another machine or agent id: the next start begins a new one",
+            r.incarnation
+        ),
+        (None, false) => println!("  identity           new state dir: the first start creates an incarnation (machine {machine})"),
+    }
+    match meter_agent::identity::signing_key(a.signing_key_file.as_deref()) {
+        Ok(Some(k)) => println!("  signing            with key {}", k.id),
+        Ok(None) => println!("  signing            none (events go unsigned; see processor.accept_unsigned)"),
+        Err(e) => anyhow::bail!("{e:#}"),
+    }
     // The spool must be writable; Kafka need not be up (the agent spools
     // until it is), so an unreachable broker is reported, not an error.
     let probe = a.state_dir.join(".check-probe");

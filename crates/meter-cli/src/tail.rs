@@ -23,7 +23,8 @@ use rdkafka::{Offset, TopicPartitionList};
 #[derive(clap::Args)]
 pub struct TailArgs {
     /// The topic: usage.events, usage.aggregates, usage.dlq,
-    /// billing.invoice_lines, or any topic holding those records.
+    /// billing.invoice_lines, usage.agents (lease heartbeats, JSON), or any
+    /// topic holding those records.
     pub topic: String,
     /// Start at the beginning of every partition (default: only records
     /// written from now on).
@@ -132,7 +133,13 @@ fn tail(cfg: &Config, args: &TailArgs, shutdown: &Signal) -> anyhow::Result<Exit
         }
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
         let mut line = serde_json::json!({ "partition": m.partition(), "offset": m.offset(), "key": key });
-        match render(&framings, payload) {
+        // The agents' lease heartbeats are JSON, not Avro.
+        let value = if topic == cfg.topics.agents {
+            serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(format!("lease heartbeat: {e}")))
+        } else {
+            render(&framings, payload)
+        };
+        match value {
             Ok(v) => line["value"] = v,
             Err(e) => {
                 errors += 1;

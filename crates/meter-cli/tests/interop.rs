@@ -379,6 +379,7 @@ async fn a_customer_split_across_partitions_is_dead_lettered_not_lost() {
             quantity: 1,
             event_time: two_days_ago() + 5_000,
             attributes: Default::default(),
+            incarnation: String::new(),
         };
         let mut payload = Vec::new();
         codec.encode_event(&e, &mut payload);
@@ -436,7 +437,8 @@ async fn events_with_the_previous_fingerprint_are_counted_or_refused() {
         let cfg = cfg.validate().unwrap();
         setup(&cfg).await;
         let codec = meter_avro::Codec::new().unwrap();
-        let legacy = meter_avro::framing::legacy_fingerprint("UsageEvent", meter_avro::USAGE_EVENT_AVSC).unwrap();
+        // What they write is version 1 of the schema (no incarnation).
+        let legacy = meter_avro::framing::legacy_fingerprint("UsageEvent", meter_avro::USAGE_EVENT_V1_AVSC).unwrap();
         let mut ledger = Ledger::default();
         for seq in 1..=10 {
             let e = UsageEvent {
@@ -451,12 +453,14 @@ async fn events_with_the_previous_fingerprint_are_counted_or_refused() {
                 quantity: 1,
                 event_time: two_days_ago() + seq * 1000,
                 attributes: Default::default(),
+                incarnation: String::new(),
             };
             let mut payload = vec![0xC3, 0x01];
             payload.extend_from_slice(&legacy.to_le_bytes());
             let mut current = Vec::new();
             codec.encode_event(&e, &mut current);
-            payload.extend_from_slice(&current[10..]);
+            // The current body less its empty incarnation: the v1 body.
+            payload.extend_from_slice(&current[10..current.len() - 1]);
             send_poison(&cfg, "cust-7", &payload).await;
             ledger.record(&e.customer_id, &e.service, &e.usage_type, &e.region, e.event_time, e.quantity);
         }
@@ -468,5 +472,36 @@ async fn events_with_the_previous_fingerprint_are_counted_or_refused() {
         } else {
             assert_eq!(counters.dead_letters.get(&DeadLetterReason::UnknownSchema), Some(&10), "{counters:?}");
         }
+    }
+}
+
+/// Every schema meterline writes or accepts, including the versions in
+/// `schemas/avro/history/`: the fingerprint in its single-object header is
+/// the one Java's `SchemaNormalization` and fastavro compute.
+#[test]
+fn fingerprints_are_those_java_and_fastavro_compute() {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["schemas/avro", "schemas/avro/history"] {
+        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "avsc") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    let ours: Vec<String> = files
+        .iter()
+        .map(|f| {
+            let fp = meter_avro::canonical::fingerprint(&std::fs::read_to_string(f).unwrap()).unwrap();
+            format!("{} {}", f.display(), fp.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>())
+        })
+        .collect();
+    let java = run(java().arg("fingerprint").args(&files));
+    let fastavro = run(python("fingerprint.py").args(&files));
+    for (name, out) in [("java", java), ("fastavro", fastavro)] {
+        let theirs: Vec<&str> = out.lines().collect();
+        assert_eq!(theirs, ours.iter().map(String::as_str).collect::<Vec<_>>(), "{name}");
     }
 }

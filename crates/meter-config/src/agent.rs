@@ -103,6 +103,27 @@ pub struct AgentConfig {
     /// it leaves them in the spool for the next start.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// What tells this machine from others, recorded with the agent's
+    /// incarnation (`{state_dir}/incarnation.json`): when it differs from
+    /// the recorded one (the state dir was copied or the image cloned), the
+    /// agent starts a new incarnation, so that its events never share a
+    /// seq stream with the original's. Empty (the default): the contents
+    /// of `/etc/machine-id`.
+    #[serde(default)]
+    pub host_identity: String,
+    /// File holding this agent's signing key, `key_id:secret_hex` (at least
+    /// 16 bytes of secret). The environment variable
+    /// `METER_AGENT_SIGNING_KEY` (same form) takes precedence. Neither: the
+    /// events go unsigned, which a processor with
+    /// `processor.accept_unsigned = false` refuses.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// How often the agent renews its lease on `topics.agents`: a
+    /// transactional producer whose id is the agent's (id, incarnation), so
+    /// that a second instance with the same identity fences the first,
+    /// which then stops (see docs/operations.md, "Agent identity").
+    #[serde(default = "default_lease_interval_ms")]
+    pub lease_interval_ms: u64,
 }
 
 fn default_agent_region() -> String {
@@ -150,6 +171,9 @@ fn default_delivery_timeout_ms() -> u64 {
 fn default_shutdown_timeout_ms() -> u64 {
     10_000
 }
+fn default_lease_interval_ms() -> u64 {
+    5_000
+}
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -174,6 +198,9 @@ impl Default for AgentConfig {
             max_in_flight: default_max_in_flight(),
             delivery_timeout_ms: default_delivery_timeout_ms(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            host_identity: String::new(),
+            signing_key_file: None,
+            lease_interval_ms: default_lease_interval_ms(),
         }
     }
 }
@@ -221,5 +248,7 @@ impl Section for AgentConfig {
         p.check(self.checkpoint_interval_ms > 0, "agent.checkpoint_interval_ms must be positive");
         p.check(self.max_in_flight > 0, "agent.max_in_flight must be positive");
         p.check(self.delivery_timeout_ms >= 1_000, "agent.delivery_timeout_ms must be at least 1000");
+        p.check(self.host_identity.len() <= 256, "agent.host_identity must be at most 256 bytes");
+        p.check(self.lease_interval_ms >= 500 && self.lease_interval_ms <= 60_000, "agent.lease_interval_ms must be between 500 and 60000");
     }
 }

@@ -68,6 +68,29 @@ pub struct ProcessorConfig {
     /// every agent may publish for every customer.
     #[serde(default)]
     pub agents: BTreeMap<String, Vec<String>>,
+    /// The agents' signature verification keys: a TOML file of
+    /// `[agents."<agent id>"]` tables of `<key id> = "<secret hex>"` (two
+    /// keys at once during a rotation). An agent listed there must sign
+    /// every event with one of its keys, else the event is dead-lettered
+    /// as `bad_signature`. Re-read when the file changes. Unset: no agent
+    /// is enrolled.
+    #[serde(default)]
+    pub agent_keys_file: Option<std::path::PathBuf>,
+    /// Whether events of agents without keys, and unsigned, are accepted
+    /// (counted as `meter_events_unsigned_total`). Turn it off once every
+    /// agent signs.
+    #[serde(default = "default_true")]
+    pub accept_unsigned: bool,
+    /// Whether events without an incarnation (agents before incarnations,
+    /// UsageEvent version 1) are accepted (counted as
+    /// `meter_events_without_incarnation_total`). Turn it off once the
+    /// fleet is upgraded.
+    #[serde(default = "default_true")]
+    pub accept_no_incarnation: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_processor_group() -> String {
@@ -118,6 +141,9 @@ impl Default for ProcessorConfig {
             max_payload_bytes: default_max_payload_bytes(),
             max_string_bytes: default_max_string_bytes(),
             agents: BTreeMap::new(),
+            agent_keys_file: None,
+            accept_unsigned: true,
+            accept_no_incarnation: true,
         }
     }
 }

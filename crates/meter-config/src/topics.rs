@@ -25,6 +25,11 @@ pub struct TopicsConfig {
     /// keyed by line id, compacted: the latest value of a line id wins).
     #[serde(default = "default_invoice_lines_topic")]
     pub invoice_lines: String,
+    /// The agents' leases (compacted, keyed by agent id and incarnation):
+    /// written by each agent's transactional lease producer, which Kafka
+    /// fences when a second instance of the same identity starts.
+    #[serde(default = "default_agents_topic")]
+    pub agents: String,
     /// Partitions used when `meter init` creates the topics.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -45,6 +50,9 @@ fn default_dlq_topic() -> String {
 fn default_invoice_lines_topic() -> String {
     "billing.invoice_lines".into()
 }
+fn default_agents_topic() -> String {
+    "usage.agents".into()
+}
 fn default_partitions() -> i32 {
     6
 }
@@ -60,6 +68,7 @@ impl Default for TopicsConfig {
             dlq: default_dlq_topic(),
             state: String::new(),
             invoice_lines: default_invoice_lines_topic(),
+            agents: default_agents_topic(),
             partitions: default_partitions(),
             replication_factor: default_replication(),
         }
@@ -72,9 +81,13 @@ impl Section for TopicsConfig {
     fn check(&self, p: &mut Problems) {
         p.check(self.partitions > 0, "topics.partitions must be positive");
         p.check(self.replication_factor > 0, "topics.replication_factor must be positive");
-        for (name, t) in
-            [("events", &self.events), ("aggregates", &self.aggregates), ("dlq", &self.dlq), ("invoice_lines", &self.invoice_lines)]
-        {
+        for (name, t) in [
+            ("events", &self.events),
+            ("aggregates", &self.aggregates),
+            ("dlq", &self.dlq),
+            ("invoice_lines", &self.invoice_lines),
+            ("agents", &self.agents),
+        ] {
             p.check(!t.is_empty(), &format!("topics.{name} must not be empty"));
         }
     }

@@ -37,6 +37,11 @@ const METRICS: &[&str] = &[
     "meter_events_dead_lettered_total",
     "meter_events_legacy_fingerprint_total",
     "meter_events_schema_resolved_total",
+    "meter_events_unsigned_total",
+    "meter_events_without_incarnation_total",
+    "meter_agent_incarnation_overlaps_total",
+    "meter_agent_ids_shared_total",
+    "meter_agent_keys_reload_failures_total",
     "meter_aggregates_emitted_total",
     "meter_consumer_lag_records",
     "meter_watermark_delay_seconds",
@@ -68,6 +73,9 @@ const METRICS: &[&str] = &[
     "meter_agent_disk_free_bytes",
     "meter_agent_state_write_failures_total",
     "meter_agent_state_torn_bytes_total",
+    "meter_agent_incarnations_started_total",
+    "meter_agent_lease_renewals_total",
+    "meter_agent_events_signed_total",
 ];
 
 const HISTOGRAMS: &[&str] = &[

@@ -60,6 +60,8 @@ struct Payloads {
     bytes: Vec<u8>,
     /// (start, end) of payload i in `bytes`, and the key's (start, end).
     spans: Vec<(u32, u32, u32, u32)>,
+    /// The signature header of payload i, when signed.
+    signatures: Vec<String>,
 }
 
 impl Payloads {
@@ -71,12 +73,40 @@ impl Payloads {
     fn len(&self) -> usize {
         self.spans.len()
     }
+
+    fn signature(&self, i: usize) -> Option<&[u8]> {
+        self.signatures.get(i).map(|s| s.as_bytes())
+    }
+}
+
+/// How the events identify their agent: as version-1 agents do (no
+/// incarnation, unsigned), with an incarnation, or also signed (and every
+/// agent enrolled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ident {
+    V1,
+    Incarnation,
+    Signed,
+}
+
+/// The benchmark's key of an agent (not a real secret).
+fn agent_key(agent_id: &str) -> meter_model::signing::Key {
+    meter_model::signing::Key::new(&format!("{agent_id}.1"), "00112233445566778899aabbccddeeff").expect("key")
 }
 
 /// One round = one event per key, at second `round`, seq `round + 1` of
 /// each key's position in its stream.
 fn encode_rounds(codec: &Codec, keys: usize, rounds: std::ops::Range<usize>) -> Payloads {
-    let mut p = Payloads { bytes: Vec::with_capacity(keys * rounds.len() * 150), spans: Vec::with_capacity(keys * rounds.len()) };
+    encode_rounds_as(codec, keys, rounds, Ident::V1)
+}
+
+fn encode_rounds_as(codec: &Codec, keys: usize, rounds: std::ops::Range<usize>, ident: Ident) -> Payloads {
+    let incarnation = if ident == Ident::V1 { "" } else { "5f1c9a0e7d2b4c31" };
+    let mut p = Payloads {
+        bytes: Vec::with_capacity(keys * rounds.len() * 150),
+        spans: Vec::with_capacity(keys * rounds.len()),
+        signatures: Vec::new(),
+    };
     for round in rounds {
         for k in 0..keys {
             let customer = k / KEYS_PER_CUSTOMER;
@@ -86,7 +116,7 @@ fn encode_rounds(codec: &Codec, keys: usize, rounds: std::ops::Range<usize>) -> 
             let agent_id = format!("agent-{customer:07}");
             let seq = (round * KEYS_PER_CUSTOMER + slot + 1) as i64;
             let e = UsageEvent {
-                event_id: meter_model::event_id(&agent_id, &customer_id, seq),
+                event_id: meter_model::event_id(&agent_id, incarnation, &customer_id, seq),
                 agent_id,
                 seq: Some(seq),
                 customer_id,
@@ -97,10 +127,14 @@ fn encode_rounds(codec: &Codec, keys: usize, rounds: std::ops::Range<usize>) -> 
                 quantity: 1 + (k as i64 * 7919 + round as i64) % 1_000_000,
                 event_time: T0 + round as i64 * 1000 + (k % 1000) as i64,
                 attributes: Default::default(),
+                incarnation: incarnation.into(),
             };
             let ps = p.bytes.len() as u32;
             codec.encode_event(&e, &mut p.bytes);
             let pe = p.bytes.len() as u32;
+            if ident == Ident::Signed {
+                p.signatures.push(agent_key(&e.agent_id).sign(&p.bytes[ps as usize..pe as usize]));
+            }
             p.bytes.extend_from_slice(e.customer_id.as_bytes());
             p.spans.push((ps, pe, pe, p.bytes.len() as u32));
         }
@@ -122,7 +156,7 @@ const NOW: Millis = T0 + 3_600_000;
 
 fn feed(en: &mut Engine, p: &Payloads, i: usize) {
     let (payload, key) = p.get(i);
-    let o = en.process(Input { partition: 0, key: Some(key), payload: Some(payload) }, NOW);
+    let o = en.process(Input { partition: 0, key: Some(key), payload: Some(payload), signature: p.signature(i) }, NOW);
     debug_assert_eq!(o, Outcome::Aggregated);
     black_box(o);
 }
@@ -241,5 +275,45 @@ fn bench_engine(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_engine);
+/// The cost of agent identity at 100k keys (6,250 agents), in one
+/// invocation so that the ratios compare like with like: version-1 events,
+/// events with an incarnation, and signed events from enrolled agents (the
+/// HMAC-SHA256 verification of every record).
+fn bench_identity(c: &mut Criterion) {
+    let codec = Codec::new().expect("schemas parse");
+    let keys = 100_000;
+    let mut group = c.benchmark_group("identity");
+    group.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    let mut toml = String::new();
+    for a in 0..keys / KEYS_PER_CUSTOMER {
+        let id = format!("agent-{a:07}");
+        toml.push_str(&format!("[agents.\"{id}\"]\n\"{id}.1\" = \"00112233445566778899aabbccddeeff\"\n"));
+    }
+    let enrolled = std::sync::Arc::new(meter_engine::AgentKeys::from_toml(&toml).expect("keys"));
+    for (name, ident) in [("v1", Ident::V1), ("incarnation", Ident::Incarnation), ("signed", Ident::Signed)] {
+        let warm = encode_rounds_as(&codec, keys, 0..1, ident);
+        let timed = encode_rounds_as(&codec, keys, 1..1 + rounds_for(keys), ident);
+        let cfg =
+            EngineConfig { keys: if ident == Ident::Signed { enrolled.clone() } else { Default::default() }, ..EngineConfig::default() };
+        group.throughput(Throughput::Elements(timed.len() as u64));
+        group.bench_with_input(BenchmarkId::new("process", name), &keys, |b, _| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut en = Engine::new(Catalog::builtin(), codec.clone(), cfg.clone());
+                    en.set_partitions(1);
+                    feed_all(&mut en, &warm);
+                    let start = Instant::now();
+                    feed_all(&mut en, &timed);
+                    total += start.elapsed();
+                    assert_eq!(en.counters().aggregated, (warm.len() + timed.len()) as u64);
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_engine, bench_identity);
 criterion_main!(benches);

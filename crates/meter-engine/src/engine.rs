@@ -9,14 +9,16 @@
 //! entry is emitted, i.e. per window per commit, not per event.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use meter_avro::{Codec, DecodeError, UsageEventRef, Via};
 use meter_model::partition::Partitioner;
-use meter_model::{AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, WindowKey};
+use meter_model::{identity, AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, WindowKey};
 
 use crate::auth::AgentRegistry;
 use crate::dedup::SeqTracker;
+use crate::keys::{AgentKeys, Verdict};
 use crate::state::{self, StateChange, WindowValue};
 
 /// Hash maps of the engine: foldhash is several times faster than SipHash
@@ -45,6 +47,12 @@ pub struct EngineConfig {
     /// How producers must map a record's key to its partition (the key
     /// contract of `usage.events`).
     pub partitioner: Partitioner,
+    /// Verification keys of the enrolled agents.
+    pub keys: Arc<AgentKeys>,
+    /// Whether events of agents that are not enrolled are accepted.
+    pub accept_unsigned: bool,
+    /// Whether events without an incarnation are accepted.
+    pub accept_no_incarnation: bool,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +66,9 @@ impl Default for EngineConfig {
             max_string_bytes: 256,
             agents: AgentRegistry::default(),
             partitioner: Partitioner::default(),
+            keys: Arc::default(),
+            accept_unsigned: true,
+            accept_no_incarnation: true,
         }
     }
 }
@@ -68,6 +79,8 @@ pub struct Input<'a> {
     pub partition: i32,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
+    /// The `meterline-signature` header's value, if any.
+    pub signature: Option<&'a [u8]>,
 }
 
 /// What became of one input record.
@@ -91,6 +104,42 @@ pub struct Counters {
     /// Records written with another version of the UsageEvent schema,
     /// resolved to the current one (whatever their outcome).
     pub resolved_schema: u64,
+    /// Accepted events of agents that are not enrolled (unsigned).
+    pub unsigned: u64,
+    /// Events without an incarnation (whatever their outcome).
+    pub without_incarnation: u64,
+    /// Events that extended an incarnation's event-time range while it
+    /// overlapped another incarnation's of the same agent id by more than a
+    /// minute: two live hosts share the id.
+    pub incarnation_overlaps: u64,
+}
+
+/// Two incarnations of one agent id producing usage for the same time: two
+/// hosts share the agent id (a cloned image, a reused host name). Both are
+/// counted (their seq streams are separate); the ids should still be made
+/// unique, so that usage can be traced to its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedIdentity {
+    pub agent_id: String,
+    pub incarnations: [String; 2],
+}
+
+/// How far inside another incarnation's event-time range an event must be
+/// to count as an overlap: a host that renews its incarnation (moved, or
+/// its file lost) sends its spooled events of the old one afterwards, with
+/// their old times, and the new ones start after them.
+const OVERLAP_TOLERANCE_MS: Millis = 60_000;
+
+/// Incarnations remembered per agent id for the overlap check.
+const INCARNATIONS_PER_AGENT: usize = 4;
+
+/// Event-time range of one incarnation of an agent id.
+#[derive(Debug, Clone)]
+struct IncarnationSeen {
+    incarnation: Box<str>,
+    first: Millis,
+    last: Millis,
+    reported: bool,
 }
 
 impl Counters {
@@ -323,7 +372,13 @@ struct Stream {
     /// Listed in `changed_streams` since the last take_changes.
     changed: bool,
     tracker: SeqTracker,
+    /// The event-time range already given to the incarnation overlap check
+    /// (not persisted): only events outside it are checked, about one per
+    /// stream per second.
+    tracked: (Millis, Millis),
 }
+
+const UNTRACKED: (Millis, Millis) = (Millis::MAX, Millis::MIN);
 
 fn stream_id(agent: u32, customer: u32) -> u64 {
     u64::from(agent) << 32 | u64::from(customer)
@@ -353,6 +408,12 @@ impl PartitionClock {
 }
 
 pub struct Engine {
+    /// Scratch: the dedup stream's agent name of the event in hand.
+    stream_agent: String,
+    /// Per agent id, the event-time ranges of its latest incarnations
+    /// (not in the changelog: detection restarts with the processor).
+    incarnations: Map<Box<str>, Vec<IncarnationSeen>>,
+    shared: Vec<SharedIdentity>,
     catalog: Catalog,
     codec: Codec,
     cfg: EngineConfig,
@@ -397,6 +458,9 @@ struct Kind {
 impl Engine {
     pub fn new(catalog: Catalog, codec: Codec, cfg: EngineConfig) -> Self {
         Engine {
+            incarnations: Map::default(),
+            shared: Vec::new(),
+            stream_agent: String::new(),
             kinds: Kinds::from_catalog(&catalog),
             catalog,
             codec,
@@ -524,6 +588,7 @@ impl Engine {
             Via::Resolved => self.counters.resolved_schema += 1,
             Via::SingleObject | Via::Confluent => {}
         }
+        self.check_identity(&event, payload, input.signature)?;
         let kind = self.validate(&event, key, now)?;
         self.check_time(&event, watermark)?;
         // Only events without a seq are deduplicated by id and need the
@@ -533,12 +598,35 @@ impl Engine {
         // Looked up once for the dedup stream and the series (lookups
         // only: see find_series).
         let customer = self.symbols.get(event.customer_id);
-        let stream = if event.seq.is_some() { self.find_stream(&event, customer) } else { None };
-        if self.is_duplicate(&event, stream, input.partition, payload_hash)? {
-            return Ok(false);
+        // The stream is the agent id's and the incarnation's (see
+        // `meter_model::identity`): built in a reused buffer.
+        let mut buf = std::mem::take(&mut self.stream_agent);
+        let agent: &str = if event.incarnation.is_empty() {
+            event.agent_id
+        } else {
+            buf.clear();
+            buf.push_str(event.agent_id);
+            buf.push(identity::SEPARATOR);
+            buf.push_str(event.incarnation);
+            &buf
+        };
+        let stream = if event.seq.is_some() { self.find_stream(agent, customer) } else { None };
+        let result = match self.is_duplicate(&event, stream, input.partition, payload_hash) {
+            Ok(true) => Ok(None),
+            Ok(false) => self
+                .aggregate(&event, kind, customer, input.partition)
+                .map(|()| Some(self.remember(&event, agent, stream, input.partition, payload_hash))),
+            Err(e) => Err(e),
+        };
+        self.stream_agent = buf;
+        // Ok(None): a duplicate; Ok(Some(track)): aggregated.
+        let track = match result? {
+            None => return Ok(false),
+            Some(track) => track,
+        };
+        if track && !event.incarnation.is_empty() {
+            self.track_incarnation(event.agent_id, event.incarnation, event.event_time);
         }
-        self.aggregate(&event, kind, customer, input.partition)?;
-        self.remember(&event, stream, input.partition, payload_hash);
         if let Some(clock) = self.clocks.get_mut(&input.partition) {
             clock.max_event_time = clock.max_event_time.max(event.event_time);
         }
@@ -656,9 +744,95 @@ impl Engine {
         id
     }
 
+    /// The identity checks, before anything else looks at the event: the
+    /// agent id and incarnation are well formed, and the signature is that
+    /// of the claimed agent (when it is enrolled).
+    fn check_identity(&mut self, e: &UsageEventRef<'_>, payload: &[u8], signature: Option<&[u8]>) -> Result<(), Rejection> {
+        if !identity::is_valid(e.agent_id) || !identity::is_valid(e.incarnation) {
+            return Err((DeadLetterReason::InvalidIdentity, "agent_id or incarnation holds a control character".into()));
+        }
+        if e.incarnation.is_empty() {
+            self.counters.without_incarnation += 1;
+            if !self.cfg.accept_no_incarnation {
+                return Err((
+                    DeadLetterReason::InvalidIdentity,
+                    "the event has no incarnation (an agent before incarnations) and processor.accept_no_incarnation is off".into(),
+                ));
+            }
+        }
+        match self.cfg.keys.verify(e.agent_id, payload, signature) {
+            Ok(Verdict::Verified) => Ok(()),
+            Ok(Verdict::NotEnrolled) if self.cfg.accept_unsigned => {
+                self.counters.unsigned += 1;
+                Ok(())
+            }
+            Ok(Verdict::NotEnrolled) => Err((
+                DeadLetterReason::BadSignature,
+                format!("agent {:?} has no key in processor.agent_keys_file and processor.accept_unsigned is off", e.agent_id),
+            )),
+            Err(detail) => Err((DeadLetterReason::BadSignature, detail)),
+        }
+    }
+
+    /// Notes the event time of an incarnation of an agent id, and reports
+    /// an overlap of its event-time range with another incarnation's by more
+    /// than [`OVERLAP_TOLERANCE_MS`] (see [`SharedIdentity`]).
+    fn track_incarnation(&mut self, agent_id: &str, incarnation: &str, t: Millis) {
+        let seen = match self.incarnations.get_mut(agent_id) {
+            Some(v) => v,
+            None => self.incarnations.entry(agent_id.into()).or_default(),
+        };
+        let i = match seen.iter().position(|s| &*s.incarnation == incarnation) {
+            Some(i) => {
+                let s = &mut seen[i];
+                if t >= s.first && t <= s.last {
+                    // Inside its own range: nothing new (the common case).
+                    return;
+                }
+                s.first = s.first.min(t);
+                s.last = s.last.max(t);
+                i
+            }
+            None => {
+                if seen.len() >= INCARNATIONS_PER_AGENT {
+                    // Forget the one whose usage ended first.
+                    if let Some(oldest) = (0..seen.len()).min_by_key(|&j| seen[j].last) {
+                        seen.swap_remove(oldest);
+                    }
+                }
+                seen.push(IncarnationSeen { incarnation: incarnation.into(), first: t, last: t, reported: false });
+                seen.len() - 1
+            }
+        };
+        let (first, last) = (seen[i].first, seen[i].last);
+        let Some(j) = (0..seen.len()).find(|&j| j != i && last.min(seen[j].last) - first.max(seen[j].first) > OVERLAP_TOLERANCE_MS) else {
+            return;
+        };
+        self.counters.incarnation_overlaps += 1;
+        if !(seen[i].reported && seen[j].reported) {
+            seen[i].reported = true;
+            seen[j].reported = true;
+            self.shared.push(SharedIdentity {
+                agent_id: agent_id.to_owned(),
+                incarnations: [seen[j].incarnation.to_string(), seen[i].incarnation.to_string()],
+            });
+        }
+    }
+
+    /// Agent ids found shared by two live incarnations since the last call
+    /// (each pair once).
+    pub fn take_shared_identities(&mut self) -> Vec<SharedIdentity> {
+        std::mem::take(&mut self.shared)
+    }
+
+    /// Replaces the verification keys (the keys file changed).
+    pub fn set_agent_keys(&mut self, keys: Arc<AgentKeys>) {
+        self.cfg.keys = keys;
+    }
+
     /// The id of the event's dedup stream, if that stream exists.
-    fn find_stream(&self, e: &UsageEventRef<'_>, customer: Option<u32>) -> Option<u64> {
-        let id = stream_id(self.symbols.get(e.agent_id)?, customer?);
+    fn find_stream(&self, agent: &str, customer: Option<u32>) -> Option<u64> {
+        let id = stream_id(self.symbols.get(agent)?, customer?);
         self.streams.contains_key(&id).then_some(id)
     }
 
@@ -678,25 +852,40 @@ impl Engine {
         }
     }
 
-    fn remember(&mut self, e: &UsageEventRef<'_>, stream: Option<u64>, partition: i32, payload_hash: u64) {
+    /// Records the event in dedup state; returns whether the incarnation
+    /// overlap check should see its time.
+    fn remember(&mut self, e: &UsageEventRef<'_>, agent: &str, stream: Option<u64>, partition: i32, payload_hash: u64) -> bool {
         match e.seq {
             Some(seq) => {
                 let id = match stream {
                     Some(id) => id,
-                    None => stream_id(self.symbols.intern(e.agent_id), self.symbols.intern(e.customer_id)),
+                    None => stream_id(self.symbols.intern(agent), self.symbols.intern(e.customer_id)),
                 };
-                let s = self.streams.entry(id).or_insert_with(|| Stream { partition, changed: false, tracker: SeqTracker::default() });
+                let s = self.streams.entry(id).or_insert_with(|| Stream {
+                    partition,
+                    changed: false,
+                    tracker: SeqTracker::default(),
+                    tracked: UNTRACKED,
+                });
                 s.partition = partition;
                 s.tracker.record(seq);
                 if !s.changed {
                     s.changed = true;
                     self.changed_streams.push(id);
                 }
+                let t = e.event_time;
+                // To the second: the check's tolerance is a minute.
+                let outside = t < s.tracked.0 || t >= s.tracked.1.saturating_add(1000);
+                if outside {
+                    s.tracked = (s.tracked.0.min(t), s.tracked.1.max(t));
+                }
+                outside
             }
             None => {
                 let day = Granularity::Day.window_start(e.event_time);
                 self.unsequenced.entry((partition, day)).or_default().insert(e.event_id.to_owned(), payload_hash);
                 self.new_unsequenced.push((partition, day, e.event_id.to_owned(), payload_hash));
+                true
             }
         }
     }
@@ -960,7 +1149,7 @@ impl Engine {
                     Some(v) => {
                         let tracker = state::decode_stream(v)?;
                         let changed = self.streams.get(&id).is_some_and(|s| s.changed);
-                        self.streams.insert(id, Stream { partition, changed, tracker });
+                        self.streams.insert(id, Stream { partition, changed, tracker, tracked: UNTRACKED });
                     }
                 }
             }

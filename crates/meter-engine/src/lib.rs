@@ -10,9 +10,11 @@
 mod auth;
 mod dedup;
 mod engine;
+mod keys;
 mod state;
 
 pub use auth::AgentRegistry;
 pub use dedup::SeqTracker;
-pub use engine::{Counters, Engine, EngineConfig, Input, Outcome};
+pub use engine::{Counters, Engine, EngineConfig, Input, Outcome, SharedIdentity};
+pub use keys::{AgentKeys, Verdict};
 pub use state::StateChange;

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod date;
 pub mod ledger;
 pub mod partition;
+pub mod signing;
 pub mod time;
 pub mod window;
 
@@ -31,7 +32,7 @@ pub struct UsageEvent {
     /// Unique and deterministic: see [`event_id`].
     pub event_id: String,
     pub agent_id: String,
-    /// Per (agent_id, customer_id) stream, strictly increasing.
+    /// Per (agent_id, incarnation, customer_id) stream, strictly increasing.
     pub seq: Option<i64>,
     pub customer_id: String,
     pub service: String,
@@ -42,12 +43,52 @@ pub struct UsageEvent {
     pub quantity: i64,
     pub event_time: Millis,
     pub attributes: BTreeMap<String, String>,
+    /// The agent's incarnation (see [`identity`]): empty from producers of
+    /// schema version 1 and from those that keep none.
+    pub incarnation: String,
 }
 
-/// The deterministic event id of the `seq`-th event of an agent's stream for
-/// a customer, so that a replayed event carries the same id.
-pub fn event_id(agent_id: &str, customer_id: &str, seq: i64) -> String {
-    format!("{agent_id}/{customer_id}/{seq}")
+/// The deterministic event id of the `seq`-th event of an agent
+/// incarnation's stream for a customer, so that a replayed event carries
+/// the same id. Without an incarnation it is the version-1 id.
+pub fn event_id(agent_id: &str, incarnation: &str, customer_id: &str, seq: i64) -> String {
+    if incarnation.is_empty() {
+        format!("{agent_id}/{customer_id}/{seq}")
+    } else {
+        format!("{agent_id}/{incarnation}/{customer_id}/{seq}")
+    }
+}
+
+/// How an agent's identity is told apart.
+pub mod identity {
+    /// Separates the agent id from the incarnation in the name of a dedup
+    /// stream's agent. It may appear in neither (the processor refuses
+    /// events whose agent id or incarnation holds a control character), so
+    /// that `(agent, incarnation)` pairs map to distinct names, and an event
+    /// without an incarnation keeps the name it had before incarnations.
+    pub const SEPARATOR: char = '\u{1f}';
+
+    /// The name of the dedup stream's agent: the agent id alone without an
+    /// incarnation, else `agent_id` SEPARATOR `incarnation`.
+    pub fn stream_agent<'a>(agent_id: &'a str, incarnation: &str) -> std::borrow::Cow<'a, str> {
+        if incarnation.is_empty() {
+            std::borrow::Cow::Borrowed(agent_id)
+        } else {
+            std::borrow::Cow::Owned(format!("{agent_id}{SEPARATOR}{incarnation}"))
+        }
+    }
+
+    /// The (agent id, incarnation) a stream agent name stands for.
+    pub fn split_stream_agent(name: &str) -> (&str, &str) {
+        name.split_once(SEPARATOR).unwrap_or((name, ""))
+    }
+
+    /// Whether `s` may be an agent id or an incarnation: no control
+    /// characters (the separator is one).
+    pub fn is_valid(s: &str) -> bool {
+        // The hot path (every event): printable ASCII in one pass.
+        s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(char::is_control)
+    }
 }
 
 /// The dimensions that identify one aggregated window.
@@ -128,10 +169,12 @@ pub enum DeadLetterReason {
     Unauthorized,
     InvalidSeq,
     WrongPartition,
+    BadSignature,
+    InvalidIdentity,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 20] = [
+    pub const ALL: [DeadLetterReason; 22] = [
         Self::EmptyPayload,
         Self::OversizePayload,
         Self::BadMagic,
@@ -152,6 +195,8 @@ impl DeadLetterReason {
         Self::Unauthorized,
         Self::InvalidSeq,
         Self::WrongPartition,
+        Self::BadSignature,
+        Self::InvalidIdentity,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -176,6 +221,8 @@ impl DeadLetterReason {
             Self::Unauthorized => "unauthorized",
             Self::InvalidSeq => "invalid_seq",
             Self::WrongPartition => "wrong_partition",
+            Self::BadSignature => "bad_signature",
+            Self::InvalidIdentity => "invalid_identity",
         }
     }
 }
@@ -205,6 +252,18 @@ pub struct DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identities_with_control_characters_are_invalid() {
+        for ok in ["host-a", "", "höst-ä", "5f1c9a0e7d2b4c31"] {
+            assert!(identity::is_valid(ok), "{ok:?}");
+        }
+        for bad in ["a\u{1f}b", "a\0", "a\u{7f}", "h\u{85}", "\u{9f}", "x\n"] {
+            assert!(!identity::is_valid(bad), "{bad:?}");
+        }
+        assert_eq!(identity::split_stream_agent(&identity::stream_agent("a", "i")), ("a", "i"));
+        assert_eq!(identity::stream_agent("a", ""), "a");
+    }
 
     #[test]
     fn record_keys_of_distinct_windows_differ_even_with_separators_in_fields() {

@@ -61,18 +61,35 @@ use meter_telemetry::kafka::KafkaMetrics;
 use meter_telemetry::{Health, Telemetry};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{OutcomesCommitted, ProcessorMetrics, StateRestored, TransactionAborted, TransactionCommitted};
+use crate::metrics::{AgentIdShared, OutcomesCommitted, ProcessorMetrics, StateRestored, TransactionAborted, TransactionCommitted};
+
+/// The agents' verification keys from `processor.agent_keys_file` (none
+/// when unset). Errors name the file and the agent, never a secret.
+pub fn agent_keys(cfg: &Config) -> anyhow::Result<meter_engine::AgentKeys> {
+    let Some(path) = &cfg.processor.agent_keys_file else { return Ok(Default::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading processor.agent_keys_file {}", path.display()))?;
+    meter_engine::AgentKeys::from_toml(&text).map_err(|e| anyhow::anyhow!("processor.agent_keys_file {}: {e}", path.display()))
+}
+
+/// The modification time of the keys file, to notice a rotation.
+fn keys_mtime(cfg: &Config) -> Option<std::time::SystemTime> {
+    cfg.processor.agent_keys_file.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
 
 /// The engine's settings from `[processor]`.
-pub fn engine_config(cfg: &Config) -> EngineConfig {
+pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
     let p = &cfg.processor;
-    EngineConfig {
+    let keys = agent_keys(cfg)?;
+    if !keys.is_empty() {
+        info!(agents = keys.len(), "agent signature keys loaded");
+    }
+    Ok(EngineConfig {
         allowed_lateness_ms: p.allowed_lateness_ms,
         correction_horizon_ms: p.correction_horizon_ms,
         max_clock_skew_ms: p.max_clock_skew_ms,
@@ -84,7 +101,10 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
             KeyPartitioner::Murmur2 => Partitioner::Murmur2,
             KeyPartitioner::Crc32 => Partitioner::Crc32,
         },
-    }
+        keys: std::sync::Arc::new(keys),
+        accept_unsigned: p.accept_unsigned,
+        accept_no_incarnation: p.accept_no_incarnation,
+    })
 }
 
 /// What a processor run did.
@@ -217,6 +237,8 @@ struct Runner {
     counted: Counters,
     /// A first assignment (possibly empty) has been received.
     assigned_once: bool,
+    /// When the keys file was last looked at, and its modification time.
+    keys_checked: (Instant, Option<std::time::SystemTime>),
 }
 
 /// The most of an input record's payload and key a dead letter keeps. A dead
@@ -265,7 +287,8 @@ fn transactional_producer(cfg: &Config, context: StatsContext) -> anyhow::Result
 impl Runner {
     fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>, now: i64) {
         let partition = m.partition();
-        let outcome = self.engine.process(Input { partition, key: m.key(), payload: m.payload() }, now);
+        let signature = m.headers().and_then(|h| h.iter().find(|h| h.key == meter_model::signing::HEADER)).and_then(|h| h.value);
+        let outcome = self.engine.process(Input { partition, key: m.key(), payload: m.payload(), signature }, now);
         if let Outcome::DeadLetter { reason, mut detail } = outcome {
             debug!(partition, offset = m.offset(), %reason, %detail, "dead-lettering record");
             let key = m.key().map(|k| keep_at_most(k, DLQ_MAX_KEY_BYTES, "key", &mut detail));
@@ -489,9 +512,40 @@ impl Runner {
             dead_letters,
             legacy_fingerprint: now.legacy_fingerprint - before.legacy_fingerprint,
             resolved_schema: now.resolved_schema - before.resolved_schema,
+            unsigned: now.unsigned - before.unsigned,
+            without_incarnation: now.without_incarnation - before.without_incarnation,
+            incarnation_overlaps: now.incarnation_overlaps - before.incarnation_overlaps,
         }
         .emit(&self.metrics);
         self.counted = now.clone();
+        for shared in self.engine.take_shared_identities() {
+            AgentIdShared { shared: &shared }.emit(&self.metrics);
+        }
+        self.reload_keys();
+    }
+
+    /// Re-reads the keys file when it changed (checked every few seconds):
+    /// a rotation needs no restart. A file that does not parse keeps the
+    /// keys in use, and says so.
+    fn reload_keys(&mut self) {
+        if self.keys_checked.0.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        let mtime = keys_mtime(&self.cfg);
+        let before = std::mem::replace(&mut self.keys_checked, (Instant::now(), mtime));
+        if mtime == before.1 {
+            return;
+        }
+        match agent_keys(&self.cfg) {
+            Ok(keys) => {
+                info!(agents = keys.len(), "agent signature keys reloaded");
+                self.engine.set_agent_keys(std::sync::Arc::new(keys));
+            }
+            Err(e) => {
+                self.metrics.agent_keys_reload_failures.inc();
+                warn!(error = %format!("{e:#}"), "the agent keys file changed but cannot be used; keeping the keys loaded before");
+            }
+        }
     }
 
     fn update_gauges(&self) {
@@ -597,7 +651,8 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
     let runner = Runner {
         cfg: cfg.clone(),
         codec: codec.clone(),
-        engine: Engine::new(catalog, codec, engine_config(cfg)),
+        engine: Engine::new(catalog, codec, engine_config(cfg)?),
+        keys_checked: (Instant::now(), keys_mtime(cfg)),
         producer,
         restorer,
         watermarks,

@@ -15,6 +15,11 @@ pub struct ProcessorMetrics {
     pub events_dead_lettered: IntCounterVec,
     pub events_legacy_fingerprint: IntCounter,
     pub events_schema_resolved: IntCounter,
+    pub events_unsigned: IntCounter,
+    pub events_without_incarnation: IntCounter,
+    pub incarnation_overlaps: IntCounter,
+    pub agent_ids_shared: IntCounter,
+    pub agent_keys_reload_failures: IntCounter,
     pub aggregates_emitted: IntCounterVec,
     pub watermark_delay: GaugeVec,
     pub windows_open: IntGauge,
@@ -45,6 +50,26 @@ impl ProcessorMetrics {
             events_schema_resolved: t.counter(
                 "meter_events_schema_resolved_total",
                 "Input records written with another version of the UsageEvent schema, resolved to the current one (committed).",
+            ),
+            events_unsigned: t.counter(
+                "meter_events_unsigned_total",
+                "Events accepted from agents without keys in processor.agent_keys_file (processor.accept_unsigned; committed).",
+            ),
+            events_without_incarnation: t.counter(
+                "meter_events_without_incarnation_total",
+                "Input records without an agent incarnation (agents before incarnations), whatever their outcome (committed).",
+            ),
+            incarnation_overlaps: t.counter(
+                "meter_agent_incarnation_overlaps_total",
+                "Events of an agent id inside the event-time range of another incarnation of it: two live hosts share the agent id.",
+            ),
+            agent_ids_shared: t.counter(
+                "meter_agent_ids_shared_total",
+                "Pairs of live incarnations found sharing one agent id (each pair counted and logged once).",
+            ),
+            agent_keys_reload_failures: t.counter(
+                "meter_agent_keys_reload_failures_total",
+                "Changes of processor.agent_keys_file that could not be loaded (the previous keys stay in use).",
             ),
             aggregates_emitted: t.counter_vec(
                 "meter_aggregates_emitted_total",
@@ -85,6 +110,9 @@ pub struct OutcomesCommitted<'a> {
     pub dead_letters: Vec<(&'a str, u64)>,
     pub legacy_fingerprint: u64,
     pub resolved_schema: u64,
+    pub unsigned: u64,
+    pub without_incarnation: u64,
+    pub incarnation_overlaps: u64,
 }
 
 impl OutcomesCommitted<'_> {
@@ -95,6 +123,9 @@ impl OutcomesCommitted<'_> {
         m.events_deduplicated.inc_by(self.duplicates);
         m.events_legacy_fingerprint.inc_by(self.legacy_fingerprint);
         m.events_schema_resolved.inc_by(self.resolved_schema);
+        m.events_unsigned.inc_by(self.unsigned);
+        m.events_without_incarnation.inc_by(self.without_incarnation);
+        m.incarnation_overlaps.inc_by(self.incarnation_overlaps);
         for (reason, n) in &self.dead_letters {
             if *n > 0 {
                 m.events_dead_lettered.with_label_values(&[reason]).inc_by(*n);
@@ -156,5 +187,23 @@ impl StateRestored<'_> {
     pub fn emit(&self, m: &ProcessorMetrics) {
         m.restore_duration.observe(self.duration.as_secs_f64());
         info!(partitions = ?self.partitions, entries = self.entries, ms = self.duration.as_millis() as u64, "partition state restored");
+    }
+}
+
+/// Two live incarnations of one agent id (both counted).
+#[derive(Debug)]
+pub struct AgentIdShared<'a> {
+    pub shared: &'a meter_engine::SharedIdentity,
+}
+
+impl AgentIdShared<'_> {
+    pub fn emit(&self, m: &ProcessorMetrics) {
+        m.agent_ids_shared.inc();
+        let [a, b] = &self.shared.incarnations;
+        warn!(
+            agent_id = %self.shared.agent_id,
+            incarnations = %format!("{a}, {b}"),
+            "two hosts publish usage under one agent id at the same time (a cloned image or a reused host name); both are counted, but give each host its own agent.agent_id (docs/operations.md, \"Agent identity\")"
+        );
     }
 }

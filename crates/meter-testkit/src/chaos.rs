@@ -211,6 +211,7 @@ fn poison(codec: &Codec, customer: &str, now: i64, sim_start: i64, n: u64) -> Ve
         quantity: 1,
         event_time: sim_start + 1000,
         attributes: Default::default(),
+        incarnation: String::new(),
     };
     let enc = |e: &UsageEvent| {
         let mut b = Vec::new();
@@ -271,6 +272,7 @@ fn conflict_pair(codec: &Codec, customer: &str, t: i64, n: u64) -> (UsageEvent, 
         quantity: 1000 + n as i64,
         event_time: t,
         attributes: Default::default(),
+        incarnation: String::new(),
     };
     let second = UsageEvent { quantity: first.quantity + 1, ..first.clone() };
     let (mut a, mut b) = (Vec::new(), Vec::new());

@@ -139,6 +139,7 @@ async fn bad_input_is_dead_lettered_with_reasons_and_totals_stay_exact() {
         quantity: 1,
         event_time: t,
         attributes: Default::default(),
+        incarnation: String::new(),
     };
     let bad: Vec<(DeadLetterReason, Vec<u8>)> = vec![
         // Not 0x00 first: that is the Confluent framing (an unknown schema id).

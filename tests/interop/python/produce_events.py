@@ -7,6 +7,7 @@ code) and writes the ground-truth ledger in meterline's CSV ledger format.
         --customers N --seconds S --start-ms T --agent-id A --ledger OUT.csv
         [--seed K] [--duplicates-percent P] [--duplicate-window W]
         [--region R] [--catalog schemas/catalog.toml]
+        [--first-seq N] [--incarnation I] [--sign KEY_ID:SECRET_HEX]
 
 For every second s in [0, S) and every customer c in [0, N), three events
 (usage types checked against the catalog at start, with their base units):
@@ -29,6 +30,10 @@ client's default partitioning of keyed records; librdkafka's own default,
 consistent_random, hashes with CRC32 and puts keys elsewhere). Every delivery
 report is checked. The ledger is written only when every record was delivered.
 
+With --sign, every record carries the header meterline-signature =
+"v1:<key id>:<hex HMAC-SHA256(secret, record value)>": the signing recipe for
+third-party producers (hmac and hashlib of the standard library).
+
 stdout: one JSON summary line. Exit 0 on success, 1 on a delivery failure, 2 on
 a usage/setup error.
 """
@@ -36,6 +41,8 @@ a usage/setup error.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import collections
 import io
 import json
@@ -56,6 +63,7 @@ DEFAULT_CATALOG = os.path.normpath(os.path.join(HERE, "..", "..", "..", "schemas
 
 LEDGER_HEADER = "customer_id,service,usage_type,region,minute_start_ms,event_count,quantity_sum"
 MINUTE_MS = 60_000
+SIGNATURE_HEADER = "meterline-signature"
 
 # (service, usage_type, base unit it must have in the catalog)
 USAGE_TYPES = [
@@ -95,6 +103,14 @@ def main() -> int:
     ap.add_argument("--catalog", default=DEFAULT_CATALOG)
     ap.add_argument("--partitioner", default="murmur2_random", help="librdkafka partitioner (default murmur2_random)")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="flush timeout")
+    ap.add_argument("--first-seq", type=int, default=1, help="the first seq of every customer's stream (default 1)")
+    ap.add_argument("--incarnation", default=None, help="the incarnation field (omitted: the schema's default)")
+    ap.add_argument(
+        "--sign",
+        default=None,
+        metavar="KEY_ID:SECRET_HEX",
+        help="sign every record: header meterline-signature = v1:<key id>:<hex HMAC-SHA256(secret, record value)>",
+    )
     args = ap.parse_args()
     if args.framing == "confluent" and not args.registry:
         ap.error("--framing confluent needs --registry")
@@ -138,6 +154,17 @@ def main() -> int:
         def encode(ev: dict) -> bytes:
             return ser(ev, ctx)
 
+    headers = None
+    if args.sign:
+        key_id, _, secret_hex = args.sign.strip().partition(":")
+        secret = bytes.fromhex(secret_hex)
+
+        # The signing recipe (docs/operations.md, "Agent identity"): HMAC-SHA256
+        # over the record's value exactly as produced, framing header included.
+        def headers(value: bytes) -> list:
+            tag = hmac.new(secret, value, hashlib.sha256).hexdigest()
+            return [(SIGNATURE_HEADER, f"v1:{key_id}:{tag}".encode("ascii"))]
+
     producer = Producer(
         {
             "bootstrap.servers": args.bootstrap,
@@ -162,7 +189,10 @@ def main() -> int:
     def send(key: bytes, value: bytes) -> None:
         while True:
             try:
-                producer.produce(args.topic, key=key, value=value, on_delivery=on_delivery)
+                if headers is None:
+                    producer.produce(args.topic, key=key, value=value, on_delivery=on_delivery)
+                else:
+                    producer.produce(args.topic, key=key, value=value, headers=headers(value), on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -171,7 +201,7 @@ def main() -> int:
     data_rng = random.Random(f"{args.seed}:data")
     dup_rng = random.Random(f"{args.seed}:dup")
     customers = [f"cust-{c:04d}" for c in range(args.customers)]
-    seq = {c: 0 for c in customers}
+    seq = {c: args.first_seq - 1 for c in customers}
     stored = {c: data_rng.randrange(1 << 30, 1 << 40) for c in customers}
     recent = {c: collections.deque(maxlen=max(1, args.duplicate_window)) for c in customers}
     ledger: dict[tuple, list[int]] = {}
@@ -205,6 +235,8 @@ def main() -> int:
                         "event_time": t,
                         "attributes": {},
                     }
+                    if args.incarnation is not None:
+                        ev["incarnation"] = args.incarnation
                     value = encode(ev)
                     send(key, value)
                     events += 1

@@ -155,9 +155,9 @@ pub fn check_seqs(events: &HashMap<(String, String, i64), Vec<Vec<u8>>>) -> (usi
     (events.len(), copies)
 }
 
-/// Runs processor and sink until both drained, then reconciles ClickHouse
-/// and the aggregates topic against `ledger`.
-pub async fn drain_and_reconcile(cfg: &Valid<Config>, ledger: &Ledger) -> reconcile::Reconciliation {
+/// Runs processor and sink until both drained (in process): the
+/// processor's counters.
+pub async fn drain(cfg: &Valid<Config>) -> meter_engine::Counters {
     let cfg = Arc::new(cfg.clone());
     let (pd, sd) = (Signal::default(), Signal::default());
     pd.raise();
@@ -173,13 +173,18 @@ pub async fn drain_and_reconcile(cfg: &Valid<Config>, ledger: &Ledger) -> reconc
     sd.raise();
     tokio::time::timeout(Duration::from_secs(120), s).await.expect("sink drains").unwrap().unwrap();
     eprintln!(
-        "processor: {} aggregated, {} duplicates, {} dead-lettered",
-        counters.aggregated,
-        counters.duplicates,
-        counters.dead_lettered()
+        "processor: {} aggregated, {} duplicates, {:?} dead-lettered, {} incarnation overlaps, {} unsigned",
+        counters.aggregated, counters.duplicates, counters.dead_letters, counters.incarnation_overlaps, counters.unsigned
     );
+    counters
+}
+
+/// Runs processor and sink until both drained, then reconciles ClickHouse
+/// and the aggregates topic against `ledger`.
+pub async fn drain_and_reconcile(cfg: &Valid<Config>, ledger: &Ledger) -> reconcile::Reconciliation {
+    let counters = drain(cfg).await;
     assert_eq!(counters.dead_lettered(), 0);
-    let rec = reconcile::reconcile(&cfg, ledger).await.unwrap();
+    let rec = reconcile::reconcile(cfg, ledger).await.unwrap();
     for (source, m) in rec.mismatches.iter().take(20) {
         eprintln!("mismatch in {source}: {m}");
     }

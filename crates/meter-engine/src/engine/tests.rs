@@ -12,7 +12,7 @@ fn engine() -> Engine {
 
 fn event(seq: i64, t: Millis, q: i64) -> UsageEvent {
     UsageEvent {
-        event_id: meter_model::event_id("a1", "c1", seq),
+        event_id: meter_model::event_id("a1", "", "c1", seq),
         agent_id: "a1".into(),
         seq: Some(seq),
         customer_id: "c1".into(),
@@ -23,6 +23,7 @@ fn event(seq: i64, t: Millis, q: i64) -> UsageEvent {
         quantity: q,
         event_time: t,
         attributes: Default::default(),
+        incarnation: String::new(),
     }
 }
 
@@ -34,7 +35,7 @@ fn encode(e: &UsageEvent) -> Vec<u8> {
 
 fn feed(en: &mut Engine, e: &UsageEvent, now: Millis) -> Outcome {
     let payload = encode(e);
-    en.process(Input { partition: 0, key: Some(e.customer_id.as_bytes()), payload: Some(&payload) }, now)
+    en.process(Input { partition: 0, key: Some(e.customer_id.as_bytes()), payload: Some(&payload), signature: None }, now)
 }
 
 fn latest(out: &[AggregatedUsage], g: Granularity) -> Vec<&AggregatedUsage> {
@@ -100,29 +101,41 @@ fn each_kind_of_bad_input_gets_its_reason() {
     ];
     for (e, want) in cases {
         let payload = encode(&e);
-        let got = reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload) }, NOW));
+        let got = reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload), signature: None }, NOW));
         assert_eq!(got, want);
     }
     let empty_customer = UsageEvent { customer_id: String::new(), ..good.clone() };
     let payload = encode(&empty_customer);
     assert_eq!(
-        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload) }, NOW)),
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload), signature: None }, NOW)),
         DeadLetterReason::EmptyCustomerId
     );
     let payload = encode(&good);
-    assert_eq!(reason(en.process(Input { partition: 0, key: None, payload: Some(&payload) }, NOW)), DeadLetterReason::MissingKey);
-    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c2"), payload: Some(&payload) }, NOW)), DeadLetterReason::KeyMismatch);
-    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: None }, NOW)), DeadLetterReason::EmptyPayload);
     assert_eq!(
-        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(b"garbage bytes") }, NOW)),
+        reason(en.process(Input { partition: 0, key: None, payload: Some(&payload), signature: None }, NOW)),
+        DeadLetterReason::MissingKey
+    );
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c2"), payload: Some(&payload), signature: None }, NOW)),
+        DeadLetterReason::KeyMismatch
+    );
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: None, signature: None }, NOW)),
+        DeadLetterReason::EmptyPayload
+    );
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(b"garbage bytes"), signature: None }, NOW)),
         DeadLetterReason::BadMagic
     );
     assert_eq!(
-        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload[..20]) }, NOW)),
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload[..20]), signature: None }, NOW)),
         DeadLetterReason::MalformedAvro
     );
     let big = vec![0xC3; 70_000];
-    assert_eq!(reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&big) }, NOW)), DeadLetterReason::OversizePayload);
+    assert_eq!(
+        reason(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&big), signature: None }, NOW)),
+        DeadLetterReason::OversizePayload
+    );
     // Nothing bad reached a window, and the good event is still accepted.
     assert!(en.flush(T0).is_empty());
     assert_eq!(feed(&mut en, &good, NOW), Outcome::Aggregated);
@@ -353,7 +366,7 @@ fn unregistered_agents_are_dead_lettered_without_touching_totals_or_dedup_state(
     let mut en = Engine::new(Catalog::builtin(), Codec::new().unwrap(), cfg);
     assert_eq!(feed(&mut en, &event(1, T0, 10), NOW), Outcome::Aggregated);
     // Another agent claiming c1's usage, with a seq a1 has not used yet.
-    let intruder = UsageEvent { agent_id: "a2".into(), event_id: meter_model::event_id("a2", "c1", 2), ..event(2, T0 + 1000, 1000) };
+    let intruder = UsageEvent { agent_id: "a2".into(), event_id: meter_model::event_id("a2", "", "c1", 2), ..event(2, T0 + 1000, 1000) };
     let Outcome::DeadLetter { reason, detail } = feed(&mut en, &intruder, NOW) else { panic!("intruder aggregated") };
     assert_eq!((reason, detail.as_str()), (DeadLetterReason::Unauthorized, "agent \"a2\" is not registered"));
     // a1 publishing for a customer it is not registered for.
@@ -374,7 +387,7 @@ fn interning_tables_are_rebuilt_once_windows_expire_and_keys_stay_right() {
     let cfg = EngineConfig { correction_horizon_ms: 3_600_000, ..EngineConfig::default() };
     let mut en = Engine::new(Catalog::builtin(), Codec::new().unwrap(), cfg);
     let customer_event = |c: usize, seq: i64, t: Millis| UsageEvent {
-        event_id: meter_model::event_id("a1", &format!("c{c}"), seq),
+        event_id: meter_model::event_id("a1", "", &format!("c{c}"), seq),
         customer_id: format!("c{c}"),
         ..event(seq, t, c as i64)
     };
@@ -409,17 +422,23 @@ fn a_record_off_its_keys_partition_is_dead_lettered_before_dedup() {
     let payload = encode(&e);
     let right = Partitioner::Murmur2.partition(b"c1", 6);
     let wrong = (right + 1) % 6;
-    let outcome = en.process(Input { partition: wrong, key: Some(b"c1"), payload: Some(&payload) }, NOW);
+    let outcome = en.process(Input { partition: wrong, key: Some(b"c1"), payload: Some(&payload), signature: None }, NOW);
     assert!(
         matches!(&outcome, Outcome::DeadLetter { reason: DeadLetterReason::WrongPartition, detail } if detail.contains(&format!("partition {right} of 6"))),
         "{outcome:?}"
     );
     // Nothing was remembered: the same seq on the right partition counts.
-    assert_eq!(en.process(Input { partition: right, key: Some(b"c1"), payload: Some(&payload) }, NOW), Outcome::Aggregated);
+    assert_eq!(
+        en.process(Input { partition: right, key: Some(b"c1"), payload: Some(&payload), signature: None }, NOW),
+        Outcome::Aggregated
+    );
     assert_eq!(en.counters().dead_letters.get(&DeadLetterReason::WrongPartition), Some(&1));
     // Engines that were not told the partition count do not check.
     let mut unchecked = engine();
-    assert_eq!(unchecked.process(Input { partition: wrong, key: Some(b"c1"), payload: Some(&payload) }, NOW), Outcome::Aggregated);
+    assert_eq!(
+        unchecked.process(Input { partition: wrong, key: Some(b"c1"), payload: Some(&payload), signature: None }, NOW),
+        Outcome::Aggregated
+    );
 }
 
 #[test]
@@ -428,15 +447,137 @@ fn legacy_and_resolved_records_are_counted_and_aggregate_like_current_ones() {
     let e = event(1, T0, 7);
     let current = encode(&e);
     let mut legacy = vec![0xC3, 0x01];
-    legacy.extend_from_slice(&meter_avro::framing::legacy_fingerprint("UsageEvent", meter_avro::USAGE_EVENT_AVSC).unwrap().to_le_bytes());
-    legacy.extend_from_slice(&current[10..]);
-    assert_eq!(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&legacy) }, NOW), Outcome::Aggregated);
+    // Deployed agents write version 1 (no incarnation) under it.
+    legacy
+        .extend_from_slice(&meter_avro::framing::legacy_fingerprint("UsageEvent", meter_avro::USAGE_EVENT_V1_AVSC).unwrap().to_le_bytes());
+    legacy.extend_from_slice(&current[10..current.len() - 1]);
+    assert_eq!(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&legacy), signature: None }, NOW), Outcome::Aggregated);
     // The same event under the current fingerprint is its duplicate.
-    assert_eq!(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&current) }, NOW), Outcome::Duplicate);
+    assert_eq!(en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&current), signature: None }, NOW), Outcome::Duplicate);
     assert_eq!(en.counters().legacy_fingerprint, 1);
     let mut strict = Codec::new().unwrap();
     strict.events_mut().set_accept_legacy(false);
     let mut en = Engine::new(Catalog::builtin(), strict, EngineConfig::default());
-    let outcome = en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&legacy) }, NOW);
+    let outcome = en.process(Input { partition: 0, key: Some(b"c1"), payload: Some(&legacy), signature: None }, NOW);
     assert!(matches!(outcome, Outcome::DeadLetter { reason: DeadLetterReason::UnknownSchema, .. }), "{outcome:?}");
+}
+
+fn of(incarnation: &str, seq: i64, t: Millis, q: i64) -> UsageEvent {
+    UsageEvent { incarnation: incarnation.into(), event_id: meter_model::event_id("a1", incarnation, "c1", seq), ..event(seq, t, q) }
+}
+
+fn feed_signed(en: &mut Engine, e: &UsageEvent, key: Option<&meter_model::signing::Key>) -> Outcome {
+    let payload = encode(e);
+    let sig = key.map(|k| k.sign(&payload));
+    en.process(
+        Input { partition: 0, key: Some(e.customer_id.as_bytes()), payload: Some(&payload), signature: sig.as_deref().map(str::as_bytes) },
+        NOW,
+    )
+}
+
+fn day_sum(en: &mut Engine, now: Millis) -> i128 {
+    en.flush(now).iter().filter(|a| a.key.granularity == Granularity::Day).map(|a| a.quantity_sum).sum()
+}
+
+/// Two hosts with one agent id (a cloned image): their seqs collide, but
+/// their incarnations differ, so both streams count. Without incarnations
+/// (the behaviour before) the second host's events were duplicates.
+#[test]
+fn two_incarnations_of_one_agent_id_are_separate_streams() {
+    let mut en = engine();
+    for s in 1..=100 {
+        assert_eq!(feed(&mut en, &of("aaaaaaaaaaaaaaaa", s, T0 + s * 1000, 1), NOW), Outcome::Aggregated);
+        assert_eq!(feed(&mut en, &of("bbbbbbbbbbbbbbbb", s, T0 + s * 1000, 10), NOW), Outcome::Aggregated);
+    }
+    // Retries are still duplicates, per incarnation.
+    assert_eq!(feed(&mut en, &of("aaaaaaaaaaaaaaaa", 50, T0 + 50_000, 1), NOW), Outcome::Duplicate);
+    assert_eq!(day_sum(&mut en, T0 + 200_000), 1100);
+    assert_eq!(en.dedup_streams(), 2);
+    // Both event-time ranges overlap: reported once as a shared agent id.
+    assert!(en.counters().incarnation_overlaps > 0);
+    let shared = en.take_shared_identities();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(shared[0].agent_id, "a1");
+    assert!(en.take_shared_identities().is_empty());
+
+    // The same events without incarnations: the second host's are lost.
+    let mut old = engine();
+    for s in 1..=100 {
+        feed(&mut old, &of("", s, T0 + s * 1000, 1), NOW);
+        assert_eq!(feed(&mut old, &UsageEvent { quantity: 10, ..of("", s, T0 + s * 1000, 1) }, NOW), Outcome::Duplicate);
+    }
+    assert_eq!(day_sum(&mut old, T0 + 200_000), 100);
+    assert_eq!(old.counters().without_incarnation, 200);
+}
+
+/// A host that moves to a new incarnation (state dir found on another
+/// machine) sends its spooled events of the old one after the new ones
+/// start: one after the other in event time, not an overlap.
+#[test]
+fn a_renewed_incarnation_is_not_reported_as_shared() {
+    let mut en = engine();
+    for s in 1..=300 {
+        feed(&mut en, &of("aaaaaaaaaaaaaaaa", s, T0 + s * 1000, 1), NOW);
+    }
+    for s in 301..=600 {
+        feed(&mut en, &of("bbbbbbbbbbbbbbbb", s, T0 + s * 1000, 1), NOW);
+        // The old incarnation's spool tail, sent again, interleaved.
+        feed(&mut en, &of("aaaaaaaaaaaaaaaa", s - 300, T0 + (s - 300) * 1000, 1), NOW);
+    }
+    assert_eq!(en.counters().incarnation_overlaps, 0);
+    assert!(en.take_shared_identities().is_empty());
+    assert_eq!(day_sum(&mut en, T0 + 700_000), 600);
+}
+
+/// A forger claims an enrolled agent's id with a high seq: dead-lettered as
+/// `bad_signature` before dedup, so the agent's own events still count.
+#[test]
+fn a_forged_event_under_an_enrolled_agent_id_is_dead_lettered_and_the_victim_stays_exact() {
+    use meter_model::signing::Key;
+    let key = Key::new("a1.k1", "00112233445566778899aabbccddeeff").unwrap();
+    let next = Key::new("a1.k2", "102132435465768798a9bacbdcedfe0f").unwrap();
+    let forger = Key::new("a1.k1", "ffffffffffffffffffffffffffffffff").unwrap();
+    let keys = AgentKeys::from_toml(
+        "[agents.\"a1\"]\n\"a1.k1\" = \"00112233445566778899aabbccddeeff\"\n\"a1.k2\" = \"102132435465768798a9bacbdcedfe0f\"\n",
+    )
+    .unwrap();
+    let mut en = Engine::new(Catalog::builtin(), Codec::new().unwrap(), EngineConfig { keys: Arc::new(keys), ..EngineConfig::default() });
+    let inc = "aaaaaaaaaaaaaaaa";
+    for (forged, k) in [(None, None), (Some(&forger), None), (Some(&key), Some("x"))] {
+        let e = of(inc, i64::MAX - 1, T0 + 1000, 1_000_000);
+        let e = if k.is_some() { UsageEvent { customer_id: "c1".into(), ..e } } else { e };
+        let payload = encode(&e);
+        let mut sig = forged.map(|f| f.sign(&payload));
+        if k.is_some() {
+            // A valid signature of other bytes.
+            sig = Some(key.sign(b"something else"));
+        }
+        let o = en
+            .process(Input { partition: 0, key: Some(b"c1"), payload: Some(&payload), signature: sig.as_deref().map(str::as_bytes) }, NOW);
+        assert!(matches!(o, Outcome::DeadLetter { reason: DeadLetterReason::BadSignature, .. }), "{o:?}");
+    }
+    assert_eq!(en.dedup_streams(), 0, "dedup state untouched");
+    // The agent's own events, signed with either key of the rotation.
+    for s in 1..=10 {
+        let k = if s % 2 == 0 { &key } else { &next };
+        assert_eq!(feed_signed(&mut en, &of(inc, s, T0 + s * 1000, 3), Some(k)), Outcome::Aggregated);
+    }
+    assert_eq!(day_sum(&mut en, T0 + 100_000), 30);
+    // Agents without keys: accepted and counted, unless switched off.
+    let other = UsageEvent { agent_id: "a2".into(), ..of(inc, 1, T0 + 1000, 1) };
+    assert_eq!(feed_signed(&mut en, &other, None), Outcome::Aggregated);
+    assert_eq!(en.counters().unsigned, 1);
+    let mut strict = Engine::new(
+        Catalog::builtin(),
+        Codec::new().unwrap(),
+        EngineConfig { accept_unsigned: false, accept_no_incarnation: false, ..EngineConfig::default() },
+    );
+    let o = feed_signed(&mut strict, &other, None);
+    assert!(matches!(o, Outcome::DeadLetter { reason: DeadLetterReason::BadSignature, .. }), "{o:?}");
+    let o = feed(&mut strict, &of("", 1, T0 + 1000, 1), NOW);
+    assert!(matches!(o, Outcome::DeadLetter { reason: DeadLetterReason::InvalidIdentity, .. }), "{o:?}");
+    // A separator smuggled into an id cannot alias another stream.
+    let smuggled = UsageEvent { agent_id: format!("a1{}{inc}", meter_model::identity::SEPARATOR), ..of("", 1, T0 + 1000, 1) };
+    let o = feed(&mut en, &smuggled, NOW);
+    assert!(matches!(o, Outcome::DeadLetter { reason: DeadLetterReason::InvalidIdentity, .. }), "{o:?}");
 }
