@@ -108,7 +108,17 @@ pub async fn run(cfg: Valid<Config>, args: AgentArgs) -> anyhow::Result<ExitCode
     });
     let run = run_agent(&cfg, &state_dir, &identity, source, metrics.clone(), shutdown, args.ledger.is_some()).await;
     reporter.abort();
-    let run = run?;
+    let run = match run {
+        Ok(run) => run,
+        // Another instance of this identity: a distinct exit code, so that
+        // a supervisor does not restart it in a loop (the systemd unit's
+        // RestartPreventExitStatus).
+        Err(e) if e.downcast_ref::<meter_agent::lease::LeaseError>().is_some() => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(IDENTITY_CONFLICT));
+        }
+        Err(e) => return Err(e),
+    };
     if let (Some(path), Some(ledger)) = (&args.ledger, &run.ledger) {
         std::fs::write(path, ledger.to_csv()).with_context(|| format!("writing ledger {}", path.display()))?;
     }
@@ -130,6 +140,10 @@ pub async fn run(cfg: Valid<Config>, args: AgentArgs) -> anyhow::Result<ExitCode
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The exit code of an agent that stopped because another instance has
+/// its identity (a twin runs, or Kafka fenced its lease).
+pub const IDENTITY_CONFLICT: u8 = 3;
 
 async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
     let a = &cfg.agent;

@@ -251,7 +251,7 @@ async fn a_second_instance_of_one_identity_is_refused_or_fenced_never_merged() {
     let mut b = spawn_captured(&config, &copy, &sim, 15.0);
     let status = b.wait().unwrap();
     let err = stderr_of(&mut b);
-    assert!(!status.success(), "the copy must not run beside the original:\n{err}");
+    assert_eq!(status.code(), Some(3), "the copy must not run beside the original:\n{err}");
     assert!(err.contains("is already running") && err.contains(&me.incarnation), "a clear error:\n{err}");
     eprintln!("the copy said: {}", err.lines().last().unwrap_or_default());
 
@@ -262,7 +262,7 @@ async fn a_second_instance_of_one_identity_is_refused_or_fenced_never_merged() {
     thief.init_transactions(Duration::from_secs(30)).unwrap();
     let status = a.wait().unwrap();
     let err = stderr_of(&mut a);
-    assert!(!status.success(), "the fenced agent stops");
+    assert_eq!(status.code(), Some(3), "the fenced agent stops:\n{err}");
     assert!(err.contains("another instance with the same identity started"), "a clear error:\n{err}");
     eprintln!("the fenced agent said: {}", err.lines().last().unwrap_or_default());
     drop(thief);
