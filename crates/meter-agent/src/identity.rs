@@ -75,28 +75,37 @@ pub fn load_or_create(state_dir: &Path, agent_id: &str, machine: &str, now: Mill
     let path = state_dir.join(FILE);
     let origin = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice::<Incarnation>(&bytes) {
-            Ok(rec) if rec.agent_id == agent_id && rec.machine == machine && valid_incarnation(&rec.incarnation) => {
-                return Ok((rec, Origin::Recorded));
-            }
+            Ok(rec) if rec.is_for(agent_id, machine) => return Ok((rec, Origin::Recorded)),
             Ok(rec) => Origin::Moved { previous: rec },
             Err(e) => Origin::Unreadable { error: e.to_string() },
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Origin::Created,
         Err(e) => return Err(anyhow!("reading {}: {e}", path.display())),
     };
-    let rec = Incarnation { agent_id: agent_id.to_owned(), incarnation: new_incarnation()?, machine: machine.to_owned(), created_ms: now };
+    let rec = Incarnation { agent_id: agent_id.to_owned(), incarnation: random_id()?, machine: machine.to_owned(), created_ms: now };
     write_atomic(&path, &serde_json::to_vec_pretty(&rec)?).with_context(|| format!("writing {}", path.display()))?;
     Ok((rec, origin))
 }
 
-fn valid_incarnation(s: &str) -> bool {
-    (8..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+/// The incarnation recorded in `state_dir`, if its file is readable.
+pub fn recorded(state_dir: &Path) -> Option<Incarnation> {
+    serde_json::from_slice(&std::fs::read(state_dir.join(FILE)).ok()?).ok()
 }
 
-/// 64 random bits, as 16 hex digits.
-fn new_incarnation() -> anyhow::Result<String> {
+impl Incarnation {
+    /// Whether this record is the incarnation of `agent_id` on `machine`
+    /// (else a start renews it).
+    pub fn is_for(&self, agent_id: &str, machine: &str) -> bool {
+        let well_formed =
+            (8..=64).contains(&self.incarnation.len()) && self.incarnation.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        self.agent_id == agent_id && self.machine == machine && well_formed
+    }
+}
+
+/// 64 random bits, as 16 hex digits: incarnations and lease instances.
+pub fn random_id() -> anyhow::Result<String> {
     let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| anyhow!("no randomness for the incarnation: {e}"))?;
+    getrandom::fill(&mut b).map_err(|e| anyhow!("no randomness: {e}"))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 

@@ -117,7 +117,6 @@ struct Shared {
     /// The twin check is done (passed, or could not read the topic).
     checked: bool,
     failed: Option<LeaseError>,
-    renewed: u64,
 }
 
 /// The running lease: a thread that renews it until [`Lease::stop`].
@@ -135,7 +134,7 @@ impl Lease {
     /// stops a twin then).
     pub fn start(cfg: &Config, me: &Incarnation, host: &str, renewals: prometheus::IntCounter) -> anyhow::Result<Lease> {
         let interval = Duration::from_millis(cfg.agent.lease_interval_ms);
-        let instance = random_hex()?;
+        let instance = crate::identity::random_id()?;
         let key = lease_key(&me.agent_id, &me.incarnation);
         let check_cfg = cfg.clone();
         let mut pc = meter_kafka::client_config(&cfg.kafka);
@@ -183,11 +182,6 @@ impl Lease {
         self.shared.lock().ok().and_then(|s| s.failed.clone())
     }
 
-    /// Renewals committed so far.
-    pub fn renewed(&self) -> u64 {
-        self.shared.lock().map(|s| s.renewed).unwrap_or(0)
-    }
-
     /// Ends the lease with a `stopped` heartbeat (best effort), so that
     /// the next start of this identity does not wait for it.
     pub fn stop(mut self) {
@@ -202,12 +196,6 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
-}
-
-fn random_hex() -> anyhow::Result<String> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The renewing thread.
@@ -266,9 +254,6 @@ fn renew(
                 Ok(()) => {
                     warned = false;
                     renewals.inc();
-                    if let Ok(mut s) = shared.lock() {
-                        s.renewed += 1;
-                    }
                 }
                 Err(e) if is_fenced(&e) => return lose(e.to_string(), &beat),
                 Err(e) => {
@@ -341,23 +326,18 @@ fn check_no_twin(cfg: &Config, key: &str, me: &Heartbeat, interval: Duration, st
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Alive: the same instance renewed since, or another one renews now.
+    let alive = |b: &Heartbeat| {
+        b.state == "running" && if b.instance == first.instance { b.sent_ms > first.sent_ms } else { now_ms() - b.sent_ms < fresh_ms }
+    };
     match latest_other(cfg, key, instance, fresh * 2) {
-        Some(again) if again.instance == first.instance && again.sent_ms > first.sent_ms && again.state == "running" => Err(TwinRunning {
+        Some(again) if alive(&again) => Err(TwinRunning {
+            age_ms: now_ms() - again.sent_ms,
             agent_id: again.agent_id,
             incarnation: again.incarnation,
             host: again.host,
             pid: again.pid,
-            age_ms: now_ms() - again.sent_ms,
         }),
-        Some(again) if again.instance != first.instance && again.state == "running" && now_ms() - again.sent_ms < fresh_ms => {
-            Err(TwinRunning {
-                agent_id: again.agent_id,
-                incarnation: again.incarnation,
-                host: again.host,
-                pid: again.pid,
-                age_ms: now_ms() - again.sent_ms,
-            })
-        }
         _ => Ok(()),
     }
 }

@@ -46,7 +46,7 @@ use crate::metrics::{
 };
 use crate::procfs::{self, Sampler, Tick};
 use crate::sim::Simulator;
-use crate::spool::{free_bytes, Appended, Batch, Fsync, Spool, SpoolSettings};
+use crate::spool::{Appended, Batch, Fsync, Spool, SpoolSettings};
 
 /// Where `meter agent`'s ticks come from.
 // One per process: the size difference of the variants does not matter.
@@ -271,7 +271,6 @@ pub struct Runtime<'a> {
     resend_after: Option<Instant>,
     next_checkpoint: Instant,
     next_host_sample: Instant,
-    spool_dir: PathBuf,
     metrics: AgentMetrics,
     /// Stamped on every event spooled from now on.
     incarnation: crate::identity::Incarnation,
@@ -300,7 +299,7 @@ impl<'a> Runtime<'a> {
             checkpoint_fallback: rec.checkpoint_fallback.as_deref(),
         }
         .emit(&metrics);
-        if let Ok(free) = free_bytes(&state_dir.join("spool")) {
+        if let Ok(free) = spool.free_bytes() {
             DiskBelowReserve { free, reserve: a.disk_reserve_bytes }.emit(&metrics);
         }
         let (dropped, loaded) = DroppedLedger::load(state_dir.join("dropped-ledger.csv"))?;
@@ -352,8 +351,7 @@ impl<'a> Runtime<'a> {
         let signing_key = crate::identity::signing_key(a.signing_key_file.as_deref())?;
         IdentityReady { incarnation: &incarnation, origin: &origin, signing_key: signing_key.as_ref().map(|k| k.id.as_str()) }
             .emit(&metrics);
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-        let lease = crate::lease::Lease::start(cfg, &incarnation, &host, metrics.lease_renewals.clone())?;
+        let lease = crate::lease::Lease::start(cfg, &incarnation, &meter_config::default_instance_id(), metrics.lease_renewals.clone())?;
         // With `serialization.events = "confluent"` the schema is
         // registered now: the spool keeps records framed as they are sent.
         let (codec, _) = meter_kafka::registry::codec_for(cfg, &[meter_kafka::registry::Writes::Events])?;
@@ -388,7 +386,6 @@ impl<'a> Runtime<'a> {
             resend_after: None,
             next_checkpoint: now + Duration::from_millis(a.checkpoint_interval_ms),
             next_host_sample: now,
-            spool_dir: state_dir.join("spool"),
             metrics,
             incarnation,
             signing_key,
@@ -714,7 +711,7 @@ impl<'a> Runtime<'a> {
     }
 
     fn measure_disk(&self) {
-        if let Ok(free) = free_bytes(self.spool_dir.as_path()) {
+        if let Ok(free) = self.spool.free_bytes() {
             self.metrics.disk_free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
     }

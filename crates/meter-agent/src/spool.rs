@@ -481,6 +481,11 @@ impl Spool {
         Ok((spool, rec))
     }
 
+    /// Free bytes of the file system holding the spool.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        free_bytes(&self.settings.dir)
+    }
+
     pub fn bytes(&self) -> u64 {
         self.total_bytes
     }

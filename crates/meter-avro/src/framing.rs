@@ -186,8 +186,8 @@ impl Framed {
         let legacy_schema = if legacy_avsc == avsc {
             None
         } else {
-            store.add_schema(legacy_avsc)?;
-            Some(Arc::new(Schema::parse_str(legacy_avsc).map_err(|e| SchemaError::new(name, e.to_string()))?))
+            let fp = store.add_schema(legacy_avsc)?;
+            store.schema(fp)
         };
         Ok(Framed {
             name,
@@ -227,6 +227,14 @@ impl Framed {
     /// The specification's fingerprint of the current schema.
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
+    }
+
+    /// The legacy fingerprint this framing accepts (see
+    /// [`legacy_fingerprint`]).
+    pub fn legacy_fingerprint(&self) -> u64 {
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&self.legacy[2..SINGLE_OBJECT_LEN]);
+        u64::from_le_bytes(fp)
     }
 
     /// The current schema, as written in `schemas/avro/`.

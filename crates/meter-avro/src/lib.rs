@@ -126,11 +126,12 @@ impl Codec {
             store.add_schema(avsc)?;
         }
         let event_reader = Schema::parse_str(USAGE_EVENT_AVSC).map_err(|e| SchemaError::new("UsageEvent", e.to_string()))?;
-        let v1 = canonical::fingerprint(USAGE_EVENT_V1_AVSC).map_err(|e| SchemaError::new("UsageEvent", e.to_string()))?;
+        // Deployed agents with the legacy fingerprint write version 1.
+        let event = Framed::with_legacy_of("UsageEvent", USAGE_EVENT_AVSC, USAGE_EVENT_V1_AVSC, store)?;
+        let v1 = store.add_schema(USAGE_EVENT_V1_AVSC)?;
         Ok(Codec {
-            // Deployed agents with the legacy fingerprint write version 1.
-            event: Framed::with_legacy_of("UsageEvent", USAGE_EVENT_AVSC, USAGE_EVENT_V1_AVSC, store)?,
-            event_v1: [v1, framing::legacy_fingerprint("UsageEvent", USAGE_EVENT_V1_AVSC)?],
+            event_v1: [v1, event.legacy_fingerprint()],
+            event,
             aggregate: Framed::new("AggregatedUsage", AGGREGATED_USAGE_AVSC, store)?,
             dead_letter: Framed::new("DeadLetter", DEAD_LETTER_AVSC, store)?,
             event_reader: Arc::new(event_reader),

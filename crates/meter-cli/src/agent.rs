@@ -170,15 +170,12 @@ async fn check(cfg: &Config, args: &AgentArgs) -> anyhow::Result<ExitCode> {
     println!("  agent.state_dir    {}", a.state_dir.display());
     // Identity: what a start would use (nothing is created here).
     let machine = meter_agent::identity::machine_identity(&a.host_identity);
-    let recorded = std::fs::read(a.state_dir.join(meter_agent::identity::FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<meter_agent::identity::Incarnation>(&b).ok());
-    match (&recorded, machine.is_empty()) {
+    match (&meter_agent::identity::recorded(&a.state_dir), machine.is_empty()) {
         (_, true) => println!(
             "  identity           WARNING: no machine identity (no /etc/machine-id, agent.host_identity unset): \
              a copy of this state dir on another host would keep its incarnation"
         ),
-        (Some(r), false) if r.machine == machine && r.agent_id == a.agent_id => {
+        (Some(r), false) if r.is_for(&a.agent_id, &machine) => {
             println!("  identity           incarnation {} (machine {machine})", r.incarnation)
         }
         (Some(r), false) => println!(

@@ -158,7 +158,7 @@ impl Section for Config {
 }
 
 /// The host name: the default identity of instances and agents.
-pub(crate) fn default_instance_id() -> String {
+pub fn default_instance_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

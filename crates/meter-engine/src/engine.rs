@@ -124,10 +124,10 @@ pub struct SharedIdentity {
     pub incarnations: [String; 2],
 }
 
-/// How far inside another incarnation's event-time range an event must be
-/// to count as an overlap: a host that renews its incarnation (moved, or
-/// its file lost) sends its spooled events of the old one afterwards, with
-/// their old times, and the new ones start after them.
+/// By how much two incarnations' event-time ranges must overlap to count:
+/// a host that renews its incarnation (moved, or its file lost) sends its
+/// spooled events of the old one afterwards, with their old times, and the
+/// new ones start after them.
 const OVERLAP_TOLERANCE_MS: Millis = 60_000;
 
 /// Incarnations remembered per agent id for the overlap check.
@@ -598,18 +598,9 @@ impl Engine {
         // Looked up once for the dedup stream and the series (lookups
         // only: see find_series).
         let customer = self.symbols.get(event.customer_id);
-        // The stream is the agent id's and the incarnation's (see
-        // `meter_model::identity`): built in a reused buffer.
+        // The stream is the agent id's and the incarnation's.
         let mut buf = std::mem::take(&mut self.stream_agent);
-        let agent: &str = if event.incarnation.is_empty() {
-            event.agent_id
-        } else {
-            buf.clear();
-            buf.push_str(event.agent_id);
-            buf.push(identity::SEPARATOR);
-            buf.push_str(event.incarnation);
-            &buf
-        };
+        let agent = identity::stream_agent(&mut buf, event.agent_id, event.incarnation);
         let stream = if event.seq.is_some() { self.find_stream(agent, customer) } else { None };
         let result = match self.is_duplicate(&event, stream, input.partition, payload_hash) {
             Ok(true) => Ok(None),

@@ -493,6 +493,10 @@ impl Runner {
         }
         .emit(&self.metrics);
         self.count_outcomes();
+        for shared in self.engine.take_shared_identities() {
+            AgentIdShared { shared: &shared }.emit(&self.metrics);
+        }
+        self.reload_keys();
         self.update_gauges();
         Ok(())
     }
@@ -518,10 +522,6 @@ impl Runner {
         }
         .emit(&self.metrics);
         self.counted = now.clone();
-        for shared in self.engine.take_shared_identities() {
-            AgentIdShared { shared: &shared }.emit(&self.metrics);
-        }
-        self.reload_keys();
     }
 
     /// Re-reads the keys file when it changed (checked every few seconds):
