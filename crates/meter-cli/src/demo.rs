@@ -43,6 +43,8 @@ pub async fn run(base: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     // its windows should become final soon after.
     cfg.processor.idle_timeout_ms = 2_000;
     cfg.processor.commit_interval_ms = 500;
+    // The demo's processor state is disposable: kept out of /var/lib.
+    cfg.processor.state_dir = std::env::temp_dir().join("meter-demo-state");
     cfg.sink.batch_ms = 500;
     let cfg = cfg.validate()?;
 

@@ -38,6 +38,22 @@ pub struct ProcessorConfig {
     /// of the final revision; later events are dead-lettered as `too_late`.
     #[serde(default = "default_correction_horizon_ms")]
     pub correction_horizon_ms: i64,
+    /// Where the on-disk state store lives (one file per group and instance,
+    /// `{group_id}--{instance_id}.redb`): every window, dedup stream and
+    /// seq-less id of the owned partitions, with a checkpoint of the
+    /// changelog offsets it reflects. A restart on the same disk restores
+    /// only the changelog after the checkpoint; a lost or unusable store
+    /// is rebuilt from the changelog (the durable copy). Give every
+    /// instance its own local disk; it needs about the changelog's
+    /// compacted size.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: std::path::PathBuf,
+    /// How long a final window stays in memory after it closed (window
+    /// end + allowed lateness); then it is on disk only and read back when
+    /// a late event corrects it. Memory follows the active keys times
+    /// (lateness + this), not the correction horizon.
+    #[serde(default = "default_hot_window_ms")]
+    pub hot_window_ms: i64,
     /// Events further than this in the future of the processor's clock are
     /// dead-lettered as `future_timestamp`.
     #[serde(default = "default_max_clock_skew_ms")]
@@ -111,6 +127,12 @@ fn default_allowed_lateness_ms() -> i64 {
 fn default_correction_horizon_ms() -> i64 {
     35 * 24 * 3_600_000
 }
+fn default_state_dir() -> std::path::PathBuf {
+    "/var/lib/meter-processor".into()
+}
+fn default_hot_window_ms() -> i64 {
+    15 * 60_000
+}
 fn default_max_clock_skew_ms() -> i64 {
     5 * 60_000
 }
@@ -134,6 +156,8 @@ impl Default for ProcessorConfig {
             commit_interval_ms: default_commit_interval_ms(),
             allowed_lateness_ms: default_allowed_lateness_ms(),
             correction_horizon_ms: default_correction_horizon_ms(),
+            state_dir: default_state_dir(),
+            hot_window_ms: default_hot_window_ms(),
             max_clock_skew_ms: default_max_clock_skew_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             #[cfg(feature = "testkit")]
@@ -161,6 +185,8 @@ impl Section for ProcessorConfig {
             self.correction_horizon_ms >= self.allowed_lateness_ms,
             "processor.correction_horizon_ms must be at least processor.allowed_lateness_ms",
         );
+        p.check(!self.state_dir.as_os_str().is_empty(), "processor.state_dir must not be empty");
+        p.check(self.hot_window_ms >= 0, "processor.hot_window_ms must not be negative");
         p.check(self.max_clock_skew_ms >= 0, "processor.max_clock_skew_ms must not be negative");
         p.check(self.idle_timeout_ms > 0, "processor.idle_timeout_ms must be positive");
         p.check(self.max_payload_bytes > 0, "processor.max_payload_bytes must be positive");

@@ -8,7 +8,7 @@
 //! record. Strings are materialised again only when a revision or changelog
 //! entry is emitted, i.e. per window per commit, not per event.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
@@ -17,9 +17,10 @@ use meter_model::partition::Partitioner;
 use meter_model::{identity, AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, WindowKey};
 
 use crate::auth::AgentRegistry;
+use crate::cold::ColdState;
 use crate::dedup::SeqTracker;
 use crate::keys::{AgentKeys, Verdict};
-use crate::state::{self, StateChange, WindowValue};
+use crate::state::{self, EntryKind, StateChange, WindowValue};
 
 /// Hash maps of the engine: foldhash is several times faster than SipHash
 /// on the short keys used here, and its per-process random seed keeps
@@ -38,6 +39,10 @@ const MAX_EVENT_TIME: Millis = 4_102_444_800_000;
 pub struct EngineConfig {
     pub allowed_lateness_ms: Millis,
     pub correction_horizon_ms: Millis,
+    /// With a [`ColdState`] attached: how long after a window's close
+    /// (end + allowed lateness) it stays in memory; then it lives on disk
+    /// only, until a late event reads it back.
+    pub hot_window_ms: Millis,
     pub max_clock_skew_ms: Millis,
     pub idle_timeout_ms: Millis,
     pub max_payload_bytes: usize,
@@ -60,6 +65,7 @@ impl Default for EngineConfig {
         EngineConfig {
             allowed_lateness_ms: 5 * 60_000,
             correction_horizon_ms: 35 * 86_400_000,
+            hot_window_ms: 15 * 60_000,
             max_clock_skew_ms: 5 * 60_000,
             idle_timeout_ms: 10_000,
             max_payload_bytes: 64 * 1024,
@@ -88,7 +94,16 @@ pub struct Input<'a> {
 pub enum Outcome {
     Aggregated,
     Duplicate,
-    DeadLetter { reason: DeadLetterReason, detail: String },
+    DeadLetter {
+        reason: DeadLetterReason,
+        detail: String,
+    },
+    /// The on-disk state could not be read: nothing was done with the
+    /// record, and the caller must stop before committing (the record is
+    /// handled again by whoever restores the partition next).
+    Unavailable {
+        detail: String,
+    },
 }
 
 /// Totals of outcomes since the engine started.
@@ -226,7 +241,7 @@ impl WindowState {
 /// A window: its series, granularity and window number (start / size) in
 /// one u64: series << 32 | granularity << 30 | number. Window numbers of
 /// valid event times (1970..2100) fit in 30 bits even for minutes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct WindowId(u64);
 
 impl WindowId {
@@ -371,6 +386,8 @@ struct Stream {
     partition: i32,
     /// Listed in `changed_streams` since the last take_changes.
     changed: bool,
+    /// Recorded a seq since the last sweep of idle streams.
+    used: bool,
     tracker: SeqTracker,
     /// The event-time range already given to the incarnation overlap check
     /// (not persisted): only events outside it are checked, about one per
@@ -424,6 +441,18 @@ pub struct Engine {
     series_keys: Vec<SeriesKey>,
     windows: Map<WindowId, WindowState>,
     dirty: Vec<WindowId>,
+    /// Windows in memory that are not final yet, by (partition, window
+    /// end): the flush closes them in order as the watermark passes, without
+    /// looking at any other window. May hold stale entries (checked on use).
+    closing: BTreeSet<(i32, Millis, WindowId)>,
+    /// Final windows in memory by (partition, window end), evicted to the
+    /// cold store or expired in order. May hold stale entries.
+    settled: BTreeSet<(i32, Millis, WindowId)>,
+    /// The on-disk state, when attached (see [`crate::cold`]).
+    cold: Option<Arc<dyn ColdState>>,
+    /// The first error reading it; the caller stops on one.
+    cold_error: Option<String>,
+    flushes: u64,
     clocks: Map<i32, PartitionClock>,
     /// Dedup state per (agent_id, customer_id), see [`stream_id`].
     streams: Map<u64, Stream>,
@@ -470,6 +499,11 @@ impl Engine {
             series_keys: Vec::new(),
             windows: Map::default(),
             dirty: Vec::new(),
+            closing: BTreeSet::new(),
+            settled: BTreeSet::new(),
+            cold: None,
+            cold_error: None,
+            flushes: 0,
             clocks: Map::default(),
             streams: Map::default(),
             changed_streams: Vec::new(),
@@ -529,16 +563,114 @@ impl Engine {
     /// Classifies and, where valid and new, aggregates one record.
     pub fn process(&mut self, input: Input<'_>, now: Millis) -> Outcome {
         let outcome = match self.try_process(input, now) {
+            _ if self.cold_error.is_some() => {
+                return Outcome::Unavailable { detail: self.cold_error.clone().unwrap_or_default() };
+            }
             Ok(true) => Outcome::Aggregated,
             Ok(false) => Outcome::Duplicate,
             Err((reason, detail)) => Outcome::DeadLetter { reason, detail },
         };
         match &outcome {
+            Outcome::Unavailable { .. } => {}
             Outcome::Aggregated => self.counters.aggregated += 1,
             Outcome::Duplicate => self.counters.duplicates += 1,
             Outcome::DeadLetter { reason, .. } => *self.counters.dead_letters.entry(*reason).or_default() += 1,
         }
         outcome
+    }
+
+    /// Attaches the on-disk state: from now on final windows leave memory
+    /// `hot_window_ms` after they close, idle dedup streams and the id sets
+    /// of past days leave it too, and all of them are read back on demand.
+    /// Restore partitions with [`Engine::load_partition`] then.
+    pub fn set_cold(&mut self, cold: Arc<dyn ColdState>) {
+        self.cold = Some(cold);
+    }
+
+    /// The error that made the engine stop using its cold state, if any
+    /// (the caller must not commit what it handled since).
+    pub fn cold_error(&self) -> Option<&str> {
+        self.cold_error.as_deref()
+    }
+
+    /// Windows, seq-less id sets and streams of `partition` whose end is at
+    /// or before this bound may be on disk only (a window that closed more
+    /// than `hot_window_ms` ago). None without a cold store.
+    fn cold_bound(&self, partition: i32) -> Option<Millis> {
+        self.cold.as_ref()?;
+        let wm = self.clocks.get(&partition)?.watermark;
+        Some(wm.saturating_sub(self.cfg.allowed_lateness_ms).saturating_sub(self.cfg.hot_window_ms))
+    }
+
+    /// Reads a key from the cold store; an error stops the engine.
+    fn cold_get(&mut self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, Rejection> {
+        let Some(cold) = self.cold.clone() else { return Ok(None) };
+        cold.get(partition, key).map_err(|e| self.cold_failed(e))
+    }
+
+    fn cold_failed(&mut self, e: String) -> Rejection {
+        let e = format!("the processor's state store cannot be read: {e}");
+        self.cold_error.get_or_insert(e.clone());
+        (DeadLetterReason::TooLate, e)
+    }
+
+    /// Reads a dedup stream back from the cold store into memory.
+    fn load_stream(&mut self, agent: &str, customer: &str, partition: i32) -> Result<Option<u64>, Rejection> {
+        if self.cold.is_none() {
+            return Ok(None);
+        }
+        let Some(v) = self.cold_get(partition, &state::stream_key(agent, customer))? else { return Ok(None) };
+        let tracker = state::decode_stream(&v).map_err(|e| self.cold_failed(format!("stream {agent:?}/{customer:?}: {e}")))?;
+        let id = stream_id(self.symbols.intern(agent), self.symbols.intern(customer));
+        self.streams.insert(id, Stream { partition, changed: false, used: true, tracker, tracked: UNTRACKED });
+        Ok(Some(id))
+    }
+
+    /// Reads a window back from the cold store into memory, if it is there.
+    fn load_window(&mut self, id: WindowId, partition: i32) -> Result<(), Rejection> {
+        let key = state::window_key(&self.window_key(id));
+        let Some(v) = self.cold_get(partition, &key)? else { return Ok(()) };
+        let w = state::decode_window(&v)
+            .ok()
+            .and_then(|v| WindowState::from_value(&v, id, partition))
+            .ok_or_else(|| self.cold_failed(format!("window {:?} does not decode", self.window_key(id))))?;
+        self.insert_window(id, w);
+        Ok(())
+    }
+
+    /// Puts a window in memory and in the queue its finality decides.
+    fn insert_window(&mut self, id: WindowId, w: WindowState) {
+        let entry = (w.partition, id.window_end(), id);
+        if w.is_final {
+            self.settled.insert(entry);
+        } else {
+            self.closing.insert(entry);
+        }
+        self.windows.insert(id, w);
+    }
+
+    /// Restores `partition` from the cold store (after the caller brought
+    /// the store up to the changelog's end): its clock, every window that
+    /// is not final or closed less than `hot_window_ms` ago, and the
+    /// seq-less id sets of those days. Dedup streams are read on demand.
+    /// Returns the entries read.
+    pub fn load_partition(&mut self, partition: i32, now: Millis) -> Result<u64, String> {
+        let cold = self.cold.clone().ok_or("no state store attached")?;
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let clock = state::clock_key(partition);
+        if let Some(v) = cold.get(partition, &clock)? {
+            self.restore(partition, &clock, Some(&v), now).map_err(|e| format!("clock of partition {partition}: {e}"))?;
+        }
+        let bound = self.cold_bound(partition).unwrap_or(Millis::MIN);
+        let mut push = |k: &[u8], v: &[u8]| entries.push((k.to_vec(), v.to_vec()));
+        cold.scan(partition, EntryKind::Window, bound.saturating_add(1), Millis::MAX, usize::MAX, &mut push)?;
+        let days_from = bound.saturating_sub(Granularity::Day.size_ms()).saturating_add(1);
+        cold.scan(partition, EntryKind::Unsequenced, days_from, Millis::MAX, usize::MAX, &mut push)?;
+        let n = entries.len() as u64 + 1;
+        for (k, v) in entries {
+            self.restore(partition, &k, Some(&v), now).map_err(|e| format!("partition {partition}: {e}"))?;
+        }
+        Ok(n)
     }
 
     fn try_process(&mut self, input: Input<'_>, now: Millis) -> Result<bool, Rejection> {
@@ -597,12 +729,32 @@ impl Engine {
         let payload_hash = if event.seq.is_none() { fnv1a(body) } else { 0 };
         // Looked up once for the dedup stream and the series (lookups
         // only: see find_series).
-        let customer = self.symbols.get(event.customer_id);
+        let mut customer = self.symbols.get(event.customer_id);
         // The stream is the agent id's and the incarnation's.
         let mut buf = std::mem::take(&mut self.stream_agent);
         let agent = identity::stream_agent(&mut buf, event.agent_id, event.incarnation);
-        let stream = if event.seq.is_some() { self.find_stream(agent, customer) } else { None };
-        let result = match self.is_duplicate(&event, stream, input.partition, payload_hash) {
+        let mut stream = if event.seq.is_some() { self.find_stream(agent, customer) } else { None };
+        let mut cold_hash = None;
+        let looked_up = if event.seq.is_some() && stream.is_none() {
+            self.load_stream(agent, event.customer_id, input.partition).map(|s| {
+                stream = s;
+                customer = self.symbols.get(event.customer_id);
+            })
+        } else if event.seq.is_none() {
+            self.cold_unsequenced(&event, input.partition).map(|h| cold_hash = h)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = looked_up {
+            self.stream_agent = buf;
+            return Err(e);
+        }
+        let dup = match cold_hash {
+            None => self.is_duplicate(&event, stream, input.partition, payload_hash),
+            Some(h) if h == payload_hash => Ok(true),
+            Some(_) => Err(Self::conflict(&event)),
+        };
+        let result = match dup {
             Ok(true) => Ok(None),
             Ok(false) => self
                 .aggregate(&event, kind, customer, input.partition)
@@ -834,12 +986,27 @@ impl Engine {
                 match self.unsequenced.get(&(partition, Granularity::Day.window_start(e.event_time))).and_then(|ids| ids.get(e.event_id)) {
                     None => Ok(false),
                     Some(&h) if h == payload_hash => Ok(true),
-                    Some(_) => Err((
-                        DeadLetterReason::EventIdConflict,
-                        format!("event_id {:?} was seen before with a different payload", e.event_id),
-                    )),
+                    Some(_) => Err(Self::conflict(e)),
                 }
             }
+        }
+    }
+
+    fn conflict(e: &UsageEventRef<'_>) -> Rejection {
+        (DeadLetterReason::EventIdConflict, format!("event_id {:?} was seen before with a different payload", e.event_id))
+    }
+
+    /// The payload hash a seq-less event's id has in the cold store, when
+    /// its day may be on disk only and memory does not know the id.
+    fn cold_unsequenced(&mut self, e: &UsageEventRef<'_>, partition: i32) -> Result<Option<u64>, Rejection> {
+        let day = Granularity::Day.window_start(e.event_time);
+        let cold = self.cold_bound(partition).is_some_and(|b| day + Granularity::Day.size_ms() <= b);
+        if !cold || self.unsequenced.get(&(partition, day)).is_some_and(|ids| ids.contains_key(e.event_id)) {
+            return Ok(None);
+        }
+        match self.cold_get(partition, &state::unsequenced_key(partition, day, e.event_id))? {
+            None => Ok(None),
+            Some(v) => state::decode_unsequenced(&v).map(Some).map_err(|err| self.cold_failed(format!("event id {:?}: {err}", e.event_id))),
         }
     }
 
@@ -855,10 +1022,12 @@ impl Engine {
                 let s = self.streams.entry(id).or_insert_with(|| Stream {
                     partition,
                     changed: false,
+                    used: true,
                     tracker: SeqTracker::default(),
                     tracked: UNTRACKED,
                 });
                 s.partition = partition;
+                s.used = true;
                 s.tracker.record(seq);
                 if !s.changed {
                     s.changed = true;
@@ -920,21 +1089,45 @@ impl Engine {
             // Validation bounds event_time to 1970..2100, where every window has an id.
             return Err((DeadLetterReason::InvalidTimestamp, format!("event_time {} is outside 1970..2100", e.event_time)));
         };
+        // A window that closed long enough ago may be on disk only: read
+        // back before anything changes, so that a correction continues its
+        // revisions and sums.
+        if let Some(bound) = self.cold_bound(partition) {
+            for id in ids {
+                if id.window_end() <= bound && !self.windows.contains_key(&id) {
+                    self.load_window(id, partition)?;
+                }
+            }
+        }
+        for id in &ids {
+            if let Some(w) = self.windows.get(id) {
+                if w.sum.get().checked_add(i128::from(q)).is_none() || w.count == i64::MAX {
+                    return Err((
+                        DeadLetterReason::QuantityOverflow,
+                        format!("adding {q} would overflow the {} window sum", id.granularity().as_str()),
+                    ));
+                }
+            }
+        }
         for id in ids {
             let offset = e.event_time - id.window_start();
-            let w = self.windows.entry(id).or_insert_with(|| WindowState {
-                count: 0,
-                sum: Wide::default(),
-                min: i64::MAX,
-                max: i64::MIN,
-                revision: 0,
-                emitted_sum: Wide::default(),
-                first: u32::MAX,
-                last: 0,
-                partition,
-                is_final: false,
-                dirty: false,
-            });
+            if !self.windows.contains_key(&id) {
+                let fresh = WindowState {
+                    count: 0,
+                    sum: Wide::default(),
+                    min: i64::MAX,
+                    max: i64::MIN,
+                    revision: 0,
+                    emitted_sum: Wide::default(),
+                    first: u32::MAX,
+                    last: 0,
+                    partition,
+                    is_final: false,
+                    dirty: false,
+                };
+                self.insert_window(id, fresh);
+            }
+            let Some(w) = self.windows.get_mut(&id) else { continue };
             Self::add(w, q, offset);
             if !w.dirty {
                 w.dirty = true;
@@ -980,61 +1173,113 @@ impl Engine {
 
     /// Advances watermarks and returns one new revision for every window
     /// changed since the last flush and for every window whose final
-    /// revision is now due. Forgets windows past the correction horizon.
+    /// revision is now due. Forgets windows past the correction horizon,
+    /// and with a cold store, moves what is no longer hot out of memory.
+    ///
+    /// The cost follows the windows that changed and those the watermark
+    /// passed (the time-ordered `closing` and `settled` queues), not the
+    /// windows held.
     pub fn flush(&mut self, now: Millis) -> Vec<AggregatedUsage> {
         self.last_flush = now;
+        self.flushes += 1;
         for clock in self.clocks.values_mut() {
             clock.advance(now, self.cfg.idle_timeout_ms);
         }
         let lateness = self.cfg.allowed_lateness_ms;
-        let closed = |clocks: &Map<i32, PartitionClock>, k: WindowId, w: &WindowState| {
-            clocks.get(&w.partition).is_some_and(|c| k.window_end().saturating_add(lateness) <= c.watermark)
-        };
-        let mut out = Vec::with_capacity(self.dirty.len());
-        let mut emitted = Vec::new();
+        let horizon = self.cfg.correction_horizon_ms;
+        let marks: Vec<(i32, Millis)> = self.clocks.iter().map(|(&p, c)| (p, c.watermark)).collect();
+        let mut emitted = Vec::with_capacity(self.dirty.len());
+        // Windows the watermark closed: final now.
+        for &(p, wm) in &marks {
+            for (_, end, id) in pop_until(&mut self.closing, p, wm.saturating_sub(lateness)) {
+                if let Some(w) = self.windows.get_mut(&id).filter(|w| !w.is_final) {
+                    w.is_final = true;
+                    self.settled.insert((p, end, id));
+                    if !w.dirty {
+                        emitted.push(id);
+                    }
+                }
+            }
+        }
         for id in std::mem::take(&mut self.dirty) {
             if let Some(w) = self.windows.get_mut(&id) {
                 w.dirty = false;
-                w.is_final |= closed(&self.clocks, id, w);
                 emitted.push(id);
             }
         }
-        for (&id, w) in self.windows.iter() {
-            if !w.is_final && closed(&self.clocks, id, w) {
-                emitted.push(id);
-            }
-        }
+        let mut out = Vec::with_capacity(emitted.len());
         for id in emitted {
             let key = self.window_key(id);
             if let Some(w) = self.windows.get_mut(&id) {
-                w.is_final |= closed(&self.clocks, id, w);
                 let a = emit(key, w);
                 self.changes.push(state::window_entry(&a.key, w.partition, &w.value(id.window_start())));
                 out.push(a);
             }
         }
-        let horizon = self.cfg.correction_horizon_ms;
-        let clocks = &self.clocks;
-        let mut expired = Vec::new();
-        self.windows.retain(|&id, w| {
-            let gone = w.is_final && clocks.get(&w.partition).is_some_and(|c| id.window_end().saturating_add(horizon) <= c.watermark);
-            if gone {
-                expired.push((id, w.partition));
+        let cold = self.cold.clone();
+        // Final windows past the horizon leave; with a cold store, so do
+        // those that closed more than hot_window_ms ago (the store has or,
+        // once this flush commits, will have their last value).
+        for &(p, wm) in &marks {
+            let expire_to = wm.saturating_sub(horizon);
+            let to = match cold {
+                Some(_) => expire_to.max(wm.saturating_sub(lateness).saturating_sub(self.cfg.hot_window_ms)),
+                None => expire_to,
+            };
+            for (_, end, id) in pop_until(&mut self.settled, p, to) {
+                if !self.windows.get(&id).is_some_and(|w| w.is_final) {
+                    continue;
+                }
+                if cold.is_none() && end <= expire_to {
+                    let key = self.window_key(id);
+                    self.changes.push(state::window_tombstone(&key, p));
+                }
+                self.windows.remove(&id);
             }
-            !gone
-        });
-        for (id, partition) in expired {
-            let key = self.window_key(id);
-            self.changes.push(state::window_tombstone(&key, partition));
+        }
+        let day = Granularity::Day.size_ms();
+        match &cold {
+            None => {
+                let clocks = &self.clocks;
+                let changes = &mut self.changes;
+                self.unsequenced.retain(|&(p, d), ids| {
+                    let keep = clocks.get(&p).is_none_or(|c| (d + day).saturating_add(horizon) > c.watermark);
+                    if !keep {
+                        changes.extend(ids.keys().map(|id| state::unsequenced_tombstone(p, d, id)));
+                    }
+                    keep
+                });
+            }
+            Some(cold) => {
+                // Memory keeps the id sets of hot days only.
+                let bounds: Map<i32, Millis> = marks.iter().filter_map(|&(p, _)| Some((p, self.cold_bound(p)?))).collect();
+                self.unsequenced.retain(|(p, d), _| bounds.get(p).is_none_or(|&b| d + day > b));
+                // Expiry reads the store: it holds every window and id set.
+                for &(p, wm) in &marks {
+                    let mut gone = Vec::new();
+                    let mut push = |k: &[u8], _: &[u8]| gone.push(k.to_vec());
+                    let scanned = cold
+                        .scan(p, EntryKind::Window, Millis::MIN, wm.saturating_sub(horizon), EXPIRE_PER_FLUSH, &mut push)
+                        .and_then(|_| {
+                            let to = wm.saturating_sub(horizon).saturating_sub(day);
+                            cold.scan(p, EntryKind::Unsequenced, Millis::MIN, to, EXPIRE_PER_FLUSH, &mut push)
+                        });
+                    if let Err(e) = scanned {
+                        self.cold_failed(e);
+                    }
+                    self.changes.extend(gone.into_iter().map(|key| StateChange { partition: p, key, value: None }));
+                }
+                if self.flushes.is_multiple_of(STREAM_SWEEP_FLUSHES) {
+                    // A changed stream's entry is not committed yet: it stays.
+                    self.streams.retain(|_, s| {
+                        let keep = s.used || s.changed;
+                        s.used = false;
+                        keep
+                    });
+                }
+            }
         }
         let changes = &mut self.changes;
-        self.unsequenced.retain(|&(p, day), ids| {
-            let keep = clocks.get(&p).is_none_or(|c| (day + Granularity::Day.size_ms()).saturating_add(horizon) > c.watermark);
-            if !keep {
-                changes.extend(ids.keys().map(|id| state::unsequenced_tombstone(p, day, id)));
-            }
-            keep
-        });
         for (&p, c) in self.clocks.iter_mut() {
             if c.saved != (c.watermark, c.max_event_time) {
                 c.saved = (c.watermark, c.max_event_time);
@@ -1082,6 +1327,11 @@ impl Engine {
         for id in &mut self.dirty {
             *id = renumber(*id);
         }
+        // Stale queue entries of dead series are dropped with them.
+        let live = |&(_, _, id): &(i32, Millis, WindowId)| renumbered[id.series() as usize] != u32::MAX;
+        let requeue = |(p, t, id): (i32, Millis, WindowId)| (p, t, renumber(id));
+        self.closing = std::mem::take(&mut self.closing).into_iter().filter(live).map(requeue).collect();
+        self.settled = std::mem::take(&mut self.settled).into_iter().filter(live).map(requeue).collect();
         let symbols = &mut self.symbols;
         let mut restream =
             |id: u64| stream_id(symbols.intern(old_symbols.name((id >> 32) as u32)), symbols.intern(old_symbols.name(id as u32)));
@@ -1127,7 +1377,7 @@ impl Engine {
                         let w = state::decode_window(v)?;
                         let w = WindowState::from_value(&w, id, partition)
                             .ok_or_else(|| meter_avro::DecodeError::Malformed("state changelog: event time outside its window".into()))?;
-                        self.windows.insert(id, w);
+                        self.insert_window(id, w);
                     }
                 }
             }
@@ -1140,7 +1390,7 @@ impl Engine {
                     Some(v) => {
                         let tracker = state::decode_stream(v)?;
                         let changed = self.streams.get(&id).is_some_and(|s| s.changed);
-                        self.streams.insert(id, Stream { partition, changed, tracker, tracked: UNTRACKED });
+                        self.streams.insert(id, Stream { partition, changed, used: true, tracker, tracked: UNTRACKED });
                     }
                 }
             }
@@ -1172,6 +1422,8 @@ impl Engine {
         self.windows.retain(|_, w| w.partition != partition);
         let windows = &self.windows;
         self.dirty.retain(|k| windows.contains_key(k));
+        self.closing.retain(|&(p, _, _)| p != partition);
+        self.settled.retain(|&(p, _, _)| p != partition);
         self.clocks.remove(&partition);
         self.unsequenced.retain(|(p, _), _| *p != partition);
         self.streams.retain(|_, s| s.partition != partition);
@@ -1186,10 +1438,30 @@ impl Engine {
     pub fn reset(&mut self) {
         let counters = std::mem::take(&mut self.counters);
         let partitions = self.partitions;
+        let cold = self.cold.take();
         *self = Engine::new(self.catalog.clone(), self.codec.clone(), self.cfg.clone());
         self.partitions = partitions;
+        self.cold = cold;
         self.counters = counters;
     }
+}
+
+/// Tombstones of each kind one flush writes per partition at most; the
+/// rest follow in the next flushes.
+const EXPIRE_PER_FLUSH: usize = 4096;
+
+/// With a cold store, dedup streams that recorded no seq for this many
+/// flushes leave memory.
+const STREAM_SWEEP_FLUSHES: u64 = 64;
+
+/// Removes and returns the entries of `partition` whose time is at most `to`.
+fn pop_until(queue: &mut BTreeSet<(i32, Millis, WindowId)>, partition: i32, to: Millis) -> Vec<(i32, Millis, WindowId)> {
+    let start = (partition, Millis::MIN, WindowId(0));
+    let due: Vec<_> = queue.range(start..).take_while(|&&(p, t, _)| p == partition && t <= to).copied().collect();
+    for e in &due {
+        queue.remove(e);
+    }
+    due
 }
 
 /// The string dimensions of a series.

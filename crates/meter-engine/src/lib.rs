@@ -8,12 +8,14 @@
 //! service (`meter-processor`) decides when output and offsets become durable.
 
 mod auth;
+mod cold;
 mod dedup;
 mod engine;
 mod keys;
-mod state;
+pub mod state;
 
 pub use auth::AgentRegistry;
+pub use cold::ColdState;
 pub use dedup::SeqTracker;
 pub use engine::{Counters, Engine, EngineConfig, Input, Outcome, SharedIdentity};
 pub use keys::{AgentKeys, Verdict};

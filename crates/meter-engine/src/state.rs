@@ -32,6 +32,37 @@ pub struct StateChange {
     pub value: Option<Vec<u8>>,
 }
 
+/// The kinds of changelog entries, in the order the on-disk store sorts
+/// them within a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EntryKind {
+    Window = 1,
+    Stream = 2,
+    Clock = 3,
+    Unsequenced = 4,
+}
+
+/// The kind of a changelog entry and the time it is indexed by in the
+/// on-disk store: a window's end, a seq-less id set's day start, 0 for
+/// streams and clocks. Decodes only the key's leading fields.
+pub fn index(key: &[u8]) -> Result<(EntryKind, Millis), DecodeError> {
+    let mut r = Reader::new(key);
+    match r.long()? {
+        WINDOW => {
+            let g = Granularity::from_index(r.long()?).ok_or_else(|| malformed("granularity"))?;
+            let start = r.long()?;
+            Ok((EntryKind::Window, start.saturating_add(g.size_ms())))
+        }
+        STREAM => Ok((EntryKind::Stream, 0)),
+        CLOCK => Ok((EntryKind::Clock, 0)),
+        UNSEQUENCED => {
+            r.long()?;
+            Ok((EntryKind::Unsequenced, r.long()?))
+        }
+        t => Err(malformed(&format!("unknown entry type {t}"))),
+    }
+}
+
 pub(crate) enum Key {
     Window(WindowKey),
     Stream(String, String),
@@ -39,7 +70,7 @@ pub(crate) enum Key {
     Unsequenced(i32, Millis, String),
 }
 
-fn window_key(k: &WindowKey) -> Vec<u8> {
+pub(crate) fn window_key(k: &WindowKey) -> Vec<u8> {
     let mut buf = Vec::with_capacity(96);
     let mut w = Writer(&mut buf);
     w.long(WINDOW);
@@ -86,12 +117,17 @@ pub(crate) fn window_tombstone(k: &WindowKey, partition: i32) -> StateChange {
     StateChange { partition, key: window_key(k), value: None }
 }
 
-pub(crate) fn stream_entry(agent: &str, customer: &str, partition: i32, t: &SeqTracker) -> StateChange {
+pub(crate) fn stream_key(agent: &str, customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(48);
     let mut w = Writer(&mut key);
     w.long(STREAM);
     w.string(agent);
     w.string(customer);
+    key
+}
+
+pub(crate) fn stream_entry(agent: &str, customer: &str, partition: i32, t: &SeqTracker) -> StateChange {
+    let key = stream_key(agent, customer);
     let (high, gaps) = t.parts();
     let mut v = Vec::with_capacity(16 + 8 * gaps.len());
     let mut w = Writer(&mut v);
@@ -111,10 +147,15 @@ pub(crate) fn stream_entry(agent: &str, customer: &str, partition: i32, t: &SeqT
     StateChange { partition, key, value: Some(v) }
 }
 
-pub(crate) fn clock_entry(partition: i32, watermark: Millis, max_event_time: Millis) -> StateChange {
+pub(crate) fn clock_key(partition: i32) -> Vec<u8> {
     let mut key = Vec::with_capacity(4);
     Writer(&mut key).long(CLOCK);
     Writer(&mut key).long(i64::from(partition));
+    key
+}
+
+pub(crate) fn clock_entry(partition: i32, watermark: Millis, max_event_time: Millis) -> StateChange {
+    let key = clock_key(partition);
     let mut v = Vec::with_capacity(24);
     let mut w = Writer(&mut v);
     w.long(VERSION);
@@ -123,7 +164,7 @@ pub(crate) fn clock_entry(partition: i32, watermark: Millis, max_event_time: Mil
     StateChange { partition, key, value: Some(v) }
 }
 
-fn unsequenced_key(partition: i32, day: Millis, id: &str) -> Vec<u8> {
+pub(crate) fn unsequenced_key(partition: i32, day: Millis, id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(16 + id.len());
     let mut w = Writer(&mut key);
     w.long(UNSEQUENCED);

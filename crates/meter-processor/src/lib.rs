@@ -41,6 +41,7 @@
 //!   and rewound to its committed offset.
 
 pub mod metrics;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -52,9 +53,7 @@ use meter_config::{Config, KeyPartitioner, Valid};
 use meter_engine::{Counters, Engine, EngineConfig, Input, Outcome, StateChange};
 use meter_kafka::publish::send_blocking;
 use meter_kafka::registry::{codec_for, Registry, Writes};
-use meter_kafka::{
-    assign_from_beginning, client_config, fetch_queue_backoff_ms, forget_reached, observed_client_config, DrainProbe, Signal, StatsContext,
-};
+use meter_kafka::{client_config, fetch_queue_backoff_ms, forget_reached, observed_client_config, DrainProbe, Signal, StatsContext};
 use meter_model::partition::Partitioner;
 use meter_model::{now_ms, DeadLetter, Millis};
 use meter_telemetry::kafka::KafkaMetrics;
@@ -67,7 +66,56 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{AgentIdShared, OutcomesCommitted, ProcessorMetrics, StateRestored, TransactionAborted, TransactionCommitted};
+use crate::metrics::{
+    AgentIdShared, CheckpointRejected, OutcomesCommitted, ProcessorMetrics, StateRestored, TransactionAborted, TransactionCommitted,
+};
+use crate::store::{record_hash, Checkpoint, Store};
+
+/// How often the store's commits wait for the disk; between them a crash
+/// loses only store commits that the changelog tail replays.
+const DURABLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Records the changelog offsets the broker acknowledged, per partition,
+/// so that the store's checkpoint names the exact last record applied.
+#[derive(Clone)]
+struct TxnContext {
+    stats: StatsContext,
+    state_topic: String,
+    delivered: std::sync::Arc<Mutex<Delivered>>,
+}
+
+#[derive(Default)]
+struct Delivered {
+    /// Highest acknowledged offset per changelog partition.
+    last: BTreeMap<i32, i64>,
+    /// Changelog records acknowledged, and failed.
+    acked: u64,
+    failed: u64,
+}
+
+impl ClientContext for TxnContext {
+    fn stats(&self, statistics: Statistics) {
+        self.stats.observe(&statistics);
+    }
+}
+
+impl rdkafka::producer::ProducerContext for TxnContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        let mut d = self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(m) if m.topic() == self.state_topic => {
+                d.acked += 1;
+                let e = d.last.entry(m.partition()).or_insert(m.offset());
+                *e = (*e).max(m.offset());
+            }
+            Ok(_) => {}
+            Err((_, m)) if m.topic() == self.state_topic => d.failed += 1,
+            Err(_) => {}
+        }
+    }
+}
 
 /// The agents' verification keys from `processor.agent_keys_file` (none
 /// when unset). Errors name the file and the agent, never a secret.
@@ -92,6 +140,7 @@ pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
     Ok(EngineConfig {
         allowed_lateness_ms: p.allowed_lateness_ms,
         correction_horizon_ms: p.correction_horizon_ms,
+        hot_window_ms: p.hot_window_ms,
         max_clock_skew_ms: p.max_clock_skew_ms,
         idle_timeout_ms: p.idle_timeout_ms,
         max_payload_bytes: p.max_payload_bytes,
@@ -117,6 +166,10 @@ pub struct ProcessorStats {
     pub commits: u64,
     pub aborts: u64,
     pub restores: u64,
+    /// Partition restores by how they began (`checkpoint`, `full`,
+    /// `rejected`), and the changelog records they read.
+    pub restore_sources: BTreeMap<&'static str, u64>,
+    pub restored_entries: u64,
 }
 
 impl ProcessorStats {
@@ -208,8 +261,15 @@ struct Runner {
     cfg: Config,
     codec: Codec,
     engine: Engine,
-    producer: BaseProducer<StatsContext>,
+    producer: BaseProducer<TxnContext>,
     restorer: BaseConsumer<QuietEof>,
+    /// The local state store (see [`store`]); the engine reads it too.
+    store: std::sync::Arc<Store>,
+    /// When the store last committed durably.
+    last_durable: Instant,
+    /// Set when the store failed: the processor stops (its partitions move
+    /// to other instances; a restart restores from the changelog).
+    store_failed: Option<String>,
     /// Reads the changelog's high watermarks (read_uncommitted: the
     /// restorer's own ListOffsets would answer the last stable offset).
     watermarks: BaseConsumer,
@@ -231,7 +291,7 @@ struct Runner {
     stats: ProcessorStats,
     buf: Vec<u8>,
     metrics: ProcessorMetrics,
-    producer_context: StatsContext,
+    producer_context: TxnContext,
     /// Engine counters already counted in the metrics: outcomes are counted
     /// when their transaction commits, never twice after an abort.
     counted: Counters,
@@ -269,8 +329,8 @@ fn skip_restore(_: &Config) -> bool {
     false
 }
 
-fn transactional_producer(cfg: &Config, context: StatsContext) -> anyhow::Result<BaseProducer<StatsContext>> {
-    let producer: BaseProducer<StatsContext> = observed_client_config(cfg)
+fn transactional_producer(cfg: &Config, context: TxnContext) -> anyhow::Result<BaseProducer<TxnContext>> {
+    let producer: BaseProducer<TxnContext> = observed_client_config(cfg)
         .set("partitioner", cfg.kafka.partitioner.librdkafka())
         .set("transactional.id", format!("{}-{}", cfg.processor.group_id, cfg.processor.instance_id))
         .set("transaction.timeout.ms", cfg.processor.transaction_timeout_ms.to_string())
@@ -289,6 +349,11 @@ impl Runner {
         let partition = m.partition();
         let signature = m.headers().and_then(|h| h.iter().find(|h| h.key == meter_model::signing::HEADER)).and_then(|h| h.value);
         let outcome = self.engine.process(Input { partition, key: m.key(), payload: m.payload(), signature }, now);
+        if let Outcome::Unavailable { detail } = outcome {
+            // Not handled: the record is not ours to skip (see store_failed).
+            self.store_failed.get_or_insert(detail);
+            return;
+        }
         if let Outcome::DeadLetter { reason, mut detail } = outcome {
             debug!(partition, offset = m.offset(), %reason, %detail, "dead-lettering record");
             let key = m.key().map(|k| keep_at_most(k, DLQ_MAX_KEY_BYTES, "key", &mut detail));
@@ -348,11 +413,20 @@ impl Runner {
         for &p in parts {
             self.engine.drop_partition(p);
         }
-        let entries = if skip_restore(&self.cfg) {
+        let (entries, loaded, sources) = if skip_restore(&self.cfg) {
             warn!("unsafe_skip_state_restore is set: state NOT restored, exactly-once is broken on purpose");
-            0
+            for &p in parts {
+                self.store.clear_partition(p)?;
+            }
+            (0, 0, Vec::new())
         } else {
-            self.restore_partitions(parts)?
+            let (entries, sources) = self.restore_partitions(parts)?;
+            let now = now_ms();
+            let mut loaded = 0;
+            for &p in parts {
+                loaded += self.engine.load_partition(p, now).map_err(|e| anyhow!("loading partition {p} from the state store: {e}"))?;
+            }
+            (entries, loaded, sources)
         };
         for e in committed.elements() {
             let p = e.partition();
@@ -371,12 +445,18 @@ impl Runner {
             consumer.seek(&events, p, offset, Duration::from_secs(10)).with_context(|| format!("rewinding {events}/{p} to {offset:?}"))?;
         }
         self.stats.restores += 1;
-        StateRestored { partitions: parts, entries, duration: started.elapsed() }.emit(&self.metrics);
+        self.stats.restored_entries += entries;
+        for (_, source) in &sources {
+            *self.stats.restore_sources.entry(source).or_default() += 1;
+        }
+        StateRestored { partitions: parts, entries, loaded, sources: &sources, duration: started.elapsed() }.emit(&self.metrics);
         Ok(())
     }
 
-    /// Replays the changelog partitions of `parts` into the engine, reading
-    /// each to its high watermark as of now.
+    /// Brings the local store of `parts` up to the changelog's end: from
+    /// each partition's checkpoint when it matches the changelog, else from
+    /// the beginning (after forgetting what the store held of it). Returns
+    /// the records read and how each partition began.
     ///
     /// Reading to the end a read_committed consumer sees (the last stable
     /// offset) is not enough: a transaction left open by an instance that
@@ -387,14 +467,45 @@ impl Runner {
     /// would silently drop the input they aggregated. Waiting for the high
     /// watermark waits for every earlier transaction to end (at most the
     /// dead instance's transaction timeout plus the broker's abort check).
-    fn restore_partitions(&mut self, parts: &[i32]) -> anyhow::Result<u64> {
-        let topic = &self.cfg.state_topic();
-        let mut target = assign_from_beginning(&self.restorer, &self.watermarks, topic, parts.iter().copied())
-            .with_context(|| format!("assigning {topic}"))?;
-        if target.is_empty() {
-            return Ok(0);
+    fn restore_partitions(&mut self, parts: &[i32]) -> anyhow::Result<(u64, Vec<(i32, &'static str)>)> {
+        let topic = self.cfg.state_topic();
+        let mut tpl = TopicPartitionList::new();
+        let mut target = BTreeMap::new();
+        let mut sources = Vec::new();
+        for &p in parts {
+            let (low, high) =
+                self.watermarks.fetch_watermarks(&topic, p, Duration::from_secs(10)).with_context(|| format!("{topic}/{p}"))?;
+            let start = match self.store.checkpoint(p)? {
+                Some(c) => match self.checkpoint_matches(&topic, p, c, low, high) {
+                    Ok(()) => {
+                        sources.push((p, "checkpoint"));
+                        c.next_offset
+                    }
+                    Err(reason) => {
+                        CheckpointRejected { partition: p, reason: &reason }.emit();
+                        self.store.clear_partition(p)?;
+                        sources.push((p, "rejected"));
+                        low
+                    }
+                },
+                None => {
+                    self.store.clear_partition(p)?;
+                    sources.push((p, "full"));
+                    low
+                }
+            };
+            if high > start {
+                tpl.add_partition_offset(&topic, p, Offset::Offset(start))?;
+                target.insert(p, high);
+            }
         }
-        let now = now_ms();
+        if target.is_empty() {
+            return Ok((0, sources));
+        }
+        self.restorer.assign(&tpl).with_context(|| format!("assigning {topic}"))?;
+        let ends = target.clone();
+        let mut batch: Vec<(i32, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut last: BTreeMap<i32, (i64, u64)> = BTreeMap::new();
         let mut n = 0u64;
         let started = Instant::now();
         let deadline = started + Duration::from_secs(300);
@@ -402,10 +513,14 @@ impl Runner {
         while !target.is_empty() {
             let check = match self.restorer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    self.engine
-                        .restore(m.partition(), m.key().unwrap_or_default(), m.payload(), now)
-                        .with_context(|| format!("restoring {topic}/{} offset {}", m.partition(), m.offset()))?;
+                    let key = m.key().unwrap_or_default();
+                    last.insert(m.partition(), (m.offset(), record_hash(key, m.payload())));
+                    batch.push((m.partition(), key.to_vec(), m.payload().map(<[u8]>::to_vec)));
                     n += 1;
+                    if batch.len() >= 20_000 {
+                        self.store.apply(batch.iter().map(|(p, k, v)| (*p, k.as_slice(), v.as_deref())), &[], false)?;
+                        batch.clear();
+                    }
                     false
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) | None => true,
@@ -418,7 +533,7 @@ impl Runner {
                 // The position passes commit and abort markers too, so it
                 // reaches the high watermark once every transaction below it
                 // has ended.
-                forget_reached(&self.restorer, topic, &mut target)?;
+                forget_reached(&self.restorer, &topic, &mut target)?;
                 if !target.is_empty() && !waiting_logged && started.elapsed() > Duration::from_secs(5) {
                     waiting_logged = true;
                     warn!(partitions = ?target.keys().collect::<Vec<_>>(), "restore waits for a transaction left open on the changelog (a dead instance's; the broker aborts it after its timeout)");
@@ -429,7 +544,80 @@ impl Runner {
             }
         }
         self.restorer.unassign()?;
-        Ok(n)
+        let checkpoints: Vec<(i32, Checkpoint)> = last
+            .iter()
+            .filter_map(|(&p, &(offset, hash))| Some((p, Checkpoint { next_offset: *ends.get(&p)?, last_offset: offset, last_hash: hash })))
+            .collect();
+        self.store.apply(batch.iter().map(|(p, k, v)| (*p, k.as_slice(), v.as_deref())), &checkpoints, true)?;
+        self.last_durable = Instant::now();
+        Ok((n, sources))
+    }
+
+    /// Whether a checkpoint describes this changelog partition: its offsets
+    /// lie within the partition, and the record it names as the last one
+    /// applied is there, committed, with the same key and value. A store
+    /// copied from another cluster or group, kept across a recreated topic,
+    /// rolled forward or edited, fails one of these.
+    fn checkpoint_matches(&self, topic: &str, p: i32, c: Checkpoint, low: i64, high: i64) -> Result<(), String> {
+        if !(low <= c.last_offset && c.last_offset < c.next_offset && c.next_offset <= high) {
+            return Err(format!("checkpoint offsets {}..{} lie outside the changelog's {low}..{high}", c.last_offset, c.next_offset));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(c.last_offset)).map_err(|e| e.to_string())?;
+        self.restorer.assign(&tpl).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            match self.restorer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => break Some((m.offset(), record_hash(m.key().unwrap_or_default(), m.payload()))),
+                Some(Err(KafkaError::PartitionEOF(_))) => break None,
+                _ if Instant::now() > deadline => break None,
+                _ => {}
+            }
+        };
+        let _ = self.restorer.unassign();
+        match found {
+            Some((o, h)) if o == c.last_offset && h == c.last_hash => Ok(()),
+            Some((o, _)) if o == c.last_offset => Err(format!("the record at offset {o} is not the one the checkpoint names")),
+            Some((o, _)) => Err(format!("offset {} holds no committed record (the next is {o})", c.last_offset)),
+            None => Err(format!("offset {} holds no committed record", c.last_offset)),
+        }
+    }
+
+    /// Applies a committed transaction's changelog entries to the local
+    /// store, with a checkpoint for each partition written (the offsets
+    /// the broker acknowledged). Without every acknowledgement the
+    /// checkpoints stay where they were, which only lengthens a restore.
+    fn apply_committed(&mut self, changes: &[StateChange]) -> anyhow::Result<()> {
+        let expected = changes.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let delivered = loop {
+            {
+                let mut d = self.producer_context.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if d.acked + d.failed >= expected || Instant::now() > deadline {
+                    break std::mem::take(&mut *d);
+                }
+            }
+            self.producer.poll(Duration::from_millis(1));
+        };
+        let mut checkpoints = Vec::new();
+        if delivered.acked == expected && delivered.failed == 0 {
+            let mut last: BTreeMap<i32, &StateChange> = BTreeMap::new();
+            for c in changes {
+                last.insert(c.partition, c);
+            }
+            for (p, c) in last {
+                if let Some(&offset) = delivered.last.get(&p) {
+                    let last_hash = record_hash(&c.key, c.value.as_deref());
+                    checkpoints.push((p, Checkpoint { next_offset: offset + 1, last_offset: offset, last_hash }));
+                }
+            }
+        }
+        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
+        self.store.apply(changes.iter().map(|c| (c.partition, c.key.as_slice(), c.value.as_deref())), &checkpoints, durable)?;
+        if durable {
+            self.last_durable = Instant::now();
+        }
+        Ok(())
     }
 
     /// One transaction: revisions, dead letters, changelog entries and the
@@ -437,11 +625,16 @@ impl Runner {
     fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> anyhow::Result<()> {
         let revisions = self.engine.flush(now_ms());
         let changes = self.engine.take_changes();
+        if let Some(e) = self.engine.cold_error() {
+            self.store_failed.get_or_insert_with(|| e.to_owned());
+            bail!("{e}");
+        }
         if revisions.is_empty() && changes.is_empty() && self.dead_letters.is_empty() && !self.dirty_input {
             return Ok(());
         }
         let started = Instant::now();
         let dead_letters = self.dead_letters.len();
+        std::mem::take(&mut *self.producer_context.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         self.producer.begin_transaction().context("beginning transaction")?;
         let topics = &self.cfg.topics;
         let state_topic = self.cfg.state_topic();
@@ -479,6 +672,11 @@ impl Runner {
                 .context("sending offsets to transaction")?;
         }
         self.producer.commit_transaction(Duration::from_secs(60)).context("committing transaction")?;
+        if let Err(e) = self.apply_committed(&changes) {
+            // Committed to Kafka, so nothing is lost; the memory no longer
+            // matches the store, so the processor stops.
+            self.store_failed.get_or_insert_with(|| format!("{e:#}"));
+        }
         self.dirty_input = false;
         self.stats.commits += 1;
         let mut by_kind: BTreeMap<(&'static str, bool), u64> = BTreeMap::new();
@@ -552,6 +750,7 @@ impl Runner {
         let m = &self.metrics;
         m.windows_open.set(i64::try_from(self.engine.open_windows()).unwrap_or(i64::MAX));
         m.dedup_streams.set(i64::try_from(self.engine.dedup_streams()).unwrap_or(i64::MAX));
+        m.state_store_bytes.set(i64::try_from(self.store.disk_bytes()).unwrap_or(i64::MAX));
         m.partitions_assigned.set(i64::try_from(self.owned.len()).unwrap_or(i64::MAX));
         m.watermark_delay.reset();
         let now = now_ms();
@@ -580,6 +779,15 @@ impl Runner {
         self.dirty_input = false;
         self.positions.clear();
         self.needs_recover = true;
+    }
+
+    /// Stops the processor once the state store failed: the open
+    /// transaction is aborted, so that whoever restores the partitions next
+    /// (this instance after a restart, or another) handles its input again.
+    fn check_store(&mut self) -> anyhow::Result<()> {
+        let Some(e) = self.store_failed.clone() else { return Ok(()) };
+        let _ = self.producer.abort_transaction(Duration::from_secs(30));
+        Err(anyhow!("{e}; stopping (the open transaction is aborted; restarted, the processor restores from its store and the changelog)"))
     }
 
     /// Returns the partitions restored and rewound (everything owned).
@@ -645,13 +853,26 @@ fn run_blocking(cfg: &Config, shutdown: &Signal, drain: &Signal, telemetry: &Tel
         .context("creating restore consumer")?;
     let watermarks: BaseConsumer =
         client_config(&cfg.kafka).set("isolation.level", "read_uncommitted").create().context("creating the changelog watermark client")?;
-    let producer_context = StatsContext::new("producer", kafka_metrics);
+    let producer_context =
+        TxnContext { stats: StatsContext::new("producer", kafka_metrics), state_topic: cfg.state_topic(), delivered: Default::default() };
+    let store_path = Store::path(&cfg.processor.state_dir, &cfg.processor.group_id, &cfg.processor.instance_id);
+    let (store, replaced) = Store::open(&store_path)?;
+    if replaced {
+        metrics.state_restores.with_label_values(&["unusable_store"]).inc();
+    }
+    info!(path = %store_path.display(), bytes = store.disk_bytes(), "state store opened");
+    let store = std::sync::Arc::new(store);
+    let mut engine = Engine::new(catalog, codec.clone(), engine_config(cfg)?);
+    engine.set_cold(store.clone());
     let producer = transactional_producer(cfg, producer_context.clone())?;
     consumer.subscribe(&[&cfg.topics.events]).context("subscribing to events topic")?;
     let runner = Runner {
         cfg: cfg.clone(),
         codec: codec.clone(),
-        engine: Engine::new(catalog, codec, engine_config(cfg)?),
+        engine,
+        store,
+        last_durable: Instant::now(),
+        store_failed: None,
         keys_checked: (Instant::now(), keys_mtime(cfg)),
         producer,
         restorer,
@@ -791,6 +1012,7 @@ fn run_loop(
         }
         let mut guard = lock(&consumer.context().runner);
         let r = guard.as_mut().ok_or_else(|| anyhow!("processor runner missing"))?;
+        r.check_store()?;
         if shutdown.is_raised() {
             r.commit(consumer)?;
             break;
@@ -825,6 +1047,7 @@ fn run_loop(
                     debug!(partition = m.partition(), offset = m.offset(), ?expected, "skipping record outside the owned position");
                 }
             }
+            r.check_store()?;
             if handled {
                 let now = Instant::now();
                 first_record.get_or_insert(now);
@@ -833,6 +1056,7 @@ fn run_loop(
         }
         if Instant::now() >= next_commit {
             if let Err(e) = r.commit(consumer) {
+                r.check_store()?;
                 r.abort(&format!("{e:#}"));
                 // The batch is empty here: nothing fetched is stale.
                 r.prepare(consumer)?;

@@ -29,6 +29,9 @@ pub struct ProcessorMetrics {
     pub transactions_aborted: IntCounter,
     pub transaction_duration: Histogram,
     pub restore_duration: Histogram,
+    pub state_restores: IntCounterVec,
+    pub state_entries_restored: IntCounter,
+    pub state_store_bytes: IntGauge,
 }
 
 impl ProcessorMetrics {
@@ -63,6 +66,16 @@ impl ProcessorMetrics {
                 "meter_agent_incarnation_overlaps_total",
                 "Events of an agent id inside the event-time range of another incarnation of it: two live hosts share the agent id.",
             ),
+            state_restores: t.counter_vec(
+                "meter_processor_state_restores_total",
+                "Partition restores by how they began: checkpoint (the local store was used, only the changelog after its checkpoint read), full (no checkpoint), rejected (the checkpoint did not match the changelog and was discarded: a stale, copied or edited store).",
+                &["source"],
+            ),
+            state_entries_restored: t.counter(
+                "meter_processor_state_entries_restored_total",
+                "Changelog records read into the local store while restoring partitions.",
+            ),
+            state_store_bytes: t.gauge("meter_processor_state_store_bytes", "Size of the local state store file (processor.state_dir)."),
             agent_ids_shared: t.counter(
                 "meter_agent_ids_shared_total",
                 "Pairs of live incarnations found sharing one agent id (each pair counted and logged once).",
@@ -179,14 +192,46 @@ impl TransactionAborted<'_> {
 #[derive(Debug)]
 pub struct StateRestored<'a> {
     pub partitions: &'a [i32],
+    /// Changelog records read (the tail after the checkpoints).
     pub entries: u64,
+    /// Entries then loaded into memory from the store (the hot state).
+    pub loaded: u64,
+    /// How each partition's restore began, see `state_restores`.
+    pub sources: &'a [(i32, &'static str)],
     pub duration: Duration,
 }
 
 impl StateRestored<'_> {
     pub fn emit(&self, m: &ProcessorMetrics) {
         m.restore_duration.observe(self.duration.as_secs_f64());
-        info!(partitions = ?self.partitions, entries = self.entries, ms = self.duration.as_millis() as u64, "partition state restored");
+        m.state_entries_restored.inc_by(self.entries);
+        for (_, source) in self.sources {
+            m.state_restores.with_label_values(&[source]).inc();
+        }
+        info!(
+            partitions = ?self.partitions,
+            entries = self.entries,
+            loaded = self.loaded,
+            sources = ?self.sources,
+            ms = self.duration.as_millis() as u64,
+            "partition state restored"
+        );
+    }
+}
+
+/// A checkpoint of the local store that does not describe the changelog.
+pub struct CheckpointRejected<'a> {
+    pub partition: i32,
+    pub reason: &'a str,
+}
+
+impl CheckpointRejected<'_> {
+    pub fn emit(&self) {
+        warn!(
+            partition = self.partition,
+            reason = self.reason,
+            "the local state store's checkpoint does not match the changelog; discarding the partition's local state and restoring it in full"
+        );
     }
 }
 
