@@ -105,6 +105,19 @@ fn store_key(partition: i32, key: &[u8]) -> Result<Vec<u8>, String> {
     Ok(k)
 }
 
+/// The fault harness (testkit builds only): with
+/// `METER_TESTKIT_ABORT_IN_STORE_APPLY=N`, the process aborts inside the
+/// first store write from the Nth on that has two records or more (restore
+/// batches and committed transactions alike), after one record is written
+/// and before the store transaction commits.
+#[cfg(feature = "testkit")]
+fn testkit_abort_point() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let Some(n) = std::env::var("METER_TESTKIT_ABORT_IN_STORE_APPLY").ok().and_then(|v| v.parse::<u64>().ok()) else { return false };
+    CALLS.fetch_add(1, Ordering::SeqCst) + 1 >= n
+}
+
 /// The store of one processor instance.
 pub struct Store {
     db: Database,
@@ -133,7 +146,10 @@ impl Store {
             std::fs::create_dir_all(dir).with_context(|| format!("creating the state folder {} (processor.state_dir)", dir.display()))?;
         }
         let mut builder = Database::builder();
-        builder.set_cache_size(64 << 20);
+        // The store is read on misses only and written near its end (new
+        // windows sort last): a small cache is enough, and memory must
+        // not grow with the store (redb's default is 1 GiB).
+        builder.set_cache_size(16 << 20);
         let mut replaced = false;
         let db = match builder.create(path) {
             Ok(db) => db,
@@ -200,9 +216,22 @@ impl Store {
         checkpoints: &[(i32, Checkpoint)],
         durable: bool,
     ) -> anyhow::Result<()> {
+        #[cfg(feature = "testkit")]
+        let abort_at = testkit_abort_point();
         self.write(
             |entries, cps| {
+                #[cfg(feature = "testkit")]
+                let mut written = 0u64;
                 for (p, key, value) in records {
+                    #[cfg(feature = "testkit")]
+                    {
+                        written += 1;
+                        if abort_at && written == 2 {
+                            // The fault harness: die with the store
+                            // transaction half written (no destructor runs).
+                            std::process::abort();
+                        }
+                    }
                     let k = store_key(p, key).map_err(|e| anyhow::anyhow!(err(&self.path, e)))?;
                     match value {
                         Some(v) => entries.insert(k.as_slice(), v)?,

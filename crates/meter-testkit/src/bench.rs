@@ -70,6 +70,13 @@ pub struct BenchArgs {
     /// Keep the topics and the database afterwards.
     #[arg(long)]
     keep: bool,
+    /// Run the state benchmark instead (see `state_bench`): peak RSS,
+    /// restart time, store and changelog size for each of `--histories`.
+    #[arg(long)]
+    state: bool,
+    /// Histories of the state benchmark, in days.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    histories: Vec<u64>,
 }
 
 /// Everything a bench run creates, for the clean-up.
@@ -109,6 +116,10 @@ pub async fn run(mut base: Config, args: BenchArgs) -> anyhow::Result<ExitCode> 
     base.processor.idle_timeout_ms = 2_000;
     base.processor.instance_id = "bench-1".into();
     let base = base.validate()?.into_inner();
+    if args.state {
+        crate::state_bench::run(&base, &args.histories, &args.ops_dir).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut created = Created::default();
     let result = run_phases(&base, &args, run_id, &mut created).await;
     if !args.keep {

@@ -5,10 +5,12 @@
 //!
 //! - [`chaos`]: the fault-injection harness behind the exactly-once claim;
 //! - [`bench`]: the end-to-end benchmark, every figure next to a baseline
-//!   measured in the same run.
+//!   measured in the same run;
+//! - [`state_bench`]: what processor state costs as history grows.
 //!
 //! Each run works in a scope of its own (`meter_config::Config::scoped`):
 //! its own topics, consumer groups and ClickHouse database.
 
 pub mod bench;
 pub mod chaos;
+pub mod state_bench;
