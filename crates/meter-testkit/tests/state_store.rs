@@ -174,3 +174,58 @@ async fn a_checkpoint_that_does_not_match_the_changelog_is_rejected_and_the_rest
     assert!(dir.path().read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".unusable")));
     assert_exact(&cfg, &ledger).await;
 }
+
+/// A tmpfs of `size` on a temporary folder, unmounted when dropped (the
+/// test mounts it, so it runs as root, as CI does).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mounting a tmpfs needs root (CI runs as root): {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_disk_stops_the_processor_with_its_cause_and_nothing_is_lost() {
+    let fs = Tmpfs::mount("2m");
+    let cfg = config("diskfull", fs.dir.path());
+    setup(&cfg).await;
+    let mut ledger = Ledger::default();
+    // Six customers over four hours: a store of several MB.
+    let sim = SimConfig { customers: 6, duration_s: 4 * 3600, ..fleet(6, "a") };
+    let sent = publish(&cfg, sim, &mut ledger, true).await;
+
+    let drain = Signal::default();
+    drain.raise();
+    let failed = tokio::time::timeout(Duration::from_secs(180), meter_processor::run(&cfg, Signal::default(), drain))
+        .await
+        .expect("the processor stops rather than hangs");
+    let err = format!("{:#}", failed.expect_err("a full state disk must stop the processor"));
+    eprintln!("the processor stopped: {err}");
+    assert!(err.contains("state store") && err.contains("No space left"), "the error names the store and the cause: {err}");
+
+    // Restarted on a disk with room (another instance, or this one after
+    // the operator freed space), it restores from the changelog: exact.
+    let roomy = tempfile::tempdir().unwrap();
+    let mut moved = cfg.clone().into_inner();
+    moved.processor.state_dir = roomy.path().to_owned();
+    let moved = moved.validate().unwrap();
+    let second = process(&moved).await;
+    assert!(second.counters.aggregated < sent, "the first run committed part of the input before its disk filled");
+    assert_exact(&moved, &ledger).await;
+}
