@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use meter_avro::{Codec, DecodeError, UsageEventRef, Via};
+use meter_model::fnv::fnv1a;
 use meter_model::partition::Partitioner;
 use meter_model::{identity, AggregatedUsage, Catalog, DeadLetterReason, Granularity, Millis, WindowKey};
 
@@ -562,6 +563,9 @@ impl Engine {
 
     /// Classifies and, where valid and new, aggregates one record.
     pub fn process(&mut self, input: Input<'_>, now: Millis) -> Outcome {
+        if let Some(detail) = &self.cold_error {
+            return Outcome::Unavailable { detail: detail.clone() };
+        }
         let outcome = match self.try_process(input, now) {
             _ if self.cold_error.is_some() => {
                 return Outcome::Unavailable { detail: self.cold_error.clone().unwrap_or_default() };
@@ -608,6 +612,9 @@ impl Engine {
         cold.get(partition, key).map_err(|e| self.cold_failed(e))
     }
 
+    /// Records a cold-store error. The rejection it returns only unwinds
+    /// `try_process`: `process` reports the record as
+    /// [`Outcome::Unavailable`], never with this reason.
     fn cold_failed(&mut self, e: String) -> Rejection {
         let e = format!("the processor's state store cannot be read: {e}");
         self.cold_error.get_or_insert(e.clone());
@@ -658,15 +665,17 @@ impl Engine {
         let cold = self.cold.clone().ok_or("no state store attached")?;
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let clock = state::clock_key(partition);
+        let mut n = 0;
         if let Some(v) = cold.get(partition, &clock)? {
             self.restore(partition, &clock, Some(&v), now).map_err(|e| format!("clock of partition {partition}: {e}"))?;
+            n += 1;
         }
         let bound = self.cold_bound(partition).unwrap_or(Millis::MIN);
         let mut push = |k: &[u8], v: &[u8]| entries.push((k.to_vec(), v.to_vec()));
         cold.scan(partition, EntryKind::Window, bound.saturating_add(1), Millis::MAX, usize::MAX, &mut push)?;
         let days_from = bound.saturating_sub(Granularity::Day.size_ms()).saturating_add(1);
         cold.scan(partition, EntryKind::Unsequenced, days_from, Millis::MAX, usize::MAX, &mut push)?;
-        let n = entries.len() as u64 + 1;
+        n += entries.len() as u64;
         for (k, v) in entries {
             self.restore(partition, &k, Some(&v), now).map_err(|e| format!("partition {partition}: {e}"))?;
         }
@@ -1060,14 +1069,9 @@ impl Engine {
             // The common case: one lookup per granularity, updated in place.
             let [a, b, c] = &ids;
             let found = self.windows.get_disjoint_mut([a, b, c]);
-            for (w, id) in found.iter().zip(&ids) {
+            for (w, &id) in found.iter().zip(&ids) {
                 if let Some(w) = w {
-                    if w.sum.get().checked_add(i128::from(q)).is_none() || w.count == i64::MAX {
-                        return Err((
-                            DeadLetterReason::QuantityOverflow,
-                            format!("adding {q} would overflow the {} window sum", id.granularity().as_str()),
-                        ));
-                    }
+                    Self::check_room(w, q, id)?;
                 }
             }
             if found.iter().all(Option::is_some) {
@@ -1099,14 +1103,9 @@ impl Engine {
                 }
             }
         }
-        for id in &ids {
-            if let Some(w) = self.windows.get(id) {
-                if w.sum.get().checked_add(i128::from(q)).is_none() || w.count == i64::MAX {
-                    return Err((
-                        DeadLetterReason::QuantityOverflow,
-                        format!("adding {q} would overflow the {} window sum", id.granularity().as_str()),
-                    ));
-                }
+        for &id in &ids {
+            if let Some(w) = self.windows.get(&id) {
+                Self::check_room(w, q, id)?;
             }
         }
         for id in ids {
@@ -1133,6 +1132,17 @@ impl Engine {
                 w.dirty = true;
                 self.dirty.push(id);
             }
+        }
+        Ok(())
+    }
+
+    /// Rejects adding `q` to a window whose sum or count would overflow.
+    fn check_room(w: &WindowState, q: i64, id: WindowId) -> Result<(), Rejection> {
+        if w.sum.get().checked_add(i128::from(q)).is_none() || w.count == i64::MAX {
+            return Err((
+                DeadLetterReason::QuantityOverflow,
+                format!("adding {q} would overflow the {} window sum", id.granularity().as_str()),
+            ));
         }
         Ok(())
     }
@@ -1470,12 +1480,6 @@ struct WindowKeyParts<'a> {
     kind: u32,
     region: &'a str,
     resource: &'a str,
-}
-
-/// FNV-1a, 64 bit: a payload fingerprint that stays the same across
-/// builds (it is stored in the changelog), unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn emit(key: WindowKey, w: &mut WindowState) -> AggregatedUsage {

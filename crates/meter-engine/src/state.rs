@@ -16,10 +16,10 @@ use meter_model::{Granularity, Millis, WindowKey};
 
 use crate::dedup::SeqTracker;
 
-const WINDOW: i64 = 1;
-const STREAM: i64 = 2;
-const CLOCK: i64 = 3;
-const UNSEQUENCED: i64 = 4;
+const WINDOW: i64 = EntryKind::Window as i64;
+const STREAM: i64 = EntryKind::Stream as i64;
+const CLOCK: i64 = EntryKind::Clock as i64;
+const UNSEQUENCED: i64 = EntryKind::Unsequenced as i64;
 /// Version of the value encodings, first in every value.
 const VERSION: i64 = 1;
 
@@ -32,8 +32,8 @@ pub struct StateChange {
     pub value: Option<Vec<u8>>,
 }
 
-/// The kinds of changelog entries, in the order the on-disk store sorts
-/// them within a partition.
+/// The kinds of changelog entries: the first field of every key, and the
+/// order the on-disk store sorts them in within a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EntryKind {
     Window = 1,

@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod date;
+pub mod fnv;
 pub mod ledger;
 pub mod partition;
 pub mod signing;

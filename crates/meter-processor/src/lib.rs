@@ -93,6 +93,12 @@ struct Delivered {
     failed: u64,
 }
 
+impl TxnContext {
+    fn delivered(&self) -> std::sync::MutexGuard<'_, Delivered> {
+        self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl ClientContext for TxnContext {
     fn stats(&self, statistics: Statistics) {
         self.stats.observe(&statistics);
@@ -103,7 +109,7 @@ impl rdkafka::producer::ProducerContext for TxnContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
-        let mut d = self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut d = self.delivered();
         match result {
             Ok(m) if m.topic() == self.state_topic => {
                 d.acked += 1;
@@ -592,7 +598,7 @@ impl Runner {
         let deadline = Instant::now() + Duration::from_secs(5);
         let delivered = loop {
             {
-                let mut d = self.producer_context.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut d = self.producer_context.delivered();
                 if d.acked + d.failed >= expected || Instant::now() > deadline {
                     break std::mem::take(&mut *d);
                 }
@@ -634,7 +640,8 @@ impl Runner {
         }
         let started = Instant::now();
         let dead_letters = self.dead_letters.len();
-        std::mem::take(&mut *self.producer_context.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        // Reports of an aborted transaction must not count for this one.
+        *self.producer_context.delivered() = Delivered::default();
         self.producer.begin_transaction().context("beginning transaction")?;
         let topics = &self.cfg.topics;
         let state_topic = self.cfg.state_topic();

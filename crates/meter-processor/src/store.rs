@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use meter_engine::state::{index, EntryKind};
 use meter_engine::ColdState;
+use meter_model::fnv::Fnv1a;
 use meter_model::Millis;
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use tracing::warn;
@@ -64,25 +65,22 @@ impl Checkpoint {
 /// The identity of a changelog record: FNV-1a over its key, a separator
 /// and its value (a tombstone hashes differently from an empty value).
 pub fn record_hash(key: &[u8], value: Option<&[u8]>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    for &b in key {
-        eat(b);
-    }
+    let mut h = Fnv1a::default();
+    h.update(key);
     match value {
-        None => eat(0),
-        Some(v) => {
-            eat(1);
-            for &b in v {
-                eat(b);
-            }
-        }
-    }
-    h
+        None => h.update(&[0]),
+        Some(v) => h.update(&[1]).update(v),
+    };
+    h.finish()
+}
+
+/// A partition as an unsigned number that sorts like the partition.
+fn partition_number(partition: i32) -> u32 {
+    partition as u32 ^ 0x8000_0000
 }
 
 fn partition_prefix(partition: i32) -> [u8; 4] {
-    (partition as u32 ^ 0x8000_0000).to_be_bytes()
+    partition_number(partition).to_be_bytes()
 }
 
 fn time_bytes(t: Millis) -> [u8; 8] {
@@ -171,10 +169,6 @@ impl Store {
         Ok((store, replaced))
     }
 
-    pub fn file(&self) -> &Path {
-        &self.path
-    }
-
     /// Size of the store file in bytes.
     pub fn disk_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
@@ -203,7 +197,7 @@ impl Store {
     pub fn checkpoint(&self, partition: i32) -> anyhow::Result<Option<Checkpoint>> {
         let txn = self.db.begin_read().map_err(|e| anyhow::anyhow!(err(&self.path, e)))?;
         let t = txn.open_table(CHECKPOINTS).map_err(|e| anyhow::anyhow!(err(&self.path, e)))?;
-        let v = t.get(u32::from_be_bytes(partition_prefix(partition)))?;
+        let v = t.get(partition_number(partition))?;
         Ok(v.and_then(|v| Checkpoint::decode(v.value())))
     }
 
@@ -239,7 +233,7 @@ impl Store {
                     };
                 }
                 for (p, c) in checkpoints {
-                    cps.insert(u32::from_be_bytes(partition_prefix(*p)), c.encode().as_slice())?;
+                    cps.insert(partition_number(*p), c.encode().as_slice())?;
                 }
                 Ok(())
             },
@@ -249,7 +243,7 @@ impl Store {
 
     /// Forgets everything of `partition`, its checkpoint too (before a
     /// full restore from the changelog).
-    pub fn clear_partition(&self, partition: i32) -> anyhow::Result<u64> {
+    pub fn clear_partition(&self, partition: i32) -> anyhow::Result<()> {
         self.write(
             |entries, cps| {
                 let from = partition_prefix(partition).to_vec();
@@ -257,13 +251,9 @@ impl Store {
                     Some(next) => partition_prefix(next).to_vec(),
                     None => vec![0xFF; 5],
                 };
-                let mut n = 0u64;
-                entries.retain_in(from.as_slice()..to.as_slice(), |_, _| {
-                    n += 1;
-                    false
-                })?;
-                cps.remove(u32::from_be_bytes(partition_prefix(partition)))?;
-                Ok(n)
+                entries.retain_in(from.as_slice()..to.as_slice(), |_, _| false)?;
+                cps.remove(partition_number(partition))?;
+                Ok(())
             },
             true,
         )
