@@ -14,7 +14,8 @@
 //! - the schema under the fingerprint meterline wrote before it computed
 //!   fingerprints by the specification (`legacy`, accepted unless switched
 //!   off: deployed agents write it, and compacted topics keep it); for
-//!   UsageEvent that is version 1 (`history/usage_event.v1.avsc`);
+//!   UsageEvent and InvoiceLine that is version 1
+//!   (`history/usage_event.v1.avsc`, `history/invoice_line.v1.avsc`);
 //! - another version known to the [`SchemaStore`] (a schema of
 //!   `schemas/avro/history/`, one configured for a third-party producer, or
 //!   one the registry answered for an id): the body is resolved from that

@@ -42,6 +42,10 @@ pub const USAGE_EVENT_V1_AVSC: &str = include_str!("../../../schemas/avro/histor
 pub const AGGREGATED_USAGE_AVSC: &str = include_str!("../../../schemas/avro/aggregated_usage.avsc");
 pub const DEAD_LETTER_AVSC: &str = include_str!("../../../schemas/avro/dead_letter.avsc");
 pub const INVOICE_LINE_AVSC: &str = include_str!("../../../schemas/avro/invoice_line.avsc");
+/// InvoiceLine version 1, without `line_type`: what releases before line
+/// types write (every line of theirs is usage). Its body is a prefix of the
+/// current one's, so it is decoded by hand too (`meter_rating::wire`).
+pub const INVOICE_LINE_V1_AVSC: &str = include_str!("../../../schemas/avro/history/invoice_line.v1.avsc");
 
 /// Why a payload could not be decoded. Each kind maps to one dead-letter
 /// reason.
@@ -99,6 +103,64 @@ impl SchemaError {
     }
 }
 
+/// An earlier version of a payload schema whose body is a prefix of the
+/// current one's (fields were only appended), so that the hand-written
+/// decoder reads it too: tells which records [`Framed::read`] gives as
+/// [`Body::Other`] were written with it.
+///
+/// A record names its writer schema by the specification's fingerprint,
+/// the legacy one or a registry id, and the framing gives the schema it
+/// knows under that fingerprint. The specification's fingerprint leaves
+/// logical types out, so the store could know another schema under the
+/// version's (one with other decimal scales, added first): each of the two
+/// fingerprints counts only if the schema the framing gives for it has the
+/// version's canonical form as apache-avro writes it (logical types,
+/// precision and scale kept). That is checked once, here, as a framing
+/// gives the same schema for a fingerprint for good (its store never
+/// replaces one, its legacy schema is fixed): per record it is a
+/// comparison of fingerprints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlierVersion {
+    /// The specification's fingerprint and the legacy one, each when it
+    /// gives this version.
+    fingerprints: [Option<u64>; 2],
+}
+
+impl EarlierVersion {
+    /// Version `avsc` of `framing`'s schema (`name` in errors), made known
+    /// to its store. Build it while the framing accepts the legacy
+    /// fingerprint (as it does when created).
+    pub fn new(name: &'static str, avsc: &str, framing: &Framed) -> Result<Self, SchemaError> {
+        let canonical = Schema::parse_str(avsc).map_err(|e| SchemaError::new(name, e.to_string()))?.canonical_form();
+        let spec = framing.store().add_schema(avsc)?;
+        let legacy = framing.legacy_fingerprint();
+        // The writer schema the framing gives a record with the fingerprint.
+        let writer = |fp: u64| {
+            let mut header = vec![0xC3, 0x01];
+            header.extend_from_slice(&fp.to_le_bytes());
+            match framing.read(&header) {
+                Ok((Body::Other(writer, got, _), _)) if got == fp => Some(writer),
+                _ => None,
+            }
+        };
+        let is_it = |w: &Option<Arc<Schema>>| w.as_ref().is_some_and(|w| w.canonical_form() == canonical);
+        let (spec_writer, legacy_writer) = (writer(spec), writer(legacy));
+        let spec_ok = is_it(&spec_writer);
+        // Usually one schema: the legacy one is the store's (a canonical form costs).
+        let legacy_ok = match (&spec_writer, &legacy_writer) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => spec_ok,
+            _ => is_it(&legacy_writer),
+        };
+        Ok(EarlierVersion { fingerprints: [Some(spec).filter(|_| spec_ok), Some(legacy).filter(|_| legacy_ok)] })
+    }
+
+    /// Whether a record the framing gave as `Body::Other(_, fp, _)` was
+    /// written with this version.
+    pub fn wrote(&self, fp: u64) -> bool {
+        self.fingerprints.contains(&Some(fp))
+    }
+}
+
 /// Encoders and decoders for the usage payload schemas. Cheap to clone;
 /// clones share their [`SchemaStore`].
 #[derive(Debug, Clone)]
@@ -108,9 +170,8 @@ pub struct Codec {
     dead_letter: Framed,
     /// The current UsageEvent schema, the reader of resolutions.
     event_reader: Arc<Schema>,
-    /// The fingerprints of UsageEvent version 1: the specification's and
-    /// the legacy one.
-    event_v1: [u64; 2],
+    /// UsageEvent version 1, read by hand.
+    event_v1: EarlierVersion,
 }
 
 impl Codec {
@@ -128,9 +189,8 @@ impl Codec {
         let event_reader = Schema::parse_str(USAGE_EVENT_AVSC).map_err(|e| SchemaError::new("UsageEvent", e.to_string()))?;
         // Deployed agents with the legacy fingerprint write version 1.
         let event = Framed::with_legacy_of("UsageEvent", USAGE_EVENT_AVSC, USAGE_EVENT_V1_AVSC, store)?;
-        let v1 = store.add_schema(USAGE_EVENT_V1_AVSC)?;
         Ok(Codec {
-            event_v1: [v1, event.legacy_fingerprint()],
+            event_v1: EarlierVersion::new("UsageEvent v1", USAGE_EVENT_V1_AVSC, &event)?,
             event,
             aggregate: Framed::new("AggregatedUsage", AGGREGATED_USAGE_AVSC, store)?,
             dead_letter: Framed::new("DeadLetter", DEAD_LETTER_AVSC, store)?,
@@ -176,7 +236,7 @@ impl Codec {
     pub fn decode_event(&self, payload: &[u8]) -> Result<UsageEvent, DecodeError> {
         match self.event.read(payload)?.0 {
             Body::Current(body) => decode_event_body(body, true),
-            Body::Other(_, fp, body) if self.event_v1.contains(&fp) => decode_event_body(body, false),
+            Body::Other(_, fp, body) if self.event_v1.wrote(fp) => decode_event_body(body, false),
             Body::Other(writer, _, body) => self.resolve_event(&writer, body),
         }
     }
@@ -196,7 +256,7 @@ impl Codec {
         match self.event.read(payload)? {
             (Body::Current(body), via) => Ok((decode_event_body_ref(body)?, body, via)),
             // A version-1 body plus an empty incarnation is the current body.
-            (Body::Other(_, fp, body), via) if self.event_v1.contains(&fp) => {
+            (Body::Other(_, fp, body), via) if self.event_v1.wrote(fp) => {
                 scratch.clear();
                 scratch.extend_from_slice(body);
                 Writer(scratch).string("");

@@ -194,20 +194,22 @@ fn borrowed_decoder_rejects_bad_payloads_like_the_owned_one() {
 /// `SchemaNormalization.parsingFingerprint64` (org.apache.avro:avro 1.12.2)
 /// and fastavro 1.13.1: `tests/interop/java` and `tests/interop/python`
 /// `fingerprint` print these. A changed value means a changed schema.
-const SPEC_FINGERPRINTS: [(&str, &str, &str); 5] = [
+const SPEC_FINGERPRINTS: [(&str, &str, &str); 6] = [
     ("UsageEvent", USAGE_EVENT_AVSC, "7c0202c68fa08a40"),
     ("UsageEvent v1", USAGE_EVENT_V1_AVSC, "ef4a872171edd5d3"),
     ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "ce627383ae9f9048"),
     ("DeadLetter", DEAD_LETTER_AVSC, "12fc328c31d77841"),
-    ("InvoiceLine", INVOICE_LINE_AVSC, "655d514a5e44920c"),
+    ("InvoiceLine", INVOICE_LINE_AVSC, "76e475b44407e66c"),
+    ("InvoiceLine v1", INVOICE_LINE_V1_AVSC, "655d514a5e44920c"),
 ];
 
 /// What meterline wrote before (apache-avro's canonical form keeps logical
-/// types): the fingerprints deployed agents and compacted topics carry.
+/// types): the fingerprints deployed agents and compacted topics carry, of
+/// the schema versions of that time.
 const LEGACY_FINGERPRINTS: [(&str, &str, &str); 3] = [
     ("UsageEvent", USAGE_EVENT_V1_AVSC, "a4dbce6eb06590ff"),
     ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "d9d273e080c627f7"),
-    ("InvoiceLine", INVOICE_LINE_AVSC, "8777022bf336c514"),
+    ("InvoiceLine", INVOICE_LINE_V1_AVSC, "8777022bf336c514"),
 ];
 
 fn hex_le(fp: u64) -> String {
@@ -353,4 +355,86 @@ fn version_1_events_read_with_an_empty_incarnation_and_version_2_keeps_it() {
     let (value, again) = testing::apache_round_trip(USAGE_EVENT_AVSC, &buf);
     assert_eq!(again, buf);
     assert_eq!(testing::field(&value, "incarnation"), &apache_avro::types::Value::String("5f1c9a0e7d2b4c31".into()));
+}
+
+/// The current schemas, by record name.
+const CURRENT: [(&str, &str); 4] = [
+    ("UsageEvent", USAGE_EVENT_AVSC),
+    ("AggregatedUsage", AGGREGATED_USAGE_AVSC),
+    ("DeadLetter", DEAD_LETTER_AVSC),
+    ("InvoiceLine", INVOICE_LINE_AVSC),
+];
+
+/// A value of every field of `schema` (the types meterline's schemas use),
+/// unions on their last branch. Decimals are 16 bytes long: apache-avro
+/// 0.21 resolves no `bytes` decimal shorter than its precision could need
+/// ("Precision 38 too small to hold decimal values with 1 bytes"), though
+/// writers write the shortest two's complement.
+fn sample(schema: &Schema) -> Value {
+    match schema {
+        Schema::Null => Value::Null,
+        Schema::Boolean => Value::Boolean(true),
+        Schema::Int => Value::Int(7),
+        Schema::Long => Value::Long(7),
+        Schema::String => Value::String("x".into()),
+        Schema::Bytes => Value::Bytes(vec![7]),
+        Schema::Decimal(_) => Value::Decimal(apache_avro::Decimal::from([[0u8; 15].as_slice(), &[7]].concat())),
+        Schema::TimestampMillis => Value::TimestampMillis(7),
+        Schema::Array(a) => Value::Array(vec![sample(&a.items)]),
+        Schema::Map(m) => Value::Map([("k".to_owned(), sample(&m.types))].into()),
+        Schema::Union(u) => Value::Union(u.variants().len() as u32 - 1, Box::new(sample(u.variants().last().unwrap()))),
+        Schema::Enum(e) => Value::Enum(0, e.symbols[0].clone()),
+        Schema::Record(r) => Value::Record(r.fields.iter().map(|f| (f.name.clone(), sample(&f.schema))).collect()),
+        other => panic!("no sample value for {other:?}"),
+    }
+}
+
+/// `history::SCHEMAS` is `schemas/avro/history/`, and the current version
+/// of each schema there reads it: its fields, then fields with defaults
+/// (what the hand decoders, which read an earlier body as a prefix of the
+/// current one, rely on), and a record of it resolves to the current
+/// schema with those defaults (apache-avro's `SchemaCompatibility` cannot
+/// tell for decimals).
+#[test]
+fn every_earlier_schema_version_is_read_by_the_current_one() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/avro/history");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "avsc"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let mut listed: Vec<String> = history::SCHEMAS.iter().map(|s| (*s).to_owned()).collect();
+    files.sort();
+    listed.sort();
+    assert_eq!(files, listed, "history::SCHEMAS lists every file of {}", dir.display());
+    let mut names = Vec::new();
+    for avsc in history::SCHEMAS {
+        let writer = Schema::parse_str(avsc).unwrap();
+        let Schema::Record(w) = &writer else { panic!("not a record") };
+        let name = w.name.name.clone();
+        let (_, current) = CURRENT.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{name}: no current schema"));
+        let reader = Schema::parse_str(current).unwrap();
+        let Schema::Record(r) = &reader else { panic!("not a record") };
+        assert_ne!(canonical::fingerprint(avsc).unwrap(), canonical::fingerprint(current).unwrap(), "{name}: unchanged");
+        assert!(r.fields.len() > w.fields.len(), "{name}");
+        for (i, f) in r.fields.iter().enumerate() {
+            match w.fields.get(i) {
+                Some(old) => assert_eq!((&f.name, &f.schema), (&old.name, &old.schema), "{name}: field {i} changed"),
+                None => assert!(f.default.is_some(), "{name}: appended field {} has no default", f.name),
+            }
+        }
+        let body = apache_avro::to_avro_datum(&writer, sample(&writer)).unwrap();
+        let value = apache_avro::from_avro_datum(&writer, &mut body.as_slice(), Some(&reader))
+            .unwrap_or_else(|e| panic!("{name}: a record of the earlier version does not resolve: {e}"));
+        assert!(value.validate(&reader), "{name}");
+        for f in &r.fields[w.fields.len()..] {
+            if let Some(serde_json::Value::String(default)) = &f.default {
+                assert_eq!(field(&value, &f.name), &Value::String(default.clone()), "{name}.{}", f.name);
+            }
+        }
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(names, ["InvoiceLine", "UsageEvent"]);
 }

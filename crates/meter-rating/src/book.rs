@@ -60,9 +60,43 @@ struct RawVersion {
     /// Free text for people.
     #[serde(default)]
     description: String,
+    /// Id of an earlier version whose prices and free pools this one starts
+    /// from: its own entries replace those with the same (service,
+    /// usage_type, region), or the same pool id. Omitted: only its own.
+    #[serde(default)]
+    inherits: Option<String>,
     /// One entry per (service, usage_type) and optionally per region.
     #[serde(default, rename = "price")]
     prices: Vec<RawPrice>,
+    /// Free allowances shared by several usage types (`[[version.free_pool]]`).
+    #[serde(default, rename = "free_pool")]
+    free_pools: Vec<RawPool>,
+}
+
+/// A monthly free allowance shared by a customer's usage of several usage
+/// types (in every region), as AWS pools 100 GB of data transfer out across
+/// services.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    /// Stable identifier, e.g. "data-transfer-out".
+    id: String,
+    /// The pricing unit of the allowance and of every member's price.
+    pricing_unit: String,
+    /// Pricing units free per customer and month.
+    allowance: Dec,
+    /// The usage types that draw on it, `{ service = "...", usage_type = "..." }`.
+    members: Vec<RawMember>,
+    /// Free text for people.
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    service: String,
+    usage_type: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,7 +180,25 @@ pub struct Version {
     /// Always the first day of a month.
     pub effective_from: Date,
     pub description: String,
+    /// Every price of the version, inherited ones included.
     pub prices: Vec<Price>,
+    /// Free allowances shared across usage types.
+    pub free_pools: Vec<FreePool>,
+}
+
+/// A free allowance shared by several usage types. Each customer's month
+/// draws on it in time order: day by day, and within a day in the order of
+/// the invoice lines' keys (service, usage type, region), so the earliest
+/// usage is free, whichever service it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FreePool {
+    pub id: String,
+    pub pricing_unit: String,
+    /// Pricing units free per customer and month.
+    pub allowance: Decimal,
+    /// (service, usage_type), every region.
+    pub members: Vec<(String, String)>,
+    pub description: String,
 }
 
 /// The price of one usage type (in one region, or by default).
@@ -270,6 +322,58 @@ fn price(where_: &str, p: RawPrice, problems: &mut Vec<String>) -> Price {
     }
 }
 
+fn free_pool(where_: &str, p: RawPool, problems: &mut Vec<String>) -> FreePool {
+    if p.id.trim().is_empty() {
+        problems.push(format!("{where_}: id is empty"));
+    }
+    if p.allowance.0.is_sign_negative() && !p.allowance.0.is_zero() {
+        problems.push(format!("{where_}: allowance is negative"));
+    }
+    if p.members.is_empty() {
+        problems.push(format!("{where_}: members is empty"));
+    }
+    let mut members: Vec<(String, String)> = p.members.into_iter().map(|m| (m.service, m.usage_type)).collect();
+    let n = members.len();
+    members.sort();
+    members.dedup();
+    if members.len() != n {
+        problems.push(format!("{where_}: a member is listed twice"));
+    }
+    FreePool { id: p.id, pricing_unit: p.pricing_unit, allowance: p.allowance.0, members, description: p.description }
+}
+
+/// Pools and prices agree: each member is priced in the pool's unit, has no
+/// free allowance of its own (it would be free twice), and belongs to one
+/// pool only.
+fn check_pools(vwhere: &str, prices: &[Price], pools: &[FreePool], problems: &mut Vec<String>) {
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut ids = HashSet::new();
+    for pool in pools {
+        if !ids.insert(pool.id.as_str()) {
+            problems.push(format!("{vwhere}: free_pool {:?} defined twice", pool.id));
+        }
+        for (service, usage_type) in &pool.members {
+            let where_ = format!("{vwhere} free_pool {:?} member {service}/{usage_type}", pool.id);
+            if !seen.insert((service, usage_type)) {
+                problems.push(format!("{where_}: already a member of another pool"));
+            }
+            let priced: Vec<&Price> = prices.iter().filter(|p| &p.service == service && &p.usage_type == usage_type).collect();
+            if priced.is_empty() {
+                problems.push(format!("{where_}: not priced in this version"));
+            }
+            for p in priced {
+                let region = p.region.as_deref().unwrap_or("*");
+                if p.pricing_unit != pool.pricing_unit {
+                    problems.push(format!("{where_} ({region}): priced in {}, the pool is in {}", p.pricing_unit, pool.pricing_unit));
+                }
+                if !p.free_allowance.is_zero() {
+                    problems.push(format!("{where_} ({region}): has a free_allowance of its own as well as the pool's"));
+                }
+            }
+        }
+    }
+}
+
 impl PriceBook {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.display().to_string(), source })?;
@@ -309,7 +413,7 @@ impl PriceBook {
         }
         let mut ids = HashSet::new();
         let mut dates = HashSet::new();
-        let mut versions = Vec::new();
+        let mut versions: Vec<Version> = Vec::new();
         for v in raw.versions {
             let vwhere = format!("version {:?}", v.id);
             if v.id.trim().is_empty() {
@@ -334,7 +438,28 @@ impl PriceBook {
                 }
                 prices.push(price(&where_, p, &mut problems));
             }
-            versions.push(Version { id: v.id, effective_from: v.effective_from, description: v.description, prices });
+            let mut pools = Vec::new();
+            for p in v.free_pools {
+                pools.push(free_pool(&format!("{vwhere} free_pool {:?}", p.id), p, &mut problems));
+            }
+            if let Some(parent) = &v.inherits {
+                // Versions are listed in any order; the parent must come first in the file.
+                match versions.iter().find(|p| &p.id == parent) {
+                    Some(p) if p.effective_from < v.effective_from => {
+                        let own: HashSet<(String, String, Option<String>)> =
+                            prices.iter().map(|q: &Price| (q.service.clone(), q.usage_type.clone(), q.region.clone())).collect();
+                        let inherited =
+                            p.prices.iter().filter(|q| !own.contains(&(q.service.clone(), q.usage_type.clone(), q.region.clone())));
+                        prices = inherited.cloned().chain(prices).collect();
+                        let own: HashSet<String> = pools.iter().map(|q: &FreePool| q.id.clone()).collect();
+                        pools = p.free_pools.iter().filter(|q| !own.contains(&q.id)).cloned().chain(pools).collect();
+                    }
+                    Some(_) => problems.push(format!("{vwhere}: inherits {parent:?}, which is not effective earlier")),
+                    None => problems.push(format!("{vwhere}: inherits {parent:?}, which is not a version listed before it")),
+                }
+            }
+            check_pools(&vwhere, &prices, &pools, &mut problems);
+            versions.push(Version { id: v.id, effective_from: v.effective_from, description: v.description, prices, free_pools: pools });
         }
         if !problems.is_empty() {
             return Err(Error::Invalid(problems));
@@ -454,6 +579,11 @@ impl Version {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// The free pool a (service, usage_type) draws on, if any.
+    pub fn pool_of(&self, service: &str, usage_type: &str) -> Option<&FreePool> {
+        self.free_pools.iter().find(|p| p.members.iter().any(|(s, u)| s == service && u == usage_type))
     }
 
     /// Prices by (service, usage_type, region or "*"), for listing.

@@ -3,8 +3,9 @@
 //!
 //! Guarantees:
 //! - Each (customer, service, usage_type, region) is priced on its own with
-//!   the version in effect for the month, so rating one customer alone gives
-//!   the same lines as rating everyone.
+//!   the version in effect for the month, except that the members of a free
+//!   pool ([`crate::FreePool`]) share one allowance per customer; so rating
+//!   one customer alone gives the same lines as rating everyone.
 //! - Daily lines sum exactly (at full internal precision) to the monthly
 //!   amount: day d is charged `price(month-to-date through d) - price(month-to-date
 //!   through d-1)`. For graduated tiers and packages this puts each day in
@@ -77,6 +78,44 @@ impl std::fmt::Display for LineKey {
     }
 }
 
+/// What a line charges for, named as the AWS Cost and Usage Report names
+/// its `lineItem/LineItemType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+pub enum LineType {
+    /// Metered usage at the price book's prices.
+    #[default]
+    Usage,
+    /// A subscription's recurring fee (flat, or a percentage of usage).
+    Fee,
+    /// A credit applied to eligible charges (a negative amount).
+    Credit,
+}
+
+impl LineType {
+    pub const ALL: [LineType; 3] = [LineType::Usage, LineType::Fee, LineType::Credit];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineType::Usage => "Usage",
+            LineType::Fee => "Fee",
+            LineType::Credit => "Credit",
+        }
+    }
+}
+
+impl std::fmt::Display for LineType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LineType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        LineType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| format!("unknown line type {s:?}"))
+    }
+}
+
 /// One key's usage and cost on one day.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DailyLine {
@@ -85,6 +124,7 @@ pub struct DailyLine {
     pub day: Date,
     #[serde(flatten)]
     pub key: LineKey,
+    pub line_type: LineType,
     /// Metered usage, base units.
     pub usage_quantity: i128,
     /// Seconds added by per-run minimums for runs that started this day.
@@ -105,6 +145,7 @@ pub struct InvoiceLine {
     pub month: YearMonth,
     #[serde(flatten)]
     pub key: LineKey,
+    pub line_type: LineType,
     /// Metered usage, base units.
     pub usage_quantity: i128,
     /// Seconds added by per-run minimums.
@@ -272,6 +313,51 @@ fn minute_series<'a>(
     Ok(series)
 }
 
+/// What each key of a free pool drew from it, cumulatively through each of
+/// its days (pricing units). A customer's pool is drawn on day by day, and
+/// within a day in key order (service, usage type, region): the month's
+/// earliest usage is free, whichever member it belongs to, and the pool is
+/// never drawn beyond its allowance.
+fn pool_allocations(
+    version: &crate::book::Version,
+    month: YearMonth,
+    days: &BTreeMap<LineKey, BTreeMap<Date, DayUsage>>,
+    resolved: &BTreeMap<LineKey, Resolved<'_>>,
+) -> Result<BTreeMap<LineKey, BTreeMap<Date, Decimal>>> {
+    let mut out: BTreeMap<LineKey, BTreeMap<Date, Decimal>> = BTreeMap::new();
+    if version.free_pools.is_empty() {
+        return Ok(out);
+    }
+    // (customer, pool) -> day -> [(key, quantity that day in pricing units)], keys in order.
+    type Draws<'k> = BTreeMap<(&'k str, &'k str), BTreeMap<Date, Vec<(&'k LineKey, Decimal)>>>;
+    let mut draws: Draws<'_> = BTreeMap::new();
+    for (key, per_day) in days {
+        let Some(pool) = version.pool_of(&key.service, &key.usage_type) else { continue };
+        let r = resolved.get(key).ok_or_else(|| Error::Internal(format!("{key}: unresolved key")))?;
+        let (mut cum, mut prev) = (0i128, Decimal::ZERO);
+        for (day, d) in per_day {
+            cum = add(cum, d.usage + d.uplift, key)?;
+            let q = r.conversion.to_pricing(cum, month)?;
+            draws.entry((key.customer_id.as_str(), pool.id.as_str())).or_default().entry(*day).or_default().push((key, q - prev));
+            prev = q;
+        }
+    }
+    for ((_, pool_id), per_day) in draws {
+        let pool = version.free_pools.iter().find(|p| p.id == pool_id).ok_or_else(|| Error::Internal(format!("pool {pool_id}")))?;
+        let mut left = pool.allowance.max(Decimal::ZERO);
+        for (day, keys) in per_day {
+            for (key, q) in keys {
+                let take = q.max(Decimal::ZERO).min(left);
+                left -= take;
+                let free = out.entry(key.clone()).or_default();
+                let before = free.values().next_back().copied().unwrap_or(Decimal::ZERO);
+                free.insert(day, before + take);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Rate `month`: `usage` holds the month's daily rows (any number of
 /// customers), `minutes` the per-resource minute series of usage types with
 /// a per-run minimum (see [`crate::runs::minute_series_range`] for the
@@ -321,6 +407,8 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
         }
     }
 
+    let pooled = pool_allocations(version, month, &days, &resolved)?;
+
     let month_s = month.to_string();
     let mut out = RatedMonth {
         month,
@@ -342,13 +430,19 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
             uplift_total = add(uplift_total, d.uplift, key)?;
             cum = add(cum, d.usage + d.uplift, key)?;
             let q = r.conversion.to_pricing(cum, month)?;
-            let priced = model::price(&r.price.model, r.price.free_allowance, q)?;
+            // A pooled key's allowance is what it drew from the pool through this day.
+            let allowance = match pooled.get(key) {
+                Some(free) => free.get(day).copied().unwrap_or(Decimal::ZERO),
+                None => r.price.free_allowance,
+            };
+            let priced = model::price(&r.price.model, allowance, q)?;
             let day_s = day.to_string();
             out.daily.push(DailyLine {
                 line_id: line_id(&[&["daily"], &ids[..], &[day_s.as_str()]].concat()),
                 month,
                 day: *day,
                 key: key.clone(),
+                line_type: LineType::Usage,
                 usage_quantity: d.usage,
                 minimum_uplift: d.uplift,
                 pricing_unit: r.price.pricing_unit.clone(),
@@ -370,6 +464,7 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
             line_id: line_id(&[&["invoice-line"], &ids[..]].concat()),
             month,
             key: key.clone(),
+            line_type: LineType::Usage,
             usage_quantity: usage_total,
             minimum_uplift: uplift_total,
             pricing_unit: r.price.pricing_unit.clone(),
@@ -385,23 +480,29 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
             currency: book.currency.clone(),
         });
     }
+    out.invoices = invoices(&out.lines, month, &version.id, &book.currency)?;
+    Ok(out)
+}
+
+/// One invoice per customer of `lines`: the sum of its rounded lines.
+pub(crate) fn invoices(lines: &[InvoiceLine], month: YearMonth, version_id: &str, currency: &str) -> Result<Vec<Invoice>> {
+    let month_s = month.to_string();
     let mut per_customer: BTreeMap<&str, (Decimal, usize)> = BTreeMap::new();
-    for l in &out.lines {
+    for l in lines {
         let e = per_customer.entry(l.key.customer_id.as_str()).or_default();
         e.0 = e.0.checked_add(l.amount).ok_or_else(|| Error::Overflow { context: format!("invoice total of {}", l.key.customer_id) })?;
         e.1 += 1;
     }
-    out.invoices = per_customer
+    Ok(per_customer
         .into_iter()
         .map(|(c, (total, line_count))| Invoice {
-            invoice_id: line_id(&["invoice", &month_s, &version.id, c]),
+            invoice_id: line_id(&["invoice", &month_s, version_id, c]),
             month,
             customer_id: c.to_owned(),
             total,
             line_count,
-            version_id: version.id.clone(),
-            currency: book.currency.clone(),
+            version_id: version_id.to_owned(),
+            currency: currency.to_owned(),
         })
-        .collect();
-    Ok(out)
+        .collect())
 }

@@ -5,12 +5,21 @@
 //! quantities and full amounts with scale 12, the billed amount with scale 2.
 //! Values are written exactly or refused, never rounded (see
 //! [`crate::decimal::mantissa`]).
+//!
+//! The current schema is version 2: version 1
+//! (`history/invoice_line.v1.avsc`) plus `line_type`, the last field.
+//! Releases before line types wrote version 1, under its specification
+//! fingerprint or, before that, under the legacy one (header bytes
+//! `8777022bf336c514`), and a compacted topic keeps their lines: both are
+//! read, by hand as the current body less its last field, as
+//! [`LineType::Usage`] (the field's default; every line was usage then). A
+//! `line_type` this build does not know is an error, not usage.
 
 use meter_avro::binary::{Reader, Writer};
-use meter_avro::{DecodeError, Framed, SchemaError, SchemaStore, INVOICE_LINE_AVSC};
+use meter_avro::{Body, DecodeError, EarlierVersion, Framed, SchemaError, SchemaStore, INVOICE_LINE_AVSC, INVOICE_LINE_V1_AVSC};
 
 use crate::decimal::{self, Rounding, AMOUNT_SCALE, FULL_SCALE};
-use crate::{Decimal, InvoiceLine, LineKey, TierCharge};
+use crate::{Decimal, InvoiceLine, LineKey, LineType, TierCharge};
 
 /// A line that cannot be written with the schema's scales (ours: rating
 /// keeps 12 places and rounds billed amounts to the minor unit).
@@ -52,6 +61,8 @@ fn read_optional(r: &mut Reader<'_>, field: &str) -> Result<Option<Decimal>, Dec
 #[derive(Debug, Clone)]
 pub struct InvoiceLineCodec {
     framing: Framed,
+    /// Version 1 (no `line_type`).
+    v1: EarlierVersion,
 }
 
 impl InvoiceLineCodec {
@@ -60,22 +71,25 @@ impl InvoiceLineCodec {
         InvoiceLineCodec::with_store(&SchemaStore::default())
     }
 
-    /// Writer schemas (registry ids) known to `store`.
+    /// Writer schemas (registry ids) known to `store`, which learns both
+    /// versions.
     pub fn with_store(store: &SchemaStore) -> Result<Self, SchemaError> {
-        Ok(InvoiceLineCodec { framing: Framed::new("InvoiceLine", INVOICE_LINE_AVSC, store)? })
+        // What deployed releases wrote under the legacy fingerprint is version 1.
+        let framing = Framed::with_legacy_of("InvoiceLine", INVOICE_LINE_AVSC, INVOICE_LINE_V1_AVSC, store)?;
+        Ok(InvoiceLineCodec { v1: EarlierVersion::new("InvoiceLine v1", INVOICE_LINE_V1_AVSC, &framing)?, framing })
     }
 
     pub fn framing(&self) -> &Framed {
         &self.framing
     }
 
-    /// The framing, to set what it writes.
+    /// The framing, to set what it writes and accepts.
     pub fn framing_mut(&mut self) -> &mut Framed {
         &mut self.framing
     }
 
-    /// Appends the single-object encoding of `l` to `out`; on error `out` is
-    /// left as it was.
+    /// Appends the encoding of `l` (the current schema, in the framing's
+    /// output) to `out`; on error `out` is left as it was.
     pub fn encode(&self, l: &InvoiceLine, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let start = out.len();
         let r = self.write(l, out);
@@ -118,11 +132,25 @@ impl InvoiceLineCodec {
         w.decimal(full("amount_full", l.amount_full)?);
         w.decimal(mantissa("amount", l.amount, AMOUNT_SCALE)?);
         w.string(&l.currency);
+        w.string(l.line_type.as_str());
         Ok(())
     }
 
+    /// Decodes a line written with the current schema or with version 1
+    /// (whatever the framing); any other writer schema is unknown.
     pub fn decode(&self, payload: &[u8]) -> Result<InvoiceLine, DecodeError> {
-        let mut r = Reader::new(self.framing.current_body(payload)?);
+        match self.framing.read(payload)?.0 {
+            Body::Current(body) => Self::decode_body(body, true),
+            Body::Other(_, fp, body) if self.v1.wrote(fp) => Self::decode_body(body, false),
+            Body::Other(_, fp, _) => Err(DecodeError::UnknownSchema(fp)),
+        }
+    }
+
+    /// A body of the current schema, or of version 1 (`has_line_type`
+    /// false: the same fields less the last, `line_type`, which is then its
+    /// default).
+    fn decode_body(body: &[u8], has_line_type: bool) -> Result<InvoiceLine, DecodeError> {
+        let mut r = Reader::new(body);
         let full = |r: &mut Reader<'_>, field: &str| -> Result<Decimal, DecodeError> { decimal(field, r.decimal()?, FULL_SCALE) };
         let line_id = r.string()?;
         let month_s = r.string()?;
@@ -176,17 +204,28 @@ impl InvoiceLineCodec {
             amount: decimal("amount", r.decimal()?, AMOUNT_SCALE)?,
             version_id,
             currency: r.string()?,
+            line_type: if has_line_type { line_type(r.str()?)? } else { LineType::Usage },
         };
         r.finish()?;
         Ok(line)
     }
 }
 
+/// A `line_type` value: one this build knows, or an error naming it.
+fn line_type(s: &str) -> Result<LineType, DecodeError> {
+    s.parse().map_err(|_| {
+        let known = LineType::ALL.map(LineType::as_str).join(", ");
+        DecodeError::Malformed(format!("line_type {s:?} is not one this build knows ({known})"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use apache_avro::types::Value;
+    use apache_avro::Schema;
     use meter_avro::testing::{apache_round_trip, field};
+    use meter_avro::{canonical, framing};
 
     fn golden_lines() -> Vec<crate::InvoiceLine> {
         use crate::{fixture::Scenario, rate_month, PriceBook, YearMonth};
@@ -208,6 +247,7 @@ mod tests {
             let (value, again) = apache_round_trip(INVOICE_LINE_AVSC, &buf);
             assert_eq!(again, buf, "{}", l.key);
             assert_eq!(field(&value, "line_id"), &Value::String(l.line_id.clone()));
+            assert_eq!(field(&value, "line_type"), &Value::String(l.line_type.as_str().into()), "{}", l.key);
             // apache-avro reads the billed amount as the same number of cents.
             let Value::Decimal(d) = field(&value, "amount") else { panic!("amount is not a decimal") };
             let bytes: Vec<u8> = d.try_into().unwrap();
@@ -242,5 +282,163 @@ mod tests {
         Framed::new("UsageEvent", meter_avro::USAGE_EVENT_AVSC, &SchemaStore::default()).unwrap().write_header(&mut event);
         event.extend_from_slice(&good[10..]);
         assert!(matches!(codec.decode(&event), Err(DecodeError::UnknownSchema(_))));
+        // Another InvoiceLine version known to the store has no way to be read.
+        let v3 = INVOICE_LINE_AVSC.replacen(r#"{"name": "line_type""#, r#"{"name": "note", "type": "string"}, {"name": "line_type""#, 1);
+        let fp = codec.framing().store().add_schema(&v3).unwrap();
+        let mut other = vec![0xC3, 0x01];
+        other.extend_from_slice(&fp.to_le_bytes());
+        other.extend_from_slice(&good[10..]);
+        assert_eq!(codec.decode(&other), Err(DecodeError::UnknownSchema(fp)));
+    }
+
+    /// Single-object `fp` header, then `body`.
+    fn single_object(fp: u64, body: &[u8]) -> Vec<u8> {
+        let mut payload = vec![0xC3, 0x01];
+        payload.extend_from_slice(&fp.to_le_bytes());
+        payload.extend_from_slice(body);
+        payload
+    }
+
+    /// The golden lines (all usage), each with its body as apache-avro
+    /// writes it with version 1: the value of the current record less
+    /// `line_type`.
+    fn version_1_lines() -> Vec<(InvoiceLine, Vec<u8>)> {
+        let codec = InvoiceLineCodec::new().unwrap();
+        let v1 = Schema::parse_str(INVOICE_LINE_V1_AVSC).unwrap();
+        golden_lines()
+            .into_iter()
+            .map(|l| {
+                assert_eq!(l.line_type, LineType::Usage);
+                let mut current = Vec::new();
+                codec.encode(&l, &mut current).unwrap();
+                let (value, _) = apache_round_trip(INVOICE_LINE_AVSC, &current);
+                let Value::Record(mut fields) = value else { panic!("not a record") };
+                assert_eq!(fields.pop().map(|(name, _)| name).as_deref(), Some("line_type"));
+                let body = apache_avro::to_avro_datum(&v1, Value::Record(fields)).unwrap();
+                // Version 1's body is the current one less its last field.
+                assert_eq!([body.as_slice(), b"\x0aUsage"].concat(), current[10..], "{}", l.key);
+                (l, body)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn version_1_lines_from_apache_avro_read_as_usage() {
+        let codec = InvoiceLineCodec::new().unwrap();
+        let fp = canonical::fingerprint(INVOICE_LINE_V1_AVSC).unwrap();
+        for (l, body) in version_1_lines() {
+            let payload = single_object(fp, &body);
+            assert_eq!(codec.decode(&payload).unwrap(), l);
+            // Cut short, or with a line_type after it: malformed.
+            assert!(matches!(codec.decode(&payload[..payload.len() - 1]), Err(DecodeError::Malformed(_))));
+            let mut longer = payload.clone();
+            Writer(&mut longer).string("Usage");
+            assert!(matches!(codec.decode(&longer), Err(DecodeError::Malformed(_))), "{}", l.key);
+        }
+        // And a current body under version 1's header has bytes left over.
+        let mut good = Vec::new();
+        codec.encode(&golden_lines()[0], &mut good).unwrap();
+        assert!(matches!(codec.decode(&single_object(fp, &good[10..])), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn version_1_lines_under_the_legacy_fingerprint_read_unless_switched_off() {
+        let mut codec = InvoiceLineCodec::new().unwrap();
+        let legacy = framing::legacy_fingerprint("InvoiceLine", INVOICE_LINE_V1_AVSC).unwrap();
+        assert_eq!(legacy.to_le_bytes(), [0x87, 0x77, 0x02, 0x2b, 0xf3, 0x36, 0xc5, 0x14]);
+        assert_eq!(codec.framing().legacy_fingerprint(), legacy);
+        let lines = version_1_lines();
+        for (l, body) in &lines {
+            assert_eq!(codec.decode(&single_object(legacy, body)).unwrap(), *l);
+        }
+        codec.framing_mut().set_accept_legacy(false);
+        assert_eq!(codec.decode(&single_object(legacy, &lines[0].1)), Err(DecodeError::LegacyFingerprint(legacy)));
+    }
+
+    #[test]
+    fn registry_ids_of_either_version_are_read() {
+        let codec = InvoiceLineCodec::new().unwrap();
+        codec.framing().store().add_id(1, Some(INVOICE_LINE_V1_AVSC)).unwrap();
+        codec.framing().store().add_id(2, Some(INVOICE_LINE_AVSC)).unwrap();
+        let (l, body) = version_1_lines().remove(0);
+        let confluent = |id: u32, body: &[u8]| [&[0][..], &id.to_be_bytes(), body].concat();
+        assert_eq!(codec.decode(&confluent(1, &body)).unwrap(), l);
+        let mut current = Vec::new();
+        codec.encode(&l, &mut current).unwrap();
+        assert_eq!(codec.decode(&confluent(2, &current[10..])).unwrap(), l);
+    }
+
+    /// The specification's fingerprint leaves logical types out: a schema
+    /// the store knew first under version 1's fingerprint, with another
+    /// decimal scale, is not taken for version 1 (its amounts would be
+    /// misread), whichever fingerprint a record carries.
+    #[test]
+    fn a_schema_that_only_shares_version_1s_fingerprint_is_not_read_as_it() {
+        let scale = r#"{"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": 2}"#;
+        assert_eq!(INVOICE_LINE_V1_AVSC.matches(scale).count(), 1);
+        let other = INVOICE_LINE_V1_AVSC.replace(scale, &scale.replace("\"scale\": 2", "\"scale\": 4"));
+        let fp = canonical::fingerprint(INVOICE_LINE_V1_AVSC).unwrap();
+        assert_eq!(canonical::fingerprint(&other).unwrap(), fp);
+        let store = SchemaStore::default();
+        store.add_schema(&other).unwrap();
+        let codec = InvoiceLineCodec::with_store(&store).unwrap();
+        let (l, body) = version_1_lines().remove(0);
+        assert_eq!(codec.decode(&single_object(fp, &body)), Err(DecodeError::UnknownSchema(fp)));
+        let legacy = codec.framing().legacy_fingerprint();
+        assert_eq!(codec.decode(&single_object(legacy, &body)), Err(DecodeError::UnknownSchema(legacy)));
+        // The current schema is still read; a store that knew version 1 first reads it.
+        let mut current = Vec::new();
+        codec.encode(&l, &mut current).unwrap();
+        assert_eq!(codec.decode(&current).unwrap(), l);
+        assert_eq!(InvoiceLineCodec::new().unwrap().decode(&single_object(fp, &body)).unwrap(), l);
+    }
+
+    #[test]
+    fn fee_and_credit_lines_round_trip_and_an_unknown_line_type_is_refused() {
+        let codec = InvoiceLineCodec::new().unwrap();
+        let base = golden_lines().remove(0);
+        let d = |s: &str| -> Decimal { s.parse().unwrap() };
+        let charge = |line_type, service: &str, usage_type: &str, amount: &str| InvoiceLine {
+            line_type,
+            key: LineKey { service: service.into(), usage_type: usage_type.into(), ..base.key.clone() },
+            usage_quantity: 0,
+            minimum_uplift: 0,
+            pricing_unit: String::new(),
+            quantity: Decimal::ZERO,
+            free_allowance_used: Decimal::ZERO,
+            billable_quantity: Decimal::ZERO,
+            tiers: Vec::new(),
+            packages: None,
+            unit_rate: None,
+            amount_full: d(amount),
+            amount: d(amount),
+            ..base.clone()
+        };
+        let lines = [
+            base.clone(),
+            charge(LineType::Fee, "support", "Fee:business-support", "100.00"),
+            charge(LineType::Credit, "credits", "Credit:promo-1", "-25.50"),
+        ];
+        assert_eq!(lines.iter().map(|l| l.line_type).collect::<Vec<_>>(), LineType::ALL);
+        for l in &lines {
+            let mut buf = Vec::new();
+            codec.encode(l, &mut buf).unwrap();
+            let (value, again) = apache_round_trip(INVOICE_LINE_AVSC, &buf);
+            assert_eq!(again, buf);
+            assert_eq!(field(&value, "line_type"), &Value::String(l.line_type.as_str().into()));
+            assert_eq!(codec.decode(&buf).unwrap(), *l);
+        }
+        // A value a newer release may write (a valid record for apache-avro) is an error, never usage.
+        let mut good = Vec::new();
+        codec.encode(&base, &mut good).unwrap();
+        for unknown in ["Rebate", "", "usage"] {
+            let mut buf = good[..good.len() - 1 - "Usage".len()].to_vec();
+            Writer(&mut buf).string(unknown);
+            let (value, _) = apache_round_trip(INVOICE_LINE_AVSC, &buf);
+            assert_eq!(field(&value, "line_type"), &Value::String(unknown.into()));
+            let err = codec.decode(&buf).unwrap_err();
+            assert_eq!(err, DecodeError::Malformed(format!("line_type {unknown:?} is not one this build knows (Usage, Fee, Credit)")));
+            assert_eq!(err.reason(), meter_model::DeadLetterReason::MalformedAvro);
+        }
     }
 }
