@@ -66,6 +66,7 @@ pub async fn run(cfg: &Config, args: &RateArgs) -> anyhow::Result<()> {
     println!("  rated_usage:   {}", r.plan.daily.counts);
     println!("  invoice_lines: {}", r.plan.lines.counts);
     println!("  invoices:      {}", r.plan.invoices.counts);
+    println!("  credit_ledger: {}", r.plan.ledger.counts);
     println!("  published {} invoice lines to {}", r.published, cfg.topics.invoice_lines);
     if r.open_days > 0 {
         println!("  note: {} day windows are not final yet and were not rated; rate again once they are", r.open_days);

@@ -1,6 +1,8 @@
 //! Numbered, idempotent schema migrations from `schemas/clickhouse/`.
 //!
-//! Every statement is `CREATE ... IF NOT EXISTS`, and applied versions are
+//! Every statement is `CREATE ... IF NOT EXISTS` or `ALTER TABLE ... ADD
+//! COLUMN`, which is skipped when the column exists (18.16 has no `ADD
+//! COLUMN IF NOT EXISTS`), and applied versions are
 //! recorded in `schema_migrations`, so running `meter migrate` again (or
 //! concurrently from two hosts) leaves the schema as it is.
 
@@ -13,6 +15,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "0001_usage_tables", include_str!("../../../schemas/clickhouse/0001_usage_tables.sql")),
     (2, "0002_dead_letters", include_str!("../../../schemas/clickhouse/0002_dead_letters.sql")),
     (3, "0003_rating", include_str!("../../../schemas/clickhouse/0003_rating.sql")),
+    (4, "0004_billing", include_str!("../../../schemas/clickhouse/0004_billing.sql")),
 ];
 
 /// The table recording applied migrations (`{db}` is the database).
@@ -65,12 +68,48 @@ pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
             continue;
         }
         for stmt in statements(&sql.replace("{db}", db)) {
-            server.query(&stmt).execute().await?;
+            match added_column(&stmt) {
+                Some((table, column)) => add_column(&server, db, table, column, &stmt).await?,
+                None => server.query(&stmt).execute().await?,
+            }
         }
         client.query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)").bind(*version).bind(*name).execute().await?;
         done.push((*name).to_owned());
     }
     Ok(done)
+}
+
+/// `(table, column)` of an `ALTER TABLE db.table ADD COLUMN column ...` statement.
+fn added_column(stmt: &str) -> Option<(&str, &str)> {
+    let rest = stmt.strip_prefix("ALTER TABLE ")?;
+    let (table, rest) = rest.split_once(' ')?;
+    let table = table.rsplit('.').next()?;
+    let column = rest.trim_start().strip_prefix("ADD COLUMN ")?.split_whitespace().next()?;
+    Some((table, column))
+}
+
+async fn column_exists(server: &Client, db: &str, table: &str, column: &str) -> Result<bool> {
+    let n: u64 = server
+        .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+        .bind(db)
+        .bind(table)
+        .bind(column)
+        .fetch_one()
+        .await?;
+    Ok(n > 0)
+}
+
+/// Runs `stmt` unless the column is there already; a concurrent migration
+/// that added it first is not an error either.
+async fn add_column(server: &Client, db: &str, table: &str, column: &str, stmt: &str) -> Result<()> {
+    if column_exists(server, db, table, column).await? {
+        return Ok(());
+    }
+    match server.query(stmt).execute().await {
+        Ok(()) => Ok(()),
+        Err(_) if column_exists(server, db, table, column).await? => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -80,10 +119,14 @@ mod tests {
     #[test]
     fn splits_the_shipped_migrations_into_create_statements() {
         let n: Vec<usize> = MIGRATIONS.iter().map(|(_, _, sql)| statements(sql).len()).collect();
-        assert_eq!(n, vec![3, 1, 4]);
+        assert_eq!(n, vec![3, 1, 4, 3]);
+        let alter = "ALTER TABLE {db}.rated_usage ADD COLUMN line_type String DEFAULT 'Usage'";
+        assert_eq!(added_column(alter), Some(("rated_usage", "line_type")));
+        assert_eq!(added_column("ALTER TABLE {db}.rated_usage DROP COLUMN line_type"), None);
         for (_, _, sql) in MIGRATIONS {
             for s in statements(sql) {
-                assert!(s.starts_with("CREATE TABLE IF NOT EXISTS {db}."), "{s}");
+                let idempotent = s.starts_with("CREATE TABLE IF NOT EXISTS {db}.") || added_column(&s).is_some();
+                assert!(idempotent, "{s}");
                 assert!(!s.contains(';'));
             }
         }

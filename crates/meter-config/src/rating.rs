@@ -22,6 +22,12 @@ pub struct RatingConfig {
     /// book built into the binary when unset.
     #[serde(default)]
     pub price_book: Option<PathBuf>,
+    /// Path of the contracts file (subscription plans, subscriptions,
+    /// credits; see `schemas/contracts.toml`) that `meter rate` bills on top
+    /// of usage; the sample built into the binary, which subscribes nobody,
+    /// when unset.
+    #[serde(default)]
+    pub contracts: Option<PathBuf>,
 }
 
 impl Section for CatalogConfig {

@@ -201,6 +201,39 @@ impl Scenario {
     }
 }
 
+/// The golden billing scenario (`tests/golden/billing/`, priced by hand in
+/// its README): daily usage as CSV (day, customer_id, service, usage_type,
+/// region, resource_id, quantity in base units) ...
+pub const BILLING_USAGE: &str = include_str!("../../../tests/golden/billing/usage.csv");
+/// ... its contracts ...
+pub const BILLING_CONTRACTS: &str = include_str!("../../../tests/golden/billing/contracts.toml");
+/// ... and what rating May and then June 2026 must give, to the cent.
+pub const BILLING_EXPECTED_LINES: &str = include_str!("../../../tests/golden/billing/expected_lines.csv");
+pub const BILLING_EXPECTED_INVOICES: &str = include_str!("../../../tests/golden/billing/expected_invoices.csv");
+pub const BILLING_EXPECTED_LEDGER: &str = include_str!("../../../tests/golden/billing/expected_ledger.csv");
+
+/// Daily usage rows from CSV with a header (`BILLING_USAGE`'s columns).
+pub fn usage_csv(text: &str) -> Result<Vec<UsageRow>> {
+    let bad = |n: usize, why: String| Error::Fixture(format!("usage line {n}: {why}"));
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        let [day, customer_id, service, usage_type, region, resource_id, quantity] = f[..] else {
+            return Err(bad(n + 1, format!("{} fields, want 7", f.len())));
+        };
+        out.push(UsageRow {
+            customer_id: customer_id.to_owned(),
+            service: service.to_owned(),
+            usage_type: usage_type.to_owned(),
+            region: region.to_owned(),
+            resource_id: resource_id.to_owned(),
+            day: day.parse().map_err(|e| bad(n + 1, format!("day {day:?}: {e}")))?,
+            quantity: quantity.parse().map_err(|e| bad(n + 1, format!("quantity {quantity:?}: {e}")))?,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

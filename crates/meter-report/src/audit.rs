@@ -6,8 +6,13 @@
 //! 2. final usage_day = rated_usage.usage_quantity (what `meter rate` rated);
 //! 3. sum of the daily costs = invoice line amount_full, and their usage =
 //!    the line's usage_quantity;
-//! 4. sum of a customer's billed invoice line amounts = the invoice total.
+//! 4. sum of a customer's billed invoice line amounts = the invoice total;
+//! 5. per credit, its Credit lines' amounts = what the credit ledger says it
+//!    used, its opening balance = its amount less what earlier months used,
+//!    and opening - used - expired = remaining.
 //!
+//! Checks 3 and 4 cover every line type (usage, fees, credits); check 2
+//! only usage lines, the ones with metered usage behind them.
 //! The rating side is the price-book version rated last for the month.
 //! Every difference is returned; none is hidden behind a tolerance (all
 //! quantities are exact integers and all amounts exact decimals).
@@ -42,7 +47,7 @@ pub fn usage_sql(table: &str) -> String {
 
 /// Binds: month, month, customer, customer.
 pub const SQL_RATED_BY_DAY: &str = "SELECT customer_id, service, usage_type, region, toUInt32(day) AS day, \
-    sum(usage_quantity) AS quantity, sum(cost) AS cost \
+    sum(usage_quantity) AS quantity, sumIf(usage_quantity, line_type = 'Usage') AS usage_only, sum(cost) AS cost \
     FROM rated_usage FINAL WHERE month = toDate(?) AND version_id = (SELECT argMax(version_id, revision) FROM invoices WHERE month = toDate(?)) \
       AND (? = '' OR customer_id = ?) \
     GROUP BY customer_id, service, usage_type, region, day";
@@ -76,6 +81,7 @@ struct RatedDay {
     region: String,
     day: u32,
     quantity: i128,
+    usage_only: i128,
     cost: i128,
 }
 
@@ -121,6 +127,7 @@ pub struct AuditReport {
     pub rated_keys: usize,
     pub lines: usize,
     pub invoices: usize,
+    pub credits: usize,
     pub differences: Vec<Difference>,
 }
 
@@ -188,8 +195,8 @@ pub async fn audit(client: &Client, month: YearMonth, customer: Option<&str>) ->
     let final_day: BTreeMap<(Key, u32), i128> = usage[2].iter().filter(|(_, v)| v.1 != 0).map(|(k, v)| (k.clone(), v.1)).collect();
     let rated_usage: BTreeMap<(Key, u32), i128> = rated
         .iter()
-        .filter(|r| r.quantity != 0)
-        .map(|r| (((r.customer_id.clone(), r.service.clone(), r.usage_type.clone(), r.region.clone()), r.day), r.quantity))
+        .filter(|r| r.usage_only != 0)
+        .map(|r| (((r.customer_id.clone(), r.service.clone(), r.usage_type.clone(), r.region.clone()), r.day), r.usage_only))
         .collect();
     report.rated_keys = rated_usage.len();
     compare(d, "usage/rated", "usage quantity", &final_day, &rated_usage, |v: i128| v.to_string(), true);
@@ -223,7 +230,49 @@ pub async fn audit(client: &Client, month: YearMonth, customer: Option<&str>) ->
     for diff in &mut d[before..] {
         diff.key = diff.key.trim_end_matches('/').to_owned();
     }
+
+    // 5. The credit ledger against the Credit lines and earlier months.
+    let ledger: Vec<LedgerRow> = client.query(SQL_LEDGER).bind(m.as_str()).bind(c).bind(c).fetch_all().await?;
+    let credit_key = |cust: &str, credit: &str| ((cust.to_owned(), format!("Credit:{credit}"), String::new(), String::new()), 0);
+    let mut credited: BTreeMap<(Key, u32), i128> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l.usage_type.starts_with("Credit:")) {
+        *credited.entry(((l.customer_id.clone(), l.usage_type.clone(), String::new(), String::new()), 0)).or_default() -= l.amount;
+    }
+    let used: BTreeMap<(Key, u32), i128> = ledger.iter().map(|r| (credit_key(&r.customer_id, &r.credit_id), r.used)).collect();
+    let before = d.len();
+    compare(d, "lines/ledger", "credit used", &credited, &used, |v: i128| dec(v, AMOUNT_SCALE), false);
+    let opening: BTreeMap<(Key, u32), i128> = ledger.iter().map(|r| (credit_key(&r.customer_id, &r.credit_id), r.opening)).collect();
+    let before_month = crate::rating::prior_credit_use(client, month, customer).await?;
+    let mut expected_opening: BTreeMap<(Key, u32), i128> = BTreeMap::new();
+    for r in &ledger {
+        let used_before = before_month.get(&r.credit_id).map(|u| crate::rating::mantissa(*u, AMOUNT_SCALE)).transpose()?.unwrap_or(0);
+        expected_opening.insert(credit_key(&r.customer_id, &r.credit_id), (r.amount - used_before).max(0));
+    }
+    compare(d, "ledger/earlier months", "opening", &expected_opening, &opening, |v: i128| dec(v, AMOUNT_SCALE), false);
+    let remaining: BTreeMap<(Key, u32), i128> = ledger.iter().map(|r| (credit_key(&r.customer_id, &r.credit_id), r.remaining)).collect();
+    let balance: BTreeMap<(Key, u32), i128> =
+        ledger.iter().map(|r| (credit_key(&r.customer_id, &r.credit_id), r.opening - r.used - r.expired)).collect();
+    compare(d, "ledger", "remaining", &balance, &remaining, |v: i128| dec(v, AMOUNT_SCALE), false);
+    for diff in &mut d[before..] {
+        diff.key = diff.key.trim_end_matches('/').to_owned();
+    }
+    report.credits = ledger.len();
     Ok(report)
+}
+
+/// The month's credit ledger; binds: month, customer, customer.
+pub const SQL_LEDGER: &str = "SELECT customer_id, credit_id, amount, opening, used, expired, remaining \
+    FROM credit_ledger FINAL WHERE month = toDate(?) AND (? = '' OR customer_id = ?)";
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct LedgerRow {
+    customer_id: String,
+    credit_id: String,
+    amount: i128,
+    opening: i128,
+    used: i128,
+    expired: i128,
+    remaining: i128,
 }
 
 /// `meter audit --month YYYY-MM [--customer C]`.
@@ -247,6 +296,7 @@ pub async fn run(cfg: &Config, args: &AuditArgs) -> anyhow::Result<ExitCode> {
     }
     let figures =
         format!("{} usage key-days, {} rated key-days, {} invoice lines, {} invoices", r.usage_keys, r.rated_keys, r.lines, r.invoices);
+    let figures = if r.credits > 0 { format!("{figures}, {} credits", r.credits) } else { figures };
     if r.differences.is_empty() {
         println!("audit {}: ok ({figures}, 0 differences)", args.month);
         Ok(ExitCode::SUCCESS)

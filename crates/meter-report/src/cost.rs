@@ -100,6 +100,8 @@ pub async fn top_customers(client: &Client, month: YearMonth, limit: u32) -> Res
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
 pub struct CurRow {
     pub line_id: String,
+    /// Usage | Fee | Credit: the CUR's lineItem/LineItemType.
+    pub line_type: String,
     /// ClickHouse Date (days since the epoch): the usage is [day, day + 1).
     pub day: u16,
     pub customer_id: String,
@@ -118,7 +120,8 @@ pub struct CurRow {
 }
 
 /// Binds: month, month, customer, customer.
-pub const SQL_CUR: &str = "SELECT line_id, day, customer_id, service, usage_type, resource_ids, region, quantity, pricing_unit, \
+pub const SQL_CUR: &str =
+    "SELECT line_id, line_type, day, customer_id, service, usage_type, resource_ids, region, quantity, pricing_unit, \
     unit_rate, cost, currency FROM rated_usage FINAL \
     WHERE month = toDate(?) AND version_id = (SELECT argMax(version_id, revision) FROM invoices WHERE month = toDate(?)) \
       AND (? = '' OR customer_id = ?) \

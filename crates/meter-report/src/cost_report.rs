@@ -293,7 +293,7 @@ pub async fn cur(cfg: &Config, args: &CurArgs) -> anyhow::Result<()> {
     };
     writeln!(
         out,
-        "line_item_id,usage_start,usage_end,customer_id,service,usage_type,resource_id,region,usage_amount,pricing_unit,unit_rate,cost,currency"
+        "line_item_id,line_item_type,usage_start,usage_end,customer_id,service,usage_type,resource_id,region,usage_amount,pricing_unit,unit_rate,cost,currency"
     )?;
     let mut n = 0u64;
     while let Some(r) = cursor.next().await.context("reading line items")? {
@@ -301,6 +301,7 @@ pub async fn cur(cfg: &Config, args: &CurArgs) -> anyhow::Result<()> {
         let next = Date::from_millis(day.start_millis() + 86_400_000).context("day after the calendar")?;
         let fields = [
             r.line_id,
+            r.line_type,
             iso(day),
             iso(next),
             r.customer_id,

@@ -1,6 +1,7 @@
 //! The rating stage's ClickHouse side, and what analysts and finance read:
-//! the price book, rated lines, invoice lines and invoices in ClickHouse
-//! ([`rating`], idempotent per month and price-book version), `meter rate`
+//! the price book, rated lines, invoice lines (usage, fees, credits),
+//! invoices and the credit ledger in ClickHouse ([`rating`], idempotent per
+//! month and price-book version), `meter rate`
 //! without its Kafka edge ([`rate`]), usage and cost reports and the CUR
 //! export ([`report`], [`cost_report`], [`cost`]), and the month's audit
 //! ([`audit`]).
@@ -40,6 +41,9 @@ pub fn checked_queries() -> Vec<(String, String, Vec<&'static str>)> {
         ("stored rated usage".into(), rating::SQL_STORED_RATED_USAGE.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
         ("stored invoice lines".into(), rating::SQL_STORED_INVOICE_LINES.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
         ("stored invoices".into(), rating::SQL_STORED_INVOICES.into(), vec!["'2026-02-01'", "'2026-01'", "'acme'", "'acme'"]),
+        ("stored credit ledger".into(), rating::SQL_STORED_CREDIT_LEDGER.into(), vec!["'2026-02-01'", "''", "''"]),
+        ("prior credit use".into(), rating::SQL_PRIOR_CREDIT_USE.into(), vec!["'2026-02-01'", "'acme'", "'acme'"]),
+        ("audit credit ledger".into(), audit::SQL_LEDGER.into(), vec!["'2026-02-01'", "''", "''"]),
         ("top customers".into(), cost::SQL_TOP_CUSTOMERS.into(), vec!["'2026-02-01'", "'2026-02-01'", "10"]),
         ("cur export".into(), cost::SQL_CUR.into(), month.to_vec()),
         ("audit rated by day".into(), audit::SQL_RATED_BY_DAY.into(), month.to_vec()),

@@ -1,6 +1,9 @@
 //! `meter rate --month YYYY-MM [--customer C]`: rates a month's final usage
-//! from ClickHouse and writes daily rated lines, invoice lines and invoices
-//! back, idempotently per (month, price-book version).
+//! from ClickHouse, bills the contracts' fees and credits on top
+//! ([`meter_rating::charges`]), and writes daily rated lines, invoice lines,
+//! invoices and the credit ledger back, idempotently per (month, price-book
+//! version). Credits start from what the credit ledger says earlier months
+//! used, so months are rated in order.
 //!
 //! Order of effects, and why: the new and changed invoice lines are handed
 //! to the [`LinePublisher`] first (the binary publishes them to
@@ -13,7 +16,7 @@
 
 use anyhow::Context;
 use meter_config::Config;
-use meter_rating::{rate_month, InvoiceLine, PriceBook, RatedMonth, YearMonth};
+use meter_rating::{charges, rate_month, Contracts, CreditBalance, InvoiceLine, PriceBook, RatedMonth, YearMonth};
 
 use crate::rating::{self, MonthUsage, Plan};
 
@@ -31,11 +34,22 @@ pub fn price_book(cfg: &Config) -> anyhow::Result<PriceBook> {
     Ok(book)
 }
 
+/// The contracts named by `rating.contracts` (or the sample built in).
+pub fn contracts(cfg: &Config) -> anyhow::Result<Contracts> {
+    match &cfg.rating.contracts {
+        Some(p) => Contracts::load(p).with_context(|| format!("loading contracts {}", p.display())),
+        None => Contracts::sample().context("the built-in sample contracts"),
+    }
+}
+
 /// A month rated from ClickHouse usage (nothing written).
 pub struct RatedFromUsage {
     pub book: PriceBook,
     pub usage: MonthUsage,
+    /// Usage, fee and credit lines.
     pub rated: RatedMonth,
+    /// The month's credit ledger.
+    pub ledger: Vec<CreditBalance>,
 }
 
 /// Reads the month's usage (final windows only unless `include_open`) and
@@ -63,8 +77,12 @@ pub async fn rate_from_clickhouse(
         usage.open_days,
         if include_open { ", included" } else { ", left out" }
     );
-    let rated = rate_month(&book, &catalog, month, &usage.days, &usage.minutes).with_context(|| format!("rating {month}"))?;
-    Ok(RatedFromUsage { book, usage, rated })
+    let mut rated = rate_month(&book, &catalog, month, &usage.days, &usage.minutes).with_context(|| format!("rating {month}"))?;
+    let contracts = contracts(cfg)?;
+    let prior = rating::prior_credit_use(client, month, customer).await.context("reading the credit ledger")?;
+    let ledger = charges::apply(&mut rated, &contracts, &prior, customer, book.minor_unit_digits)
+        .with_context(|| format!("billing the contracts of {month}"))?;
+    Ok(RatedFromUsage { book, usage, rated, ledger })
 }
 
 /// Where a rating run sends the invoice lines it is about to write, before
@@ -89,7 +107,7 @@ pub struct RateRun {
 pub async fn rate(cfg: &Config, month: YearMonth, customer: Option<&str>, publisher: &mut impl LinePublisher) -> anyhow::Result<RateRun> {
     let client = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
     let r = rate_from_clickhouse(cfg, &client, month, customer, false).await?;
-    let rows = rating::rated_rows(&r.rated, &r.usage.days, r.book.minor_unit_digits)?;
+    let rows = rating::rated_rows(&r.rated, &r.ledger, &r.usage.days, r.book.minor_unit_digits)?;
     eprintln!(
         "rated {} daily lines, {} invoice lines, {} invoices; comparing with ClickHouse ...",
         rows.daily.len(),

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use clickhouse::Client;
 use meter_model::time::DAY_MS;
 use meter_rating::plan::{diff, next_revision, Counts, TablePlan, Versioned};
-use meter_rating::{Date, Decimal, MinuteRow, PriceBook, RatedMonth, Rounding, UsageRow, YearMonth};
+use meter_rating::{CreditBalance, Date, Decimal, MinuteRow, PriceBook, PriorUse, RatedMonth, Rounding, UsageRow, YearMonth};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -86,6 +86,8 @@ pub struct RatedUsageRow {
     pub usage_type: String,
     pub region: String,
     pub resource_ids: Vec<String>,
+    /// Usage | Fee | Credit ([`meter_rating::LineType`]).
+    pub line_type: String,
     pub usage_quantity: i128,
     pub minimum_uplift: i128,
     pub pricing_unit: String,
@@ -108,6 +110,8 @@ pub struct InvoiceLineRow {
     pub usage_type: String,
     pub region: String,
     pub line_id: String,
+    /// Usage | Fee | Credit ([`meter_rating::LineType`]).
+    pub line_type: String,
     pub usage_quantity: i128,
     pub minimum_uplift: i128,
     pub pricing_unit: String,
@@ -140,6 +144,25 @@ pub struct InvoiceRow {
     pub line_count: u32,
     /// Scale 2.
     pub total: i128,
+    pub rated_at: u32,
+    pub revision: u64,
+}
+
+/// A credit's account for one month (`credit_ledger`); amounts at scale 2.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct CreditLedgerRow {
+    pub month: u16,
+    pub customer_id: String,
+    pub credit_id: String,
+    pub currency: String,
+    pub amount: i128,
+    pub starts: u16,
+    pub expires: u16,
+    pub opening: i128,
+    pub used: i128,
+    pub expired: i128,
+    pub remaining: i128,
+    pub version_id: String,
     pub rated_at: u32,
     pub revision: u64,
 }
@@ -398,11 +421,12 @@ pub struct RatedRows {
     pub daily: Vec<RatedUsageRow>,
     pub lines: Vec<InvoiceLineRow>,
     pub invoices: Vec<InvoiceRow>,
+    pub ledger: Vec<CreditLedgerRow>,
 }
 
 /// Converts a rated month into table rows. `usage` (the rows rated) gives
 /// each daily line the resources it covers.
-pub fn rated_rows(rated: &RatedMonth, usage: &[UsageRow], minor_unit_digits: u32) -> Result<RatedRows> {
+pub fn rated_rows(rated: &RatedMonth, ledger: &[CreditBalance], usage: &[UsageRow], minor_unit_digits: u32) -> Result<RatedRows> {
     if minor_unit_digits > AMOUNT_SCALE {
         return Err(Error::Value(format!(
             "currency {} has {minor_unit_digits} minor-unit digits; invoice amounts are stored with {AMOUNT_SCALE}",
@@ -434,6 +458,7 @@ pub fn rated_rows(rated: &RatedMonth, usage: &[UsageRow], minor_unit_digits: u32
                 .get(&(k.customer_id.as_str(), k.service.as_str(), k.usage_type.as_str(), k.region.as_str(), d.day))
                 .map(|s| s.iter().map(|r| (*r).to_owned()).collect())
                 .unwrap_or_default(),
+            line_type: d.line_type.to_string(),
             usage_quantity: d.usage_quantity,
             minimum_uplift: d.minimum_uplift,
             pricing_unit: d.pricing_unit.clone(),
@@ -456,6 +481,7 @@ pub fn rated_rows(rated: &RatedMonth, usage: &[UsageRow], minor_unit_digits: u32
             usage_type: k.usage_type.clone(),
             region: k.region.clone(),
             line_id: l.line_id.clone(),
+            line_type: l.line_type.to_string(),
             usage_quantity: l.usage_quantity,
             minimum_uplift: l.minimum_uplift,
             pricing_unit: l.pricing_unit.clone(),
@@ -489,17 +515,36 @@ pub fn rated_rows(rated: &RatedMonth, usage: &[UsageRow], minor_unit_digits: u32
             revision: 0,
         });
     }
+    let cents = |d: Decimal| mantissa(d, AMOUNT_SCALE);
+    for b in ledger {
+        out.ledger.push(CreditLedgerRow {
+            month,
+            customer_id: b.customer_id.clone(),
+            credit_id: b.credit_id.clone(),
+            currency: rated.currency.clone(),
+            amount: cents(b.amount)?,
+            starts: ch_date(b.start)?,
+            expires: ch_date(b.expires)?,
+            opening: cents(b.opening)?,
+            used: cents(b.used)?,
+            expired: cents(b.expired)?,
+            remaining: cents(b.remaining)?,
+            version_id: rated.version_id.clone(),
+            rated_at: 0,
+            revision: 0,
+        });
+    }
     Ok(out)
 }
 
 // ---- stored rows -----------------------------------------------------------------
 
 pub const SQL_STORED_RATED_USAGE: &str = "SELECT month, version_id, day, customer_id, service, usage_type, region, resource_ids, \
-    usage_quantity, minimum_uplift, pricing_unit, quantity, cost, unit_rate, currency, line_id, toUInt32(rated_at) AS rated_at, revision \
+    line_type, usage_quantity, minimum_uplift, pricing_unit, quantity, cost, unit_rate, currency, line_id, toUInt32(rated_at) AS rated_at, revision \
     FROM rated_usage FINAL WHERE month = toDate(?) AND version_id = ? AND (? = '' OR customer_id = ?)";
 
 pub const SQL_STORED_INVOICE_LINES: &str = "SELECT month, version_id, customer_id, service, usage_type, region, line_id, \
-    usage_quantity, minimum_uplift, pricing_unit, quantity, free_allowance_used, billable_quantity, \
+    line_type, usage_quantity, minimum_uplift, pricing_unit, quantity, free_allowance_used, billable_quantity, \
     tier_from, tier_up_to, tier_quantity, tier_unit_rate, tier_amount, packages, unit_rate, amount_full, amount, currency, \
     toUInt32(rated_at) AS rated_at, revision \
     FROM invoice_lines FINAL WHERE month = toDate(?) AND version_id = ? AND (? = '' OR customer_id = ?)";
@@ -508,7 +553,29 @@ pub const SQL_STORED_INVOICES: &str = "SELECT month, version_id, customer_id, in
     toUInt32(rated_at) AS rated_at, revision \
     FROM invoices FINAL WHERE month = toDate(?) AND version_id = ? AND (? = '' OR customer_id = ?)";
 
-/// What is stored for (month, version[, customer]).
+pub const SQL_STORED_CREDIT_LEDGER: &str = "SELECT month, customer_id, credit_id, currency, amount, starts, expires, opening, used, \
+    expired, remaining, version_id, toUInt32(rated_at) AS rated_at, revision \
+    FROM credit_ledger FINAL WHERE month = toDate(?) AND (? = '' OR customer_id = ?)";
+
+/// Credit used before a month, per credit: the latest rating of every earlier month.
+pub const SQL_PRIOR_CREDIT_USE: &str =
+    "SELECT credit_id, sum(used) AS used FROM credit_ledger FINAL WHERE month < toDate(?) AND (? = '' OR customer_id = ?) \
+    GROUP BY credit_id ORDER BY credit_id";
+
+/// Credit used in the months before `month` (what `meter_rating::charges` starts from).
+pub async fn prior_credit_use(client: &Client, month: YearMonth, customer: Option<&str>) -> Result<PriorUse> {
+    #[derive(clickhouse::Row, Deserialize)]
+    struct Used {
+        credit_id: String,
+        used: i128,
+    }
+    let m = month.first_day().to_string();
+    let c = customer.unwrap_or("");
+    let rows: Vec<Used> = client.query(SQL_PRIOR_CREDIT_USE).bind(m.as_str()).bind(c).bind(c).fetch_all().await?;
+    rows.into_iter().map(|r| Ok((r.credit_id, decimal(r.used, AMOUNT_SCALE)?))).collect()
+}
+
+/// What is stored for (month, version[, customer]), and the month's credit ledger.
 pub async fn stored_rows(client: &Client, month: YearMonth, version_id: &str, customer: Option<&str>) -> Result<RatedRows> {
     let m = month.first_day().to_string();
     let c = customer.unwrap_or("");
@@ -516,6 +583,7 @@ pub async fn stored_rows(client: &Client, month: YearMonth, version_id: &str, cu
         daily: client.query(SQL_STORED_RATED_USAGE).bind(m.as_str()).bind(version_id).bind(c).bind(c).fetch_all().await?,
         lines: client.query(SQL_STORED_INVOICE_LINES).bind(m.as_str()).bind(version_id).bind(c).bind(c).fetch_all().await?,
         invoices: client.query(SQL_STORED_INVOICES).bind(m.as_str()).bind(version_id).bind(c).bind(c).fetch_all().await?,
+        ledger: client.query(SQL_STORED_CREDIT_LEDGER).bind(m.as_str()).bind(c).bind(c).fetch_all().await?,
     })
 }
 
@@ -573,12 +641,20 @@ impl Versioned for InvoiceRow {
     }
 }
 
+impl Versioned for CreditLedgerRow {
+    versioned_fields!(credit_id);
+    fn zeroed(&self) -> Self {
+        CreditLedgerRow { opening: 0, used: 0, expired: 0, remaining: 0, ..self.clone() }
+    }
+}
+
 /// What a rating run writes.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub daily: TablePlan<RatedUsageRow>,
     pub lines: TablePlan<InvoiceLineRow>,
     pub invoices: TablePlan<InvoiceRow>,
+    pub ledger: TablePlan<CreditLedgerRow>,
     /// Revision stamped on every written row: above every stored revision
     /// of this (month, version), and at least the run's clock in ms.
     pub revision: u64,
@@ -587,14 +663,15 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.daily.write.is_empty() && self.lines.write.is_empty() && self.invoices.write.is_empty()
+        self.daily.write.is_empty() && self.lines.write.is_empty() && self.invoices.write.is_empty() && self.ledger.write.is_empty()
     }
 
     /// Inserts the rows to write; invoices last, so a reader that sees an
-    /// invoice total also sees its lines.
+    /// invoice total also sees its lines and its credits' ledger.
     pub async fn apply(&self, client: &Client) -> Result<()> {
         write(client, "rated_usage", &self.daily.write).await?;
         write(client, "invoice_lines", &self.lines.write).await?;
+        write(client, "credit_ledger", &self.ledger.write).await?;
         write(client, "invoices", &self.invoices.write).await?;
         Ok(())
     }
@@ -618,12 +695,14 @@ pub fn plan(new: &RatedRows, stored: &RatedRows, now_ms: i64) -> Plan {
     let (mut daily, r1) = diff(&new.daily, &stored.daily);
     let (mut lines, r2) = diff(&new.lines, &stored.lines);
     let (mut invoices, r3) = diff(&new.invoices, &stored.invoices);
-    let revision = next_revision(r1.max(r2).max(r3), now_ms);
+    let (mut ledger, r4) = diff(&new.ledger, &stored.ledger);
+    let revision = next_revision(r1.max(r2).max(r3).max(r4), now_ms);
     let rated_at = u32::try_from(now_ms.div_euclid(1000)).unwrap_or(0);
     daily.stamp(rated_at, revision);
     lines.stamp(rated_at, revision);
     invoices.stamp(rated_at, revision);
-    Plan { daily, lines, invoices, revision, rated_at }
+    ledger.stamp(rated_at, revision);
+    Plan { daily, lines, invoices, ledger, revision, rated_at }
 }
 
 /// An invoice line row back as the rating type (for publishing to Kafka).
@@ -650,6 +729,7 @@ pub fn invoice_line_of(row: &InvoiceLineRow) -> Result<meter_rating::InvoiceLine
             usage_type: row.usage_type.clone(),
             region: row.region.clone(),
         },
+        line_type: row.line_type.parse().map_err(Error::Value)?,
         usage_quantity: row.usage_quantity,
         minimum_uplift: row.minimum_uplift,
         pricing_unit: row.pricing_unit.clone(),
