@@ -220,6 +220,8 @@ async fn migrations_apply_to_the_local_server_and_are_idempotent() {
     assert_eq!(
         tables,
         vec![
+            "closed_periods",
+            "credit_ledger",
             "dead_letters",
             "invoice_lines",
             "invoices",
