@@ -42,6 +42,7 @@ pub const USAGE_EVENT_V1_AVSC: &str = include_str!("../../../schemas/avro/histor
 pub const AGGREGATED_USAGE_AVSC: &str = include_str!("../../../schemas/avro/aggregated_usage.avsc");
 pub const DEAD_LETTER_AVSC: &str = include_str!("../../../schemas/avro/dead_letter.avsc");
 pub const INVOICE_LINE_AVSC: &str = include_str!("../../../schemas/avro/invoice_line.avsc");
+pub const PERIOD_CLOSE_AVSC: &str = include_str!("../../../schemas/avro/period_close.avsc");
 /// InvoiceLine version 1, without `line_type`: what releases before line
 /// types write (every line of theirs is usage). Its body is a prefix of the
 /// current one's, so it is decoded by hand too (`meter_rating::wire`).

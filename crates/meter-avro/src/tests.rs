@@ -194,13 +194,14 @@ fn borrowed_decoder_rejects_bad_payloads_like_the_owned_one() {
 /// `SchemaNormalization.parsingFingerprint64` (org.apache.avro:avro 1.12.2)
 /// and fastavro 1.13.1: `tests/interop/java` and `tests/interop/python`
 /// `fingerprint` print these. A changed value means a changed schema.
-const SPEC_FINGERPRINTS: [(&str, &str, &str); 6] = [
+const SPEC_FINGERPRINTS: [(&str, &str, &str); 7] = [
     ("UsageEvent", USAGE_EVENT_AVSC, "7c0202c68fa08a40"),
     ("UsageEvent v1", USAGE_EVENT_V1_AVSC, "ef4a872171edd5d3"),
     ("AggregatedUsage", AGGREGATED_USAGE_AVSC, "ce627383ae9f9048"),
     ("DeadLetter", DEAD_LETTER_AVSC, "12fc328c31d77841"),
     ("InvoiceLine", INVOICE_LINE_AVSC, "76e475b44407e66c"),
     ("InvoiceLine v1", INVOICE_LINE_V1_AVSC, "655d514a5e44920c"),
+    ("PeriodClose", PERIOD_CLOSE_AVSC, "1953af596976679b"),
 ];
 
 /// What meterline wrote before (apache-avro's canonical form keeps logical

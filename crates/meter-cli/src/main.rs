@@ -63,6 +63,11 @@ enum Command {
     /// Rate a month's final usage into rated lines, invoice lines and
     /// invoices (idempotent) and publish changed invoice lines.
     Rate(rate::RateArgs),
+    /// Close a month once its correction horizon has passed: rate it a last
+    /// time, freeze each invoice and publish a close record per customer to
+    /// billing.period_close. Later usage for it is billed on the next open
+    /// month as adjustments.
+    Close(rate::CloseArgs),
     /// Reconcile a month: minute/hour/day usage, rated lines, invoice lines
     /// and invoices. Exit code 1 on any difference.
     Audit(meter_report::audit::AuditArgs),
@@ -265,6 +270,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rate(args) => {
             init_logging("warn");
             rate::run(&*load()?, &args).await?;
+        }
+        Command::Close(args) => {
+            init_logging("warn");
+            rate::close(&*load()?, &args).await?;
         }
         Command::Audit(args) => {
             init_logging("warn");

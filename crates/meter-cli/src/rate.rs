@@ -1,14 +1,17 @@
 //! `meter rate --month YYYY-MM [--customer C]`: `meter_report::rate` with
 //! the invoice lines published to `billing.invoice_lines` (see there for
-//! the order of effects).
+//! the order of effects); `meter close --month YYYY-MM`: `meter_report::close`
+//! with the close records published to `billing.period_close`.
 
 use anyhow::Context;
 use meter_avro::SchemaStore;
 use meter_config::{Config, Framing};
 use meter_kafka::publish::{Publisher, Tuning};
 use meter_kafka::registry::Registry;
-use meter_rating::wire::InvoiceLineCodec;
+use meter_rating::close::CloseRecord;
+use meter_rating::wire::{CloseRecordCodec, InvoiceLineCodec};
 use meter_rating::{InvoiceLine, YearMonth};
+use meter_report::close::ClosePublisher;
 use meter_report::rate::LinePublisher;
 
 #[derive(clap::Args)]
@@ -52,6 +55,58 @@ impl LinePublisher for KafkaLines<'_> {
         }
         out.finish().await
     }
+}
+
+#[derive(clap::Args)]
+pub struct CloseArgs {
+    /// The month to close, YYYY-MM (UTC).
+    #[arg(long)]
+    pub month: YearMonth,
+    /// Close only this customer's month.
+    #[arg(long)]
+    pub customer: Option<String>,
+}
+
+/// Close records to `topics.period_close`: idempotent producer, key =
+/// `<month>/<customer_id>`, every delivery acknowledged.
+struct KafkaCloses<'a> {
+    cfg: &'a Config,
+}
+
+impl ClosePublisher for KafkaCloses<'_> {
+    async fn publish(&mut self, records: &[CloseRecord]) -> anyhow::Result<()> {
+        let codec = CloseRecordCodec::new()?;
+        let producer = meter_kafka::publish::producer(&self.cfg.kafka, Tuning::billing()).context("creating the period-close producer")?;
+        let mut out = Publisher::new(&producer, &self.cfg.topics.period_close);
+        let mut payload = Vec::new();
+        for r in records {
+            payload.clear();
+            codec.encode(r, &mut payload).with_context(|| format!("encoding the close of {} for {}", r.month, r.customer_id))?;
+            out.send(Some(CloseRecordCodec::key(r).as_bytes()), &payload).await?;
+        }
+        out.finish().await
+    }
+}
+
+pub async fn close(cfg: &Config, args: &CloseArgs) -> anyhow::Result<()> {
+    let customer = args.customer.as_deref();
+    let now = meter_model::now_ms();
+    let r = meter_report::close::close(cfg, args.month, customer, now, &mut KafkaLines { cfg }, &mut KafkaCloses { cfg }).await?;
+    println!("rated {} a last time: invoice_lines {}, published {} invoice lines", args.month, r.rate.plan.lines.counts, r.rate.published);
+    for c in &r.closed {
+        println!(
+            "closed {} for {}: {} lines, total {} {}, checksum {}",
+            c.month, c.customer_id, c.line_count, c.total, c.currency, c.checksum
+        );
+    }
+    println!(
+        "closed {} customers ({} closed before); published {} records to {}",
+        r.closed.len(),
+        r.already,
+        r.closed.len(),
+        cfg.topics.period_close
+    );
+    Ok(())
 }
 
 pub async fn run(cfg: &Config, args: &RateArgs) -> anyhow::Result<()> {

@@ -281,8 +281,14 @@ impl Config {
     /// the tests each run in such a scope, so that runs never share state.
     pub fn scoped(&self, tag: &str) -> Config {
         let mut c = self.clone();
-        for topic in [&mut c.topics.events, &mut c.topics.aggregates, &mut c.topics.dlq, &mut c.topics.invoice_lines, &mut c.topics.agents]
-        {
+        for topic in [
+            &mut c.topics.events,
+            &mut c.topics.aggregates,
+            &mut c.topics.dlq,
+            &mut c.topics.invoice_lines,
+            &mut c.topics.period_close,
+            &mut c.topics.agents,
+        ] {
             *topic = format!("{topic}.{tag}");
         }
         if !c.topics.state.is_empty() {

@@ -25,6 +25,10 @@ pub struct TopicsConfig {
     /// keyed by line id, compacted: the latest value of a line id wins).
     #[serde(default = "default_invoice_lines_topic")]
     pub invoice_lines: String,
+    /// Closed months published by `meter close` (Avro PeriodClose, keyed
+    /// `<month>/<customer_id>`, compacted): a customer's invoice is final.
+    #[serde(default = "default_period_close_topic")]
+    pub period_close: String,
     /// The agents' leases (compacted, keyed by agent id and incarnation):
     /// written by each agent's transactional lease producer, which Kafka
     /// fences when a second instance of the same identity starts.
@@ -50,6 +54,9 @@ fn default_dlq_topic() -> String {
 fn default_invoice_lines_topic() -> String {
     "billing.invoice_lines".into()
 }
+fn default_period_close_topic() -> String {
+    "billing.period_close".into()
+}
 fn default_agents_topic() -> String {
     "usage.agents".into()
 }
@@ -68,6 +75,7 @@ impl Default for TopicsConfig {
             dlq: default_dlq_topic(),
             state: String::new(),
             invoice_lines: default_invoice_lines_topic(),
+            period_close: default_period_close_topic(),
             agents: default_agents_topic(),
             partitions: default_partitions(),
             replication_factor: default_replication(),
@@ -86,6 +94,7 @@ impl Section for TopicsConfig {
             ("aggregates", &self.aggregates),
             ("dlq", &self.dlq),
             ("invoice_lines", &self.invoice_lines),
+            ("period_close", &self.period_close),
             ("agents", &self.agents),
         ] {
             p.check(!t.is_empty(), &format!("topics.{name} must not be empty"));

@@ -10,11 +10,11 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client_config;
 
-/// Creates the events, aggregates, dead-letter, state, invoice-line and
-/// agent-lease topics when missing. `usage.aggregates`,
-/// `billing.invoice_lines` and `usage.agents` are compacted: for each window
-/// key (line id, agent identity) only the latest value matters to its
-/// consumers.
+/// Creates the events, aggregates, dead-letter, state, invoice-line,
+/// period-close and agent-lease topics when missing. `usage.aggregates`,
+/// `billing.invoice_lines`, `billing.period_close` and `usage.agents` are
+/// compacted: for each window key (line id, closed month, agent identity)
+/// only the latest value matters to its consumers.
 pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(&cfg.kafka).create().context("creating Kafka admin client")?;
     let t = &cfg.topics;
@@ -28,6 +28,7 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
         // partition p lives in changelog partition p.
         NewTopic::new(&state, t.partitions, replication()).set("cleanup.policy", "compact"),
         NewTopic::new(&t.invoice_lines, t.partitions, replication()).set("cleanup.policy", "compact"),
+        NewTopic::new(&t.period_close, t.partitions, replication()).set("cleanup.policy", "compact"),
         NewTopic::new(&t.agents, t.partitions, replication()).set("cleanup.policy", "compact"),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -47,9 +48,15 @@ pub async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     // Invoice lines are shared by every configuration that rates (demo and
     // test runs use their own usage topics but the same billing topic): any
     // partition count serves them, since nothing depends on their partitioning.
-    for (topic, partitions) in
-        [(&t.events, want), (&t.aggregates, want), (&t.dlq, want), (&state, want), (&t.invoice_lines, 1), (&t.agents, want)]
-    {
+    for (topic, partitions) in [
+        (&t.events, want),
+        (&t.aggregates, want),
+        (&t.dlq, want),
+        (&state, want),
+        (&t.invoice_lines, 1),
+        (&t.period_close, 1),
+        (&t.agents, want),
+    ] {
         loop {
             let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5));
             let ready = md.as_ref().is_ok_and(|md| {

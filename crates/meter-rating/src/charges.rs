@@ -1,10 +1,13 @@
-//! What contracts charge on top of rated usage: subscription fees, then
-//! credits. Pure, like [`crate::rate`]: same input, same lines.
+//! What contracts charge on top of rated usage: commitments, subscription
+//! fees, then credits. Pure, like [`crate::rate`]: same input, same lines.
 //!
-//! Order, and why: usage is priced first ([`crate::rate_month`]); fees come
-//! next, because a percentage-of-usage fee is a function of the usage
-//! charges; credits come last and pay usage and fees alike, so that "after
-//! discounts" holds for whatever discounts priced the usage.
+//! Order, and why: usage is priced first at list prices
+//! ([`crate::rate_month`]); reservations and savings plans then cover what
+//! they cover hour by hour ([`crate::commitments`]); fees come next,
+//! because a percentage-of-usage fee is a function of the usage charges
+//! (list-price usage and commitments, never other fees or credits); credits
+//! come last and pay usage, commitments and fees alike, so that "after
+//! discounts" holds.
 //!
 //! Fees ([`Fee`]), per (customer, plan) and month, one daily line per
 //! subscribed day and one invoice line `Fee:<plan>` under the plan's
@@ -13,8 +16,7 @@
 //!   × k / days in month`, so a subscription that starts or ends mid-month
 //!   pays for its days, and a whole month pays exactly `monthly`;
 //! - percent of usage: the month-to-date fee is the graduated percentage of
-//!   the usage charges of the subscribed days so far (full precision, usage
-//!   lines only, never other fees or credits), but at least the minimum ×
+//!   the usage charges of the subscribed days so far (full precision), but at least the minimum ×
 //!   subscribed days / days in month. Each day carries the change, so the
 //!   first day carries the (prorated) minimum.
 //!
@@ -34,13 +36,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
+use meter_model::Catalog;
+
+use crate::book::Version;
 use crate::contracts::{Contracts, Credit, Fee};
 use crate::date::{Date, YearMonth};
 use crate::decimal::{internal, to_minor_unit};
 use crate::error::{Error, Result};
 use crate::line_id::line_id;
 use crate::model::Model;
-use crate::rate::{invoices, DailyLine, InvoiceLine, LineKey, LineType, RatedMonth};
+use crate::rate::{invoices, DailyLine, HourRow, InvoiceLine, LineKey, LineType, RatedMonth};
 
 /// Credit used in months before the one being rated, by credit id.
 pub type PriorUse = BTreeMap<String, Decimal>;
@@ -80,23 +85,33 @@ fn ids<'a>(kind: &'a str, month: &'a str, version: &'a str, key: &'a LineKey) ->
     [kind, month, version, &key.customer_id, &key.service, &key.usage_type, &key.region]
 }
 
-/// Adds the fee and credit lines of `contracts` to `rated` (for `customer`
-/// alone, or every customer), recomputes the invoices, and returns the
-/// credit ledger of the month.
-pub fn apply(
-    rated: &mut RatedMonth,
-    contracts: &Contracts,
-    prior: &PriorUse,
-    customer: Option<&str>,
-    minor_unit_digits: u32,
-) -> Result<Vec<CreditBalance>> {
+/// What billing contracts needs besides the rated month.
+pub struct Inputs<'a> {
+    /// Credit used in earlier months (from the credit ledger).
+    pub prior: &'a PriorUse,
+    /// Hourly usage of the usage types reservations and savings plans cover
+    /// ([`Contracts::committed_usage_types`]); may hold more.
+    pub hours: &'a [HourRow],
+    /// The price-book version that rated the month.
+    pub version: &'a Version,
+    pub catalog: &'a Catalog,
+    /// Only this customer's contracts (as the month was rated), or everyone's.
+    pub customer: Option<&'a str>,
+    pub minor_unit_digits: u32,
+}
+
+/// Adds the commitment, fee and credit lines of `contracts` to `rated`,
+/// recomputes the invoices, and returns the credit ledger of the month.
+pub fn apply(rated: &mut RatedMonth, contracts: &Contracts, inputs: &Inputs<'_>) -> Result<Vec<CreditBalance>> {
+    let (prior, customer, minor_unit_digits) = (inputs.prior, inputs.customer, inputs.minor_unit_digits);
+    crate::commitments::apply(rated, contracts, inputs.version, inputs.catalog, inputs.hours, customer, minor_unit_digits)?;
     let month = rated.month;
     let month_s = month.to_string();
     let selected = |c: &str| customer.is_none_or(|want| want == c);
 
     // Usage charges per customer and day: what percentages of usage apply to.
     let mut usage_cost: BTreeMap<(&str, Date), Decimal> = BTreeMap::new();
-    for d in rated.daily.iter().filter(|d| d.line_type == LineType::Usage) {
+    for d in rated.daily.iter().filter(|d| !matches!(d.line_type, LineType::Fee | LineType::Credit | LineType::Adjustment)) {
         let e = usage_cost.entry((d.key.customer_id.as_str(), d.day)).or_default();
         *e = e.checked_add(d.cost).ok_or_else(|| overflow("usage charges"))?;
     }

@@ -1,5 +1,6 @@
-//! Customer contracts: subscription plans, who subscribes to them, and
-//! credits granted to customers. Parsed from a TOML file
+//! Customer contracts: subscription plans, who subscribes to them,
+//! reservations and savings plans (commitments), and credits granted to
+//! customers. Parsed from a TOML file
 //! (`rating.contracts`; the sample is `schemas/contracts.toml`).
 //!
 //! [`Contracts::parse`] checks everything the file says about itself and
@@ -29,6 +30,58 @@ struct RawContracts {
     subscriptions: Vec<RawSubscription>,
     #[serde(default, rename = "credit")]
     credits: Vec<RawCredit>,
+    #[serde(default, rename = "reservation")]
+    reservations: Vec<RawReservation>,
+    #[serde(default, rename = "savings_plan")]
+    savings_plans: Vec<RawSavingsPlan>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReservation {
+    /// Stable identifier; its lines are usage types `DiscountedUsage:<id>` and `RIFee:<id>`.
+    id: String,
+    customer_id: String,
+    /// The usage reserved: one usage type in one region, priced per unit in hours.
+    service: String,
+    usage_type: String,
+    region: String,
+    /// Instances reserved: each hour covers up to this many instance-hours.
+    count: u32,
+    /// Price of one reserved instance-hour, billed whether used or not.
+    hourly_rate: Dec,
+    /// First day reserved.
+    start: Date,
+    /// First day no longer reserved (exclusive).
+    end: Date,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSavingsPlan {
+    /// Stable identifier; its lines are usage types `SavingsPlanCoveredUsage:<id>:<usage type>`,
+    /// `SavingsPlanNegation:<id>:<usage type>` and `SavingsPlanRecurringFee:<id>`.
+    id: String,
+    customer_id: String,
+    /// Dollars an hour spent at savings-plan rates, billed whether used or not.
+    commitment: Dec,
+    start: Date,
+    /// Exclusive.
+    end: Date,
+    /// The eligible usage types and their rates per pricing unit (hours):
+    /// `{ service = "compute", usage_type = "BoxUsage:m5.large", rate = "0.060" }`,
+    /// with an optional `region` (omitted: every region).
+    rates: Vec<RawPlanRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlanRate {
+    service: String,
+    usage_type: String,
+    #[serde(default)]
+    region: Option<String>,
+    rate: Dec,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,12 +214,60 @@ impl Credit {
     }
 }
 
+/// N instances of one usage type in one region, reserved at an hourly rate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reservation {
+    pub id: String,
+    pub customer_id: String,
+    pub service: String,
+    pub usage_type: String,
+    pub region: String,
+    pub count: u32,
+    pub hourly_rate: Decimal,
+    pub start: Date,
+    /// Exclusive.
+    pub end: Date,
+}
+
+/// An hourly spend commitment at discounted rates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SavingsPlan {
+    pub id: String,
+    pub customer_id: String,
+    pub commitment: Decimal,
+    pub start: Date,
+    /// Exclusive.
+    pub end: Date,
+    /// (service, usage_type, region or None for every region, rate).
+    pub rates: Vec<(String, String, Option<String>, Decimal)>,
+}
+
+impl SavingsPlan {
+    /// The plan's rate for usage of (service, usage_type) in `region`: the
+    /// region's own entry, else the region-less one.
+    pub fn rate_for(&self, service: &str, usage_type: &str, region: &str) -> Option<Decimal> {
+        let mut default = None;
+        for (s, u, r, rate) in &self.rates {
+            if s == service && u == usage_type {
+                match r.as_deref() {
+                    Some(r) if r == region => return Some(*rate),
+                    None => default = Some(*rate),
+                    Some(_) => {}
+                }
+            }
+        }
+        default
+    }
+}
+
 /// Parsed, self-consistent contracts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Contracts {
     pub plans: Vec<Plan>,
     pub subscriptions: Vec<Subscription>,
     pub credits: Vec<Credit>,
+    pub reservations: Vec<Reservation>,
+    pub savings_plans: Vec<SavingsPlan>,
 }
 
 impl Contracts {
@@ -301,10 +402,98 @@ impl Contracts {
                 description: c.description,
             });
         }
+        let mut commitment_ids = HashSet::new();
+        let mut reservations = Vec::new();
+        for r in raw.reservations {
+            let where_ = format!("reservation {:?}", r.id);
+            if r.id.trim().is_empty() || r.customer_id.trim().is_empty() || r.region.trim().is_empty() {
+                problems.push(format!("{where_}: id, customer_id and region must not be empty"));
+            }
+            if !commitment_ids.insert(r.id.clone()) {
+                problems.push(format!("{where_}: id used twice among reservations and savings plans"));
+            }
+            if r.count == 0 {
+                problems.push(format!("{where_}: count must be positive"));
+            }
+            if r.hourly_rate.0.is_sign_negative() && !r.hourly_rate.0.is_zero() {
+                problems.push(format!("{where_}: hourly_rate is negative"));
+            }
+            if r.end <= r.start {
+                problems.push(format!("{where_}: end must be after start"));
+            }
+            reservations.push(Reservation {
+                id: r.id,
+                customer_id: r.customer_id,
+                service: r.service,
+                usage_type: r.usage_type,
+                region: r.region,
+                count: r.count,
+                hourly_rate: r.hourly_rate.0,
+                start: r.start,
+                end: r.end,
+            });
+        }
+        let mut savings_plans = Vec::new();
+        for p in raw.savings_plans {
+            let where_ = format!("savings plan {:?}", p.id);
+            if p.id.trim().is_empty() || p.customer_id.trim().is_empty() {
+                problems.push(format!("{where_}: id and customer_id must not be empty"));
+            }
+            if !commitment_ids.insert(p.id.clone()) {
+                problems.push(format!("{where_}: id used twice among reservations and savings plans"));
+            }
+            if p.commitment.0 <= Decimal::ZERO {
+                problems.push(format!("{where_}: commitment must be positive"));
+            }
+            if p.end <= p.start {
+                problems.push(format!("{where_}: end must be after start"));
+            }
+            if p.rates.is_empty() {
+                problems.push(format!("{where_}: rates is empty: nothing would be covered"));
+            }
+            let mut keys = HashSet::new();
+            for r in &p.rates {
+                if !keys.insert((r.service.clone(), r.usage_type.clone(), r.region.clone())) {
+                    problems.push(format!("{where_}: {}/{} has two rates for one region", r.service, r.usage_type));
+                }
+                if r.rate.0 <= Decimal::ZERO {
+                    problems.push(format!("{where_}: {}/{} rate must be positive", r.service, r.usage_type));
+                }
+            }
+            savings_plans.push(SavingsPlan {
+                id: p.id,
+                customer_id: p.customer_id,
+                commitment: p.commitment.0,
+                start: p.start,
+                end: p.end,
+                rates: p.rates.into_iter().map(|r| (r.service, r.usage_type, r.region, r.rate.0)).collect(),
+            });
+        }
         if !problems.is_empty() {
             return Err(Error::Invalid(problems));
         }
-        Ok(Contracts { plans, subscriptions, credits })
+        Ok(Contracts { plans, subscriptions, credits, reservations, savings_plans })
+    }
+
+    /// The (service, usage_type) pairs a reservation or savings plan of a
+    /// customer covers in `month`: rating needs their hourly usage.
+    pub fn committed_usage_types(&self, month: YearMonth) -> Vec<(String, String)> {
+        let (first, last) = (month.first_day(), month.last_day());
+        let mut out: Vec<(String, String)> = self
+            .reservations
+            .iter()
+            .filter(|r| r.start <= last && r.end > first)
+            .map(|r| (r.service.clone(), r.usage_type.clone()))
+            .chain(
+                self.savings_plans
+                    .iter()
+                    .filter(|p| p.start <= last && p.end > first)
+                    .flat_map(|p| p.rates.iter().map(|(s, u, _, _)| (s.clone(), u.clone()))),
+            )
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn plan(&self, id: &str) -> Option<&Plan> {

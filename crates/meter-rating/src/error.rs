@@ -46,6 +46,10 @@ pub enum Error {
     /// series it was derived from disagree, so runs cannot be trusted.
     #[error("{key} on {day}: daily usage {daily} differs from the minute series sum {minutes}")]
     MinuteMismatch { key: String, day: String, daily: i128, minutes: i128 },
+    /// For a usage type covered by a reservation or savings plan, the daily
+    /// usage and the hourly usage disagree, so coverage cannot be trusted.
+    #[error("{key} on {day}: daily usage {daily} differs from the hourly usage sum {hours}")]
+    HourMismatch { key: String, day: String, daily: i128, hours: i128 },
     /// A quantity or amount does not fit the decimal range (about 7.9e16 at 12 decimals).
     #[error("{context}: number out of range")]
     Overflow { context: String },

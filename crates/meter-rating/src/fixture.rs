@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::date::{parse_utc_millis, toml_text, Date, YearMonth};
 use crate::error::{Error, Result};
-use crate::rate::{MinuteRow, UsageRow};
+use crate::rate::{HourRow, MinuteRow, UsageRow};
 
 /// `tests/golden/usage.toml`.
 pub const GOLDEN_USAGE: &str = include_str!("../tests/golden/usage.toml");
@@ -205,12 +205,34 @@ impl Scenario {
 /// its README): daily usage as CSV (day, customer_id, service, usage_type,
 /// region, resource_id, quantity in base units) ...
 pub const BILLING_USAGE: &str = include_str!("../../../tests/golden/billing/usage.csv");
+/// ... instance runs (a [`Scenario`]) ...
+pub const BILLING_RUNS: &str = include_str!("../../../tests/golden/billing/runs.toml");
 /// ... its contracts ...
 pub const BILLING_CONTRACTS: &str = include_str!("../../../tests/golden/billing/contracts.toml");
 /// ... and what rating May and then June 2026 must give, to the cent.
 pub const BILLING_EXPECTED_LINES: &str = include_str!("../../../tests/golden/billing/expected_lines.csv");
 pub const BILLING_EXPECTED_INVOICES: &str = include_str!("../../../tests/golden/billing/expected_invoices.csv");
 pub const BILLING_EXPECTED_LEDGER: &str = include_str!("../../../tests/golden/billing/expected_ledger.csv");
+
+/// Minute rows summed per (customer, service, usage type, region) and hour:
+/// the `usage_hour` rows reservations and savings plans are applied to.
+pub fn hour_rows(minutes: &[MinuteRow]) -> Vec<HourRow> {
+    let mut per: BTreeMap<(String, String, String, String, i64), i128> = BTreeMap::new();
+    for m in minutes {
+        let hour = m.minute_start - m.minute_start.rem_euclid(3_600_000);
+        *per.entry((m.customer_id.clone(), m.service.clone(), m.usage_type.clone(), m.region.clone(), hour)).or_insert(0) += m.quantity;
+    }
+    per.into_iter()
+        .map(|((customer_id, service, usage_type, region, hour_start), quantity)| HourRow {
+            customer_id,
+            service,
+            usage_type,
+            region,
+            hour_start,
+            quantity,
+        })
+        .collect()
+}
 
 /// Daily usage rows from CSV with a header (`BILLING_USAGE`'s columns).
 pub fn usage_csv(text: &str) -> Result<Vec<UsageRow>> {

@@ -32,6 +32,8 @@
 
 pub mod book;
 pub mod charges;
+pub mod close;
+pub mod commitments;
 pub mod contracts;
 pub use meter_model::date;
 pub mod decimal;
@@ -46,13 +48,13 @@ pub mod units;
 pub mod wire;
 
 pub use book::{FreePool, Price, PriceBook, Version, SAMPLE_PRICE_BOOK};
-pub use charges::{CreditBalance, PriorUse};
+pub use charges::{CreditBalance, Inputs, PriorUse};
 pub use contracts::{Contracts, SAMPLE_CONTRACTS};
 pub use date::{Date, YearMonth};
 pub use decimal::{Rounding, AMOUNT_SCALE, FULL_SCALE, INTERNAL_SCALE};
 pub use error::{Error, Result};
 pub use model::{Charge, Model, Tier, TierCharge};
-pub use rate::{rate_month, DailyLine, Invoice, InvoiceLine, LineKey, LineType, MinuteRow, RatedMonth, UsageRow};
+pub use rate::{rate_month, DailyLine, HourRow, Invoice, InvoiceLine, LineKey, LineType, MinuteRow, RatedMonth, UsageRow};
 pub use runs::minute_series_range;
 pub use rust_decimal::Decimal;
 pub use units::Conversion;

@@ -63,6 +63,21 @@ pub struct MinuteRow {
     pub quantity: i128,
 }
 
+/// Final usage of one (customer, service, usage type, region) in one hour,
+/// summed over its resources (`usage_hour` rows): what reservations and
+/// savings plans cover, hour by hour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HourRow {
+    pub customer_id: String,
+    pub service: String,
+    pub usage_type: String,
+    pub region: String,
+    /// Start of the hour, epoch milliseconds (a multiple of 3 600 000).
+    pub hour_start: i64,
+    /// Base units (seconds).
+    pub quantity: i128,
+}
+
 /// What an invoice line is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct LineKey {
@@ -89,16 +104,46 @@ pub enum LineType {
     Fee,
     /// A credit applied to eligible charges (a negative amount).
     Credit,
+    /// Usage covered by a reservation: its quantity, at no cost (the
+    /// reservation's fee pays for it).
+    DiscountedUsage,
+    /// A reservation's fee: every reserved instance-hour, used or not.
+    RIFee,
+    /// Usage covered by a savings plan, at list price ...
+    SavingsPlanCoveredUsage,
+    /// ... and the same amount taken off again.
+    SavingsPlanNegation,
+    /// A savings plan's commitment: every hour, used or not.
+    SavingsPlanRecurringFee,
+    /// A change to a closed month, billed on a later open one
+    /// (usage type `Adjustment:<month>:<usage type>`).
+    Adjustment,
 }
 
 impl LineType {
-    pub const ALL: [LineType; 3] = [LineType::Usage, LineType::Fee, LineType::Credit];
+    pub const ALL: [LineType; 9] = [
+        LineType::Usage,
+        LineType::Fee,
+        LineType::Credit,
+        LineType::DiscountedUsage,
+        LineType::RIFee,
+        LineType::SavingsPlanCoveredUsage,
+        LineType::SavingsPlanNegation,
+        LineType::SavingsPlanRecurringFee,
+        LineType::Adjustment,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LineType::Usage => "Usage",
             LineType::Fee => "Fee",
             LineType::Credit => "Credit",
+            LineType::DiscountedUsage => "DiscountedUsage",
+            LineType::RIFee => "RIFee",
+            LineType::SavingsPlanCoveredUsage => "SavingsPlanCoveredUsage",
+            LineType::SavingsPlanNegation => "SavingsPlanNegation",
+            LineType::SavingsPlanRecurringFee => "SavingsPlanRecurringFee",
+            LineType::Adjustment => "Adjustment",
         }
     }
 }

@@ -1,17 +1,19 @@
 //! The golden billing scenario, `tests/golden/billing/` at the repository
 //! root, priced by hand in its README: a support plan across three tiers, a
 //! flat fee from mid-month, a credit that expires mid-month and one that
-//! carries into the next month, pro-rata requests and a pooled free
-//! allowance. May and then June 2026 are rated as `meter rate` does, June
+//! carries into the next month, pro-rata requests, a pooled free
+//! allowance, 3 reserved instances with 5 running, and a savings plan
+//! exceeded in some hours and unused in others. May and then June 2026 are rated as `meter rate` does, June
 //! starting from May's credit ledger; every line, invoice and ledger entry
 //! must equal the expected files to the cent, and nothing else may appear.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure should panic with the error
 
 use meter_model::Catalog;
-use meter_rating::charges::{self, PriorUse};
+use meter_rating::charges::{self, Inputs, PriorUse};
 use meter_rating::fixture::{
-    usage_csv, BILLING_CONTRACTS, BILLING_EXPECTED_INVOICES, BILLING_EXPECTED_LEDGER, BILLING_EXPECTED_LINES, BILLING_USAGE,
+    hour_rows, usage_csv, Scenario, BILLING_CONTRACTS, BILLING_EXPECTED_INVOICES, BILLING_EXPECTED_LEDGER, BILLING_EXPECTED_LINES,
+    BILLING_RUNS, BILLING_USAGE,
 };
 use meter_rating::{rate_month, Contracts, CreditBalance, Decimal, PriceBook, RatedMonth, YearMonth};
 
@@ -19,10 +21,15 @@ fn rate(month: &str, prior: &PriorUse) -> (RatedMonth, Vec<CreditBalance>) {
     let book = PriceBook::sample().unwrap();
     let catalog = Catalog::builtin();
     let month: YearMonth = month.parse().unwrap();
-    let rows: Vec<_> = usage_csv(BILLING_USAGE).unwrap().into_iter().filter(|r| month.contains(r.day)).collect();
-    let mut rated = rate_month(&book, &catalog, month, &rows, &[]).unwrap();
+    let mut rows: Vec<_> = usage_csv(BILLING_USAGE).unwrap().into_iter().filter(|r| month.contains(r.day)).collect();
+    let (run_days, minutes) = Scenario::parse(BILLING_RUNS).unwrap().usage(month).unwrap();
+    rows.extend(run_days);
+    let mut rated = rate_month(&book, &catalog, month, &rows, &minutes).unwrap();
     let contracts = Contracts::parse(BILLING_CONTRACTS).unwrap();
-    let ledger = charges::apply(&mut rated, &contracts, prior, None, book.minor_unit_digits).unwrap();
+    let version = book.version_for_month(month).unwrap();
+    let hours = hour_rows(&minutes);
+    let inputs = Inputs { prior, hours: &hours, version, catalog: &catalog, customer: None, minor_unit_digits: book.minor_unit_digits };
+    let ledger = charges::apply(&mut rated, &contracts, &inputs).unwrap();
     (rated, ledger)
 }
 

@@ -11,8 +11,16 @@
 //!    used, its opening balance = its amount less what earlier months used,
 //!    and opening - used - expired = remaining.
 //!
-//! Checks 3 and 4 cover every line type (usage, fees, credits); check 2
-//! only usage lines, the ones with metered usage behind them.
+//! Checks 3 and 4 cover every line type (usage, commitments, fees,
+//! credits, adjustments); check 2 only usage lines, the ones with metered
+//! usage behind them.
+//!
+//! For a customer whose month is closed, check 2 is per key over the
+//! month: final usage = the frozen rated usage + the usage of the
+//! adjustments later months billed for it (late usage not billed yet is a
+//! difference until the next open month is rated); and 6. the closed
+//! invoice is unchanged: its total, line count and checksum are those
+//! `meter close` recorded.
 //! The rating side is the price-book version rated last for the month.
 //! Every difference is returned; none is hidden behind a tolerance (all
 //! quantities are exact integers and all amounts exact decimals).
@@ -199,7 +207,65 @@ pub async fn audit(client: &Client, month: YearMonth, customer: Option<&str>) ->
         .map(|r| (((r.customer_id.clone(), r.service.clone(), r.usage_type.clone(), r.region.clone()), r.day), r.usage_only))
         .collect();
     report.rated_keys = rated_usage.len();
-    compare(d, "usage/rated", "usage quantity", &final_day, &rated_usage, |v: i128| v.to_string(), true);
+    let closed: BTreeMap<String, crate::close::ClosedPeriodRow> = crate::close::closed(client, month, customer)
+        .await?
+        .into_iter()
+        .filter(|((m, _), _)| *m == month)
+        .map(|((_, c), r)| (c, r))
+        .collect();
+    let is_closed = |k: &(Key, u32)| closed.contains_key(&k.0 .0);
+    let open_part =
+        |t: &BTreeMap<(Key, u32), i128>| t.iter().filter(|(k, _)| !is_closed(k)).map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>();
+    let closed_month = |t: &BTreeMap<(Key, u32), i128>| {
+        let mut out: BTreeMap<(Key, u32), i128> = BTreeMap::new();
+        for (k, v) in t.iter().filter(|(k, _)| is_closed(k)) {
+            *out.entry((k.0.clone(), 0)).or_default() += v;
+        }
+        out
+    };
+    compare(d, "usage/rated", "usage quantity", &open_part(&final_day), &open_part(&rated_usage), |v: i128| v.to_string(), true);
+    if !closed.is_empty() {
+        let mut billed = closed_month(&rated_usage);
+        let prefix = format!("Adjustment:{month}:%");
+        let adjusted: Vec<Adjusted> =
+            client.query(SQL_ADJUSTED_USAGE).bind(m.as_str()).bind(prefix.as_str()).bind(c).bind(c).fetch_all().await?;
+        let cut = format!("Adjustment:{month}:").len();
+        for a in adjusted.into_iter().filter(|a| closed.contains_key(&a.customer_id)) {
+            let usage_type = a.usage_type.get(cut..).unwrap_or_default().to_owned();
+            *billed.entry(((a.customer_id, a.service, usage_type, a.region), 0)).or_default() += a.quantity;
+        }
+        compare(d, "usage/closed+adjusted", "usage quantity", &closed_month(&final_day), &billed, |v: i128| v.to_string(), false);
+        for (cust, row) in &closed {
+            let lines: Vec<ClosedLine> =
+                client.query(SQL_CLOSED_LINES).bind(m.as_str()).bind(row.version_id.as_str()).bind(cust.as_str()).fetch_all().await?;
+            let mut parts = Vec::with_capacity(lines.len());
+            let mut total = 0i128;
+            for l in lines {
+                let t = l.line_type.parse().map_err(crate::Error::Value)?;
+                total += l.amount;
+                parts.push((l.line_id, t, decimal(l.amount, AMOUNT_SCALE)?));
+            }
+            let key = || ((cust.clone(), String::new(), String::new(), String::new()), 0u32);
+            let one = |v: i128| BTreeMap::from([(key(), v)]);
+            compare(d, "closed invoice", "total", &one(row.total), &one(total), |v: i128| dec(v, AMOUNT_SCALE), false);
+            compare(
+                d,
+                "closed invoice",
+                "line count",
+                &one(i128::from(row.line_count)),
+                &one(parts.len() as i128),
+                |v: i128| v.to_string(),
+                false,
+            );
+            let sum = meter_rating::close::checksum(&parts);
+            if sum != row.checksum {
+                d.push(Difference { check: "closed invoice", key: cust.clone(), what: "checksum", left: row.checksum.clone(), right: sum });
+            }
+        }
+        for diff in d.iter_mut().filter(|x| x.check == "closed invoice") {
+            diff.key = diff.key.trim_end_matches('/').to_owned();
+        }
+    }
 
     let mut rated_key: BTreeMap<(Key, u32), (i128, i128)> = BTreeMap::new();
     for r in &rated {
@@ -258,6 +324,34 @@ pub async fn audit(client: &Client, month: YearMonth, customer: Option<&str>) ->
     }
     report.credits = ledger.len();
     Ok(report)
+}
+
+/// Usage billed as adjustments of a closed month in later months (the version
+/// rated last of each); binds: month, `Adjustment:<month>:%`, customer, customer.
+pub const SQL_ADJUSTED_USAGE: &str = "SELECT customer_id, service, usage_type, region, sum(usage_quantity) AS quantity \
+    FROM invoice_lines FINAL WHERE month > toDate(?) AND usage_type LIKE ? \
+      AND (month, version_id) IN (SELECT month, argMax(version_id, revision) FROM invoices GROUP BY month) \
+      AND (? = '' OR customer_id = ?) \
+    GROUP BY customer_id, service, usage_type, region";
+
+/// A closed invoice's lines; binds: month, version, customer.
+pub const SQL_CLOSED_LINES: &str = "SELECT line_id, line_type, amount FROM invoice_lines FINAL \
+    WHERE month = toDate(?) AND version_id = ? AND customer_id = ?";
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Adjusted {
+    customer_id: String,
+    service: String,
+    usage_type: String,
+    region: String,
+    quantity: i128,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct ClosedLine {
+    line_id: String,
+    line_type: String,
+    amount: i128,
 }
 
 /// The month's credit ledger; binds: month, customer, customer.

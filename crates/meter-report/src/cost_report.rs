@@ -275,7 +275,7 @@ pub async fn invoice(cfg: &Config, args: &InvoiceArgs) -> anyhow::Result<()> {
         None => Date::from_millis(meter_model::now_ms()).context("the clock is outside the calendar")?.year_month(),
     };
     let client = client(cfg)?;
-    let r = crate::rate::rate_from_clickhouse(cfg, &client, month, Some(&args.customer), true).await?;
+    let r = crate::rate::rate_from_clickhouse(cfg, &client, month, Some(&args.customer), true, true).await?;
     print!("{}", render_invoice(&r.rated, &args.customer, r.usage.open_days, args.format));
     Ok(())
 }

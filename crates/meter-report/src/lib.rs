@@ -14,6 +14,7 @@
 //! No SQL here is built from user strings: values are bound with `?`.
 
 pub mod audit;
+pub mod close;
 pub mod cost;
 pub mod cost_report;
 pub mod prices;
@@ -41,9 +42,13 @@ pub fn checked_queries() -> Vec<(String, String, Vec<&'static str>)> {
         ("stored rated usage".into(), rating::SQL_STORED_RATED_USAGE.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
         ("stored invoice lines".into(), rating::SQL_STORED_INVOICE_LINES.into(), vec!["'2026-02-01'", "'2026-01'", "''", "''"]),
         ("stored invoices".into(), rating::SQL_STORED_INVOICES.into(), vec!["'2026-02-01'", "'2026-01'", "'acme'", "'acme'"]),
+        ("hour usage".into(), rating::SQL_HOUR_USAGE.into(), vec!["1769904000", "1772323200", "''", "''", "['compute/BoxUsage:m5.large']"]),
+        ("closed periods".into(), close::SQL_CLOSED.into(), vec!["'2026-02-01'", "''", "''"]),
         ("stored credit ledger".into(), rating::SQL_STORED_CREDIT_LEDGER.into(), vec!["'2026-02-01'", "''", "''"]),
         ("prior credit use".into(), rating::SQL_PRIOR_CREDIT_USE.into(), vec!["'2026-02-01'", "'acme'", "'acme'"]),
         ("audit credit ledger".into(), audit::SQL_LEDGER.into(), vec!["'2026-02-01'", "''", "''"]),
+        ("audit adjusted usage".into(), audit::SQL_ADJUSTED_USAGE.into(), vec!["'2026-02-01'", "'Adjustment:2026-02:%'", "''", "''"]),
+        ("audit closed lines".into(), audit::SQL_CLOSED_LINES.into(), vec!["'2026-02-01'", "'2026-01'", "'acme'"]),
         ("top customers".into(), cost::SQL_TOP_CUSTOMERS.into(), vec!["'2026-02-01'", "'2026-02-01'", "10"]),
         ("cur export".into(), cost::SQL_CUR.into(), month.to_vec()),
         ("audit rated by day".into(), audit::SQL_RATED_BY_DAY.into(), month.to_vec()),

@@ -53,13 +53,15 @@ pub struct RatedFromUsage {
 }
 
 /// Reads the month's usage (final windows only unless `include_open`) and
-/// rates it.
+/// rates it, with the adjustments it bills for closed months before it
+/// when `adjust` (see [`crate::close::pending_adjustments`]).
 pub async fn rate_from_clickhouse(
     cfg: &Config,
     client: &clickhouse::Client,
     month: YearMonth,
     customer: Option<&str>,
     include_open: bool,
+    adjust: bool,
 ) -> anyhow::Result<RatedFromUsage> {
     let book = price_book(cfg)?;
     let catalog = cfg.catalog()?;
@@ -68,20 +70,35 @@ pub async fn rate_from_clickhouse(
         let types = version.usage_types_with_minimum().into_iter().map(|(s, u)| (s.to_owned(), u.to_owned())).collect();
         (range, types)
     });
+    let contracts = contracts(cfg)?;
+    let hourly = contracts.committed_usage_types(month);
     eprintln!("reading usage of {month} from ClickHouse ...");
-    let usage = rating::month_usage(client, month, customer, include_open, minimum).await.context("reading usage")?;
+    let usage = rating::month_usage(client, month, customer, include_open, minimum, &hourly).await.context("reading usage")?;
     eprintln!(
-        "read {} daily rows and {} minute rows ({} day windows not final yet{})",
+        "read {} daily rows, {} minute rows and {} hour rows ({} day windows not final yet{})",
         usage.days.len(),
         usage.minutes.len(),
+        usage.hours.len(),
         usage.open_days,
         if include_open { ", included" } else { ", left out" }
     );
     let mut rated = rate_month(&book, &catalog, month, &usage.days, &usage.minutes).with_context(|| format!("rating {month}"))?;
-    let contracts = contracts(cfg)?;
+    if adjust {
+        let closed = crate::close::closed(client, month, customer).await.context("reading closed months")?;
+        let (mut daily, mut lines) = crate::close::pending_adjustments(cfg, client, month, customer, &closed, &version.id).await?;
+        rated.daily.append(&mut daily);
+        rated.lines.append(&mut lines);
+    }
     let prior = rating::prior_credit_use(client, month, customer).await.context("reading the credit ledger")?;
-    let ledger = charges::apply(&mut rated, &contracts, &prior, customer, book.minor_unit_digits)
-        .with_context(|| format!("billing the contracts of {month}"))?;
+    let inputs = charges::Inputs {
+        prior: &prior,
+        hours: &usage.hours,
+        version,
+        catalog: &catalog,
+        customer,
+        minor_unit_digits: book.minor_unit_digits,
+    };
+    let ledger = charges::apply(&mut rated, &contracts, &inputs).with_context(|| format!("billing the contracts of {month}"))?;
     Ok(RatedFromUsage { book, usage, rated, ledger })
 }
 
@@ -106,15 +123,23 @@ pub struct RateRun {
 /// go to `publisher`, then every new or changed row to ClickHouse.
 pub async fn rate(cfg: &Config, month: YearMonth, customer: Option<&str>, publisher: &mut impl LinePublisher) -> anyhow::Result<RateRun> {
     let client = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
-    let r = rate_from_clickhouse(cfg, &client, month, customer, false).await?;
-    let rows = rating::rated_rows(&r.rated, &r.ledger, &r.usage.days, r.book.minor_unit_digits)?;
+    let r = rate_from_clickhouse(cfg, &client, month, customer, false, true).await?;
+    let mut rows = rating::rated_rows(&r.rated, &r.ledger, &r.usage.days, r.book.minor_unit_digits)?;
+    // A closed month's customers are frozen: nothing of theirs is written or zeroed.
+    let frozen: std::collections::BTreeSet<String> =
+        crate::close::closed(&client, month, customer).await?.into_keys().filter(|(m, _)| *m == month).map(|(_, c)| c).collect();
+    if !frozen.is_empty() {
+        eprintln!("{month} is closed for {} customers: their changes are billed as adjustments on their next open month", frozen.len());
+    }
+    rows.retain_customers(|c| !frozen.contains(c));
     eprintln!(
         "rated {} daily lines, {} invoice lines, {} invoices; comparing with ClickHouse ...",
         rows.daily.len(),
         rows.lines.len(),
         rows.invoices.len()
     );
-    let stored = rating::stored_rows(&client, month, &r.rated.version_id, customer).await.context("reading stored lines")?;
+    let mut stored = rating::stored_rows(&client, month, &r.rated.version_id, customer).await.context("reading stored lines")?;
+    stored.retain_customers(|c| !frozen.contains(c));
     let plan = rating::plan(&rows, &stored, meter_model::now_ms());
     let lines = plan.lines.write.iter().map(rating::invoice_line_of).collect::<Result<Vec<_>, _>>()?;
     if !lines.is_empty() {

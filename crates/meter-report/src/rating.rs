@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use clickhouse::Client;
 use meter_model::time::DAY_MS;
 use meter_rating::plan::{diff, next_revision, Counts, TablePlan, Versioned};
-use meter_rating::{CreditBalance, Date, Decimal, MinuteRow, PriceBook, PriorUse, RatedMonth, Rounding, UsageRow, YearMonth};
+use meter_rating::{CreditBalance, Date, Decimal, HourRow, MinuteRow, PriceBook, PriorUse, RatedMonth, Rounding, UsageRow, YearMonth};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -326,6 +326,18 @@ pub const SQL_MINUTE_SERIES: &str =
           GROUP BY customer_id, service, usage_type, region, resource_id, window_start) \
     ORDER BY customer_id, service, usage_type, region, resource_id, window_start";
 
+/// Hourly usage of the given (service, usage_type) pairs in `[from, to)`,
+/// per (customer, key, resource, hour): what reservations and savings plans cover.
+pub const SQL_HOUR_USAGE: &str = "SELECT customer_id, service, usage_type, region, resource_id, toUInt32(window_start) AS window_start, \
+    q AS quantity, f AS is_final \
+    FROM (SELECT customer_id, service, usage_type, region, resource_id, window_start, \
+                 argMax(quantity_sum, revision) AS q, argMax(is_final, revision) AS f \
+          FROM usage_hour \
+          WHERE window_start >= toDateTime(?) AND window_start < toDateTime(?) AND (? = '' OR customer_id = ?) \
+            AND has(?, concat(service, '/', usage_type)) \
+          GROUP BY customer_id, service, usage_type, region, resource_id, window_start) \
+    ORDER BY customer_id, service, usage_type, region, resource_id, window_start";
+
 /// The minute series rating needs: the range `[from, to)` in epoch ms and
 /// the (service, usage_type) pairs priced with a per-run minimum.
 pub type MinuteSeries = ((i64, i64), Vec<(String, String)>);
@@ -335,6 +347,8 @@ pub type MinuteSeries = ((i64, i64), Vec<(String, String)>);
 pub struct MonthUsage {
     pub days: Vec<UsageRow>,
     pub minutes: Vec<MinuteRow>,
+    /// Hourly usage of the usage types commitments cover, summed over resources.
+    pub hours: Vec<HourRow>,
     /// Day windows whose latest revision is not final (left out unless included).
     pub open_days: usize,
 }
@@ -346,15 +360,17 @@ fn secs(ms: i64) -> Result<u32> {
 /// Reads the month's usage_day rows (latest revision; only final windows
 /// unless `include_open`) and, when `minimum` is given (the price book's
 /// `minute_series_range` and the usage types with a per-run minimum), the
-/// usage_minute series. In-month minutes of a (resource, day) whose day row
-/// was left out are dropped too, so the minutes always add up to the days
-/// rating sees.
+/// usage_minute series, and the usage_hour rows of the `hourly` (service,
+/// usage_type) pairs (what reservations and savings plans cover). Minutes
+/// and hours of a (resource, day) whose day row was left out are dropped
+/// too, so they always add up to the days rating sees.
 pub async fn month_usage(
     client: &Client,
     month: YearMonth,
     customer: Option<&str>,
     include_open: bool,
     minimum: Option<MinuteSeries>,
+    hourly: &[(String, String)],
 ) -> Result<MonthUsage> {
     let c = customer.unwrap_or("");
     let rows: Vec<DayRow> =
@@ -379,6 +395,39 @@ pub async fn month_usage(
             day,
             quantity: r.quantity,
         });
+    }
+    if !hourly.is_empty() {
+        let types: Vec<String> = hourly.iter().map(|(s, u)| format!("{s}/{u}")).collect();
+        let rows: Vec<DayRow> = client
+            .query(SQL_HOUR_USAGE)
+            .bind(secs(month.start_millis())?)
+            .bind(secs(month.end_millis())?)
+            .bind(c)
+            .bind(c)
+            .bind(types)
+            .fetch_all()
+            .await?;
+        let mut per: BTreeMap<(String, String, String, String, i64), i128> = BTreeMap::new();
+        for r in rows {
+            let start = i64::from(r.window_start) * 1000;
+            let day = Date::from_millis(start).ok_or_else(|| Error::Value(format!("window {}", r.window_start)))?;
+            let resource = (r.customer_id.clone(), r.service.clone(), r.usage_type.clone(), r.region.clone(), r.resource_id.clone(), day);
+            if !kept.contains(&resource) {
+                continue;
+            }
+            *per.entry((r.customer_id, r.service, r.usage_type, r.region, start)).or_insert(0) += r.quantity;
+        }
+        out.hours = per
+            .into_iter()
+            .map(|((customer_id, service, usage_type, region, hour_start), quantity)| HourRow {
+                customer_id,
+                service,
+                usage_type,
+                region,
+                hour_start,
+                quantity,
+            })
+            .collect();
     }
     if let Some(((from, to), types)) = minimum {
         let types: Vec<String> = types.iter().map(|(s, u)| format!("{s}/{u}")).collect();
@@ -422,6 +471,16 @@ pub struct RatedRows {
     pub lines: Vec<InvoiceLineRow>,
     pub invoices: Vec<InvoiceRow>,
     pub ledger: Vec<CreditLedgerRow>,
+}
+
+impl RatedRows {
+    /// Keeps the rows of the customers `keep` says yes to.
+    pub fn retain_customers(&mut self, keep: impl Fn(&str) -> bool) {
+        self.daily.retain(|r| keep(&r.customer_id));
+        self.lines.retain(|r| keep(&r.customer_id));
+        self.invoices.retain(|r| keep(&r.customer_id));
+        self.ledger.retain(|r| keep(&r.customer_id));
+    }
 }
 
 /// Converts a rated month into table rows. `usage` (the rows rated) gives
