@@ -202,13 +202,23 @@ async fn billing_golden_scenario_bills_fees_and_credits_to_the_cent_on_clickhous
     assert!(may.contains("credit_ledger: 2 new"), "{may}");
     let june = meter_ok(&cfg, &["rate", "--month", "2026-06"]);
     assert!(june.contains("invoice_lines: 4 new"), "{june}");
+    // July is priced by two versions: 2026-04 to the 14th, 2026-07-15 from the 15th.
+    let july = meter_ok(&cfg, &["rate", "--month", "2026-07"]);
+    assert!(july.contains("price-book version 2026-04+2026-07-15") && july.contains("invoice_lines: 3 new"), "{july}");
+    let wayne = strings(
+        &client,
+        "SELECT concat(price_version_id, ':', toString(count()), ':', toString(sum(cost))) FROM rated_usage FINAL \
+         WHERE customer_id = 'wayne' GROUP BY price_version_id ORDER BY price_version_id",
+    )
+    .await;
+    assert_eq!(normalized(wayne.iter().map(|w| w.replace(':', ",")).collect()), vec!["2026-04,14,161", "2026-07-15,17,170"]);
 
     assert_eq!(normalized(strings(&client, SQL_LINES).await), normalized(expected(BILLING_EXPECTED_LINES)));
     assert_eq!(normalized(strings(&client, SQL_INVOICES).await), normalized(expected(BILLING_EXPECTED_INVOICES)));
     assert_eq!(normalized(strings(&client, SQL_LEDGER).await), normalized(expected(BILLING_EXPECTED_LEDGER)));
 
     // The topic carries every line, with its type and amount.
-    let mut published: Vec<String> = topic_lines(&cfg, 22)
+    let mut published: Vec<String> = topic_lines(&cfg, 25)
         .iter()
         .map(|l| {
             let k = &l.key;
@@ -219,7 +229,7 @@ async fn billing_golden_scenario_bills_fees_and_credits_to_the_cent_on_clickhous
     assert_eq!(published, expected(BILLING_EXPECTED_LINES));
 
     // Idempotent: a second run writes and publishes nothing.
-    for month in ["2026-05", "2026-06"] {
+    for month in ["2026-05", "2026-06", "2026-07"] {
         let again = meter_ok(&cfg, &["rate", "--month", month]);
         assert!(again.contains("invoice_lines: 0 new, 0 changed"), "{again}");
         assert!(again.contains("credit_ledger: 0 new, 0 changed"), "{again}");

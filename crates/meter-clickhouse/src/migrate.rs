@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "0003_rating", include_str!("../../../schemas/clickhouse/0003_rating.sql")),
     (4, "0004_billing", include_str!("../../../schemas/clickhouse/0004_billing.sql")),
     (5, "0005_close", include_str!("../../../schemas/clickhouse/0005_close.sql")),
+    (6, "0006_price_versions", include_str!("../../../schemas/clickhouse/0006_price_versions.sql")),
 ];
 
 /// The table recording applied migrations (`{db}` is the database).
@@ -120,7 +121,7 @@ mod tests {
     #[test]
     fn splits_the_shipped_migrations_into_create_statements() {
         let n: Vec<usize> = MIGRATIONS.iter().map(|(_, _, sql)| statements(sql).len()).collect();
-        assert_eq!(n, vec![3, 1, 4, 3, 1]);
+        assert_eq!(n, vec![3, 1, 4, 3, 1, 1]);
         let alter = "ALTER TABLE {db}.rated_usage ADD COLUMN line_type String DEFAULT 'Usage'";
         assert_eq!(added_column(alter), Some(("rated_usage", "line_type")));
         assert_eq!(added_column("ALTER TABLE {db}.rated_usage DROP COLUMN line_type"), None);

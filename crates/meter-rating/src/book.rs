@@ -1,11 +1,12 @@
 //! The price book: currency, versions with effective dates, and one price per
 //! (service, usage_type[, region]) in each version.
 //!
-//! A version is effective from the first day of a month (required), so one
-//! version prices a whole month and a month's invoice never mixes two price
-//! lists: the version for a month is the latest one whose `effective_from`
-//! is on or before the month's first day. A price change is a new version,
-//! so re-rating an old month keeps giving the same amounts.
+//! A version is effective from 00:00 UTC of a day. The version pricing a
+//! day is the latest one effective on or before it; a month whose days are
+//! priced by more than one version ([`PriceBook::versions_for_month`]) is
+//! rated across them, each day at its version's prices (see
+//! [`crate::rate`]). A price change is a new version, so re-rating an old
+//! month keeps giving the same amounts.
 //!
 //! [`PriceBook::parse`] checks everything the file can say about itself;
 //! [`PriceBook::validate`] checks it against the catalog. Both report every
@@ -44,7 +45,7 @@ struct RawBook {
     /// Free text for people.
     #[serde(default)]
     description: String,
-    /// The price lists, each effective from the first day of a month.
+    /// The price lists, each effective from 00:00 UTC of a day.
     #[serde(default, rename = "version")]
     versions: Vec<RawVersion>,
 }
@@ -54,8 +55,9 @@ struct RawBook {
 struct RawVersion {
     /// Stable identifier, recorded on every rated line (e.g. "2026-01").
     id: String,
-    /// First day of the first month this version prices (a TOML date or
-    /// "YYYY-MM-DD", UTC). Must be the 1st of a month.
+    /// First day this version prices, from 00:00 UTC (a TOML date or
+    /// "YYYY-MM-DD"). Usually the 1st of a month; any day is allowed, and
+    /// splits its month between this version and the one before.
     effective_from: Date,
     /// Free text for people.
     #[serde(default)]
@@ -177,7 +179,7 @@ pub struct PriceBook {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Version {
     pub id: String,
-    /// Always the first day of a month.
+    /// 00:00 UTC of this day: usually the 1st of a month.
     pub effective_from: Date,
     pub description: String,
     /// Every price of the version, inherited ones included.
@@ -422,9 +424,6 @@ impl PriceBook {
             if !ids.insert(v.id.clone()) {
                 problems.push(format!("{vwhere}: id used twice"));
             }
-            if v.effective_from.day() != 1 {
-                problems.push(format!("{vwhere}: effective_from {} must be the first day of a month", v.effective_from));
-            }
             if !dates.insert(v.effective_from) {
                 problems.push(format!("{vwhere}: another version is also effective from {}", v.effective_from));
             }
@@ -541,15 +540,40 @@ impl PriceBook {
         self.version_for_month(YearMonth::new(year, month)?)
     }
 
+    /// The version in effect on the month's first day.
     pub fn version_for_month(&self, month: YearMonth) -> Option<&Version> {
-        self.versions.iter().rev().find(|v| v.effective_from <= month.first_day())
+        self.version_at(month.first_day())
+    }
+
+    /// The version pricing `day`.
+    pub fn version_at(&self, day: Date) -> Option<&Version> {
+        self.versions.iter().rev().find(|v| v.effective_from <= day)
+    }
+
+    /// The versions pricing the days of `month`, each with the first day it
+    /// prices, in order: one, unless a version takes effect inside the month.
+    /// Empty when no version is in effect on its first day.
+    pub fn versions_for_month(&self, month: YearMonth) -> Vec<(Date, &Version)> {
+        let Some(first) = self.version_for_month(month) else { return Vec::new() };
+        let mut out = vec![(month.first_day(), first)];
+        for v in self.versions.iter().filter(|v| month.contains(v.effective_from) && v.effective_from > month.first_day()) {
+            out.push((v.effective_from, v));
+        }
+        out
+    }
+
+    /// The id a month's rating is recorded under: its version's, or the ids
+    /// of every version pricing it joined by `+` ("2026-04+2026-07-15").
+    pub fn rating_id(&self, month: YearMonth) -> Option<String> {
+        let v = self.versions_for_month(month);
+        (!v.is_empty()).then(|| v.iter().map(|(_, v)| v.id.as_str()).collect::<Vec<_>>().join("+"))
     }
 
     /// The `usage_minute` range `[from, to)` (epoch milliseconds) to load for
     /// rating `month`, or `None` when its version has no per-run minimum
     /// (then no minute rows are needed at all).
     pub fn minute_series_range(&self, month: YearMonth) -> Option<(i64, i64)> {
-        let max = self.version_for_month(month)?.prices.iter().filter_map(|p| p.minimum_seconds).max()?;
+        let max = self.versions_for_month(month).iter().flat_map(|(_, v)| v.prices.iter()).filter_map(|p| p.minimum_seconds).max()?;
         Some(crate::runs::minute_series_range(month, max))
     }
 }
@@ -684,7 +708,6 @@ effective_from = 2026-01-01
         let all = p.join("\n");
         for needle in [
             "currency \"usd\"",
-            "must be the first day of a month",
             "rate does not apply",
             "up_to 5 must be greater than 10",
             "last tier must be open-ended",

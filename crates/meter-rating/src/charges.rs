@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use meter_model::Catalog;
 
-use crate::book::Version;
+use crate::book::PriceBook;
 use crate::contracts::{Contracts, Credit, Fee};
 use crate::date::{Date, YearMonth};
 use crate::decimal::{internal, to_minor_unit};
@@ -92,8 +92,8 @@ pub struct Inputs<'a> {
     /// Hourly usage of the usage types reservations and savings plans cover
     /// ([`Contracts::committed_usage_types`]); may hold more.
     pub hours: &'a [HourRow],
-    /// The price-book version that rated the month.
-    pub version: &'a Version,
+    /// The price book that rated the month.
+    pub book: &'a PriceBook,
     pub catalog: &'a Catalog,
     /// Only this customer's contracts (as the month was rated), or everyone's.
     pub customer: Option<&'a str>,
@@ -104,7 +104,7 @@ pub struct Inputs<'a> {
 /// recomputes the invoices, and returns the credit ledger of the month.
 pub fn apply(rated: &mut RatedMonth, contracts: &Contracts, inputs: &Inputs<'_>) -> Result<Vec<CreditBalance>> {
     let (prior, customer, minor_unit_digits) = (inputs.prior, inputs.customer, inputs.minor_unit_digits);
-    crate::commitments::apply(rated, contracts, inputs.version, inputs.catalog, inputs.hours, customer, minor_unit_digits)?;
+    crate::commitments::apply(rated, contracts, inputs.book, inputs.catalog, inputs.hours, customer, minor_unit_digits)?;
     let month = rated.month;
     let month_s = month.to_string();
     let selected = |c: &str| customer.is_none_or(|want| want == c);
@@ -164,6 +164,7 @@ pub fn apply(rated: &mut RatedMonth, contracts: &Contracts, inputs: &Inputs<'_>)
                 quantity: q - prev_q,
                 cost: fee - prev_fee,
                 version_id: rated.version_id.clone(),
+                price_version_id: String::new(),
                 currency: rated.currency.clone(),
             });
             (prev_fee, prev_q) = (fee, q);
@@ -308,6 +309,7 @@ fn apply_credits(
                         quantity: *amount,
                         cost: -*amount,
                         version_id: rated.version_id.clone(),
+                        price_version_id: String::new(),
                         currency: rated.currency.clone(),
                     });
                 }

@@ -143,6 +143,7 @@ pub fn adjustments(
             quantity: Decimal::ZERO,
             cost: full,
             version_id: version_id.to_owned(),
+            price_version_id: String::new(),
             currency: currency.clone(),
         });
         lines.push(InvoiceLine {

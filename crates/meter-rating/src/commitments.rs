@@ -35,7 +35,7 @@ use meter_model::catalog::Lookup;
 use meter_model::Catalog;
 use rust_decimal::Decimal;
 
-use crate::book::Version;
+use crate::book::{PriceBook, Version};
 use crate::contracts::{Contracts, Reservation, SavingsPlan};
 use crate::date::{Date, YearMonth};
 use crate::decimal::{internal, to_minor_unit};
@@ -73,7 +73,7 @@ struct Covered {
 pub fn apply(
     rated: &mut RatedMonth,
     contracts: &Contracts,
-    version: &Version,
+    book: &PriceBook,
     catalog: &Catalog,
     hours: &[HourRow],
     customer: Option<&str>,
@@ -89,7 +89,8 @@ pub fn apply(
     if reservations.is_empty() && plans.is_empty() {
         return Ok(());
     }
-    let list = list_rates(rated, version, &reservations, &plans)?;
+    let versions: Vec<&Version> = book.versions_for_month(month).into_iter().map(|(_, v)| v).collect();
+    let list = list_rates(rated, &versions, &reservations, &plans)?;
     let usage = hourly_usage(rated, catalog, hours, &list)?;
     let covered = cover(&usage, &list, &reservations, &plans)?;
     take_off_usage_lines(rated, &covered.total, &list, digits)?;
@@ -97,10 +98,11 @@ pub fn apply(
 }
 
 /// The list rate of every usage line a commitment may cover: per unit in
-/// hours, without a free allowance, or it is refused.
+/// hours, without a free allowance, and the same in every version pricing
+/// the month, or it is refused.
 fn list_rates(
     rated: &RatedMonth,
-    version: &Version,
+    versions: &[&Version],
     reservations: &[&Reservation],
     plans: &[&SavingsPlan],
 ) -> Result<BTreeMap<LineKey, Decimal>> {
@@ -114,18 +116,31 @@ fn list_rates(
         if !reserved && !planned {
             continue;
         }
-        let price = version
-            .price_for(&k.service, &k.usage_type, &k.region)
-            .ok_or_else(|| Error::NoPrice { key: k.to_string(), version: version.id.clone() })?;
-        match price.model {
-            Model::PerUnit { rate } if price.pricing_unit == "hours" && price.free_allowance.is_zero() => {
+        let mut rates = Vec::new();
+        for version in versions {
+            let price = version
+                .price_for(&k.service, &k.usage_type, &k.region)
+                .ok_or_else(|| Error::NoPrice { key: k.to_string(), version: version.id.clone() })?;
+            match price.model {
+                Model::PerUnit { rate } if price.pricing_unit == "hours" && price.free_allowance.is_zero() => rates.push(rate),
+                _ => {
+                    return Err(Error::Invalid(vec![format!(
+                        "{k}: reservations and savings plans cover usage priced per unit in hours without a free allowance, \
+                         and version {} prices it otherwise",
+                        version.id
+                    )]))
+                }
+            }
+        }
+        rates.dedup();
+        match rates[..] {
+            [rate] => {
                 out.insert(k.clone(), rate);
             }
             _ => {
                 return Err(Error::Invalid(vec![format!(
-                    "{k}: reservations and savings plans cover usage priced per unit in hours without a free allowance, \
-                     and version {} prices it otherwise",
-                    version.id
+                    "{k}: its list price changes inside {}, and reservations and savings plans apply one list price a month",
+                    rated.month
                 )]))
             }
         }
@@ -320,6 +335,7 @@ impl LineMaker<'_> {
                 quantity: *q,
                 cost: *cost,
                 version_id: self.version_id.to_owned(),
+                price_version_id: String::new(),
                 currency: self.currency.to_owned(),
             });
             quantity += q;
@@ -467,8 +483,8 @@ rates = [{ service = "compute", usage_type = "BoxUsage:m5.large", rate = "0.06" 
         let (rows, minutes) = Scenario::parse(RUNS)?.usage(month)?;
         let mut rated = rate_month(&book, &catalog, month, &rows, &minutes)?;
         let hours = if drop_hours { Vec::new() } else { hour_rows(&minutes) };
-        let version = book.version_for_month(month).ok_or(Error::NoVersion { month })?;
-        let inputs = Inputs { prior: &PriorUse::new(), hours: &hours, version, catalog: &catalog, customer: None, minor_unit_digits: 2 };
+        let inputs =
+            Inputs { prior: &PriorUse::new(), hours: &hours, book: &book, catalog: &catalog, customer: None, minor_unit_digits: 2 };
         crate::charges::apply(&mut rated, &Contracts::parse(contracts)?, &inputs)?;
         Ok(rated)
     }

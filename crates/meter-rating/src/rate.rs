@@ -179,7 +179,11 @@ pub struct DailyLine {
     pub quantity: Decimal,
     /// Cost at full internal precision (never rounded; may be negative only under volume tiers).
     pub cost: Decimal,
+    /// The month's rating id ([`PriceBook::rating_id`]).
     pub version_id: String,
+    /// The price-book version whose prices priced this day (usage lines;
+    /// empty for the lines contracts add).
+    pub price_version_id: String,
     pub currency: String,
 }
 
@@ -410,7 +414,9 @@ fn pool_allocations(
 /// no daily row, are ignored; for the rest, the in-month minutes must add up
 /// to the daily rows per resource and day ([`Error::MinuteMismatch`]).
 pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: &[UsageRow], minutes: &[MinuteRow]) -> Result<RatedMonth> {
-    let version = book.version_for_month(month).ok_or(Error::NoVersion { month })?;
+    let segments = book.versions_for_month(month);
+    let version = segments.first().map(|(_, v)| *v).ok_or(Error::NoVersion { month })?;
+    let rating_id = book.rating_id(month).ok_or(Error::NoVersion { month })?;
     let mut resolved: BTreeMap<LineKey, Resolved<'_>> = BTreeMap::new();
     let mut days: BTreeMap<LineKey, BTreeMap<Date, DayUsage>> = BTreeMap::new();
     // Daily usage per resource for minimum-priced keys, to check against the minute series.
@@ -454,23 +460,48 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
 
     let pooled = pool_allocations(version, month, &days, &resolved)?;
 
+    // Prices of the versions that take effect inside the month, per key; a
+    // per-run minimum must not change mid-month (runs span the change).
+    let mut later: BTreeMap<(LineKey, usize), Resolved<'_>> = BTreeMap::new();
+    for (key, r) in &resolved {
+        for (i, (_, v)) in segments.iter().enumerate().skip(1) {
+            let rl = resolve(catalog, v, key)?;
+            if rl.minimum != r.minimum {
+                return Err(Error::Invalid(vec![format!(
+                    "{key}: version {} changes minimum_seconds mid-month ({:?} to {:?}); start it on the 1st",
+                    v.id, r.minimum, rl.minimum
+                )]));
+            }
+            later.insert((key.clone(), i), rl);
+        }
+    }
+    let segment_of = |day: Date| segments.iter().rposition(|(from, _)| *from <= day).unwrap_or(0);
+
     let month_s = month.to_string();
     let mut out = RatedMonth {
         month,
-        version_id: version.id.clone(),
+        version_id: rating_id.clone(),
         currency: book.currency.clone(),
         daily: Vec::new(),
         lines: Vec::new(),
         invoices: Vec::new(),
     };
     for (key, per_day) in &days {
-        let r = resolved.get(key).ok_or_else(|| Error::Internal(format!("{key}: unresolved key")))?;
-        let ids = [month_s.as_str(), version.id.as_str(), &key.customer_id, &key.service, &key.usage_type, &key.region];
+        let first_r = resolved.get(key).ok_or_else(|| Error::Internal(format!("{key}: unresolved key")))?;
+        let ids = [month_s.as_str(), rating_id.as_str(), &key.customer_id, &key.service, &key.usage_type, &key.region];
         let (mut cum, mut usage_total, mut uplift_total) = (0i128, 0i128, 0i128);
-        let (mut prev_q, mut prev_cost) = (Decimal::ZERO, Decimal::ZERO);
+        let (mut prev_q, mut prev_cost, mut prev_allowance) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
+        let mut prev_segment = 0;
+        let mut used_segments = std::collections::BTreeSet::new();
         let mut last = None;
         let first_daily = out.daily.len();
         for (day, d) in per_day {
+            let segment = segment_of(*day);
+            let r = if segment == 0 {
+                first_r
+            } else {
+                later.get(&(key.clone(), segment)).ok_or_else(|| Error::Internal(format!("{key}: unresolved")))?
+            };
             usage_total = add(usage_total, d.usage, key)?;
             uplift_total = add(uplift_total, d.uplift, key)?;
             cum = add(cum, d.usage + d.uplift, key)?;
@@ -481,6 +512,15 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
                 None => r.price.free_allowance,
             };
             let priced = model::price(&r.price.model, allowance, q)?;
+            // A day priced by another version than the day before costs the
+            // change of the month to date at this day's prices.
+            if segment != prev_segment {
+                let allowance_before = if pooled.contains_key(key) { prev_allowance } else { r.price.free_allowance };
+                prev_cost = model::price(&r.price.model, allowance_before, prev_q)?.charge.amount;
+                prev_segment = segment;
+            }
+            used_segments.insert(segment);
+            prev_allowance = allowance;
             let day_s = day.to_string();
             out.daily.push(DailyLine {
                 line_id: line_id(&[&["daily"], &ids[..], &[day_s.as_str()]].concat()),
@@ -493,7 +533,8 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
                 pricing_unit: r.price.pricing_unit.clone(),
                 quantity: q - prev_q,
                 cost: priced.charge.amount - prev_cost,
-                version_id: version.id.clone(),
+                version_id: rating_id.clone(),
+                price_version_id: segments[segment].1.id.clone(),
                 currency: book.currency.clone(),
             });
             prev_q = q;
@@ -502,9 +543,18 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
         }
         let Some(priced) = last else { continue };
         let daily_sum: Decimal = out.daily[first_daily..].iter().map(|l| l.cost).sum();
-        if daily_sum != priced.charge.amount {
+        // One version: the month's price. Several: the sum of the days, each at its version's prices,
+        // and the breakdown is in the daily lines (the tiers of one version would not add up).
+        let split = used_segments.len() > 1 || used_segments.iter().any(|s| *s != 0);
+        if !split && daily_sum != priced.charge.amount {
             return Err(Error::Internal(format!("{key}: daily costs {daily_sum} do not add up to {}", priced.charge.amount)));
         }
+        let (tiers, packages, unit_rate) = if used_segments.len() > 1 {
+            (Vec::new(), None, None)
+        } else {
+            (priced.charge.tiers, priced.charge.packages, priced.charge.unit_rate)
+        };
+        let r = first_r;
         out.lines.push(InvoiceLine {
             line_id: line_id(&[&["invoice-line"], &ids[..]].concat()),
             month,
@@ -516,16 +566,16 @@ pub fn rate_month(book: &PriceBook, catalog: &Catalog, month: YearMonth, usage: 
             quantity: priced.quantity,
             free_allowance_used: priced.free_allowance_used,
             billable_quantity: priced.billable,
-            tiers: priced.charge.tiers,
-            packages: priced.charge.packages,
-            unit_rate: priced.charge.unit_rate,
-            amount_full: priced.charge.amount,
-            amount: to_minor_unit(priced.charge.amount, book.minor_unit_digits)?,
-            version_id: version.id.clone(),
+            tiers,
+            packages,
+            unit_rate,
+            amount_full: daily_sum,
+            amount: to_minor_unit(daily_sum, book.minor_unit_digits)?,
+            version_id: rating_id.clone(),
             currency: book.currency.clone(),
         });
     }
-    out.invoices = invoices(&out.lines, month, &version.id, &book.currency)?;
+    out.invoices = invoices(&out.lines, month, &rating_id, &book.currency)?;
     Ok(out)
 }
 

@@ -26,9 +26,8 @@ fn rate(month: &str, prior: &PriorUse) -> (RatedMonth, Vec<CreditBalance>) {
     rows.extend(run_days);
     let mut rated = rate_month(&book, &catalog, month, &rows, &minutes).unwrap();
     let contracts = Contracts::parse(BILLING_CONTRACTS).unwrap();
-    let version = book.version_for_month(month).unwrap();
     let hours = hour_rows(&minutes);
-    let inputs = Inputs { prior, hours: &hours, version, catalog: &catalog, customer: None, minor_unit_digits: book.minor_unit_digits };
+    let inputs = Inputs { prior, hours: &hours, book: &book, catalog: &catalog, customer: None, minor_unit_digits: book.minor_unit_digits };
     let ledger = charges::apply(&mut rated, &contracts, &inputs).unwrap();
     (rated, ledger)
 }
@@ -37,12 +36,17 @@ fn expected(csv: &str) -> Vec<String> {
     csv.lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
 }
 
-/// May, then June with May's use of each credit.
+/// May, June (with May's use of each credit) and July (priced by two versions).
 fn both_months() -> Vec<(RatedMonth, Vec<CreditBalance>)> {
     let may = rate("2026-05", &PriorUse::new());
     let prior: PriorUse = may.1.iter().map(|b| (b.credit_id.clone(), b.used)).collect();
     let june = rate("2026-06", &prior);
-    vec![may, june]
+    let mut prior = prior;
+    for b in &june.1 {
+        *prior.entry(b.credit_id.clone()).or_default() += b.used;
+    }
+    let july = rate("2026-07", &prior);
+    vec![may, june, july]
 }
 
 #[test]
@@ -52,7 +56,8 @@ fn billing_golden_lines_invoices_and_ledger_match_the_hand_priced_ones_to_the_ce
     let mut invoices = Vec::new();
     let mut ledger = Vec::new();
     for (rated, credits) in &months {
-        assert_eq!(rated.version_id, "2026-04", "the April version prices May and June");
+        let want = if rated.month.month() == 7 { "2026-04+2026-07-15" } else { "2026-04" };
+        assert_eq!(rated.version_id, want, "the April version prices May and June, and July with the July 15 version");
         for l in &rated.lines {
             let k = &l.key;
             lines.push(format!("{},{},{},{},{},{},{}", l.month, k.customer_id, k.service, k.usage_type, k.region, l.line_type, l.amount));
@@ -95,6 +100,26 @@ fn daily_lines_add_up_to_every_invoice_line_and_credits_never_exceed_charges() {
             assert_eq!(b.opening - b.used - b.expired, b.remaining, "{b:?}");
         }
     }
+}
+
+#[test]
+fn a_price_change_on_the_15th_prices_each_day_with_its_version() {
+    let (july, _) = rate("2026-07", &PriorUse::new());
+    let days: Vec<(u32, String, String)> = july
+        .daily
+        .iter()
+        .filter(|d| d.key.customer_id == "wayne")
+        .map(|d| (d.day.day(), d.price_version_id.clone(), d.cost.normalize().to_string()))
+        .collect();
+    assert_eq!(days.len(), 31);
+    assert!(days[..14].iter().all(|(_, v, c)| v == "2026-04" && c == "11.5"), "{days:?}");
+    assert!(days[14..].iter().all(|(_, v, c)| v == "2026-07-15" && c == "10"), "{days:?}");
+    let line = july.lines.iter().find(|l| l.key.customer_id == "wayne").unwrap();
+    assert_eq!(
+        (line.amount.to_string(), line.unit_rate, line.tiers.len()),
+        ("331.00".to_owned(), None, 0),
+        "two rates: the breakdown is daily"
+    );
 }
 
 #[test]

@@ -85,7 +85,8 @@ pub async fn rate_from_clickhouse(
     let mut rated = rate_month(&book, &catalog, month, &usage.days, &usage.minutes).with_context(|| format!("rating {month}"))?;
     if adjust {
         let closed = crate::close::closed(client, month, customer).await.context("reading closed months")?;
-        let (mut daily, mut lines) = crate::close::pending_adjustments(cfg, client, month, customer, &closed, &version.id).await?;
+        let (mut daily, mut lines) =
+            crate::close::pending_adjustments(cfg, client, month, customer, &closed, &rated.version_id.clone()).await?;
         rated.daily.append(&mut daily);
         rated.lines.append(&mut lines);
     }
@@ -93,7 +94,7 @@ pub async fn rate_from_clickhouse(
     let inputs = charges::Inputs {
         prior: &prior,
         hours: &usage.hours,
-        version,
+        book: &book,
         catalog: &catalog,
         customer,
         minor_unit_digits: book.minor_unit_digits,

@@ -98,6 +98,8 @@ pub struct RatedUsageRow {
     pub line_id: String,
     pub rated_at: u32,
     pub revision: u64,
+    /// The price-book version that priced the day (usage lines; empty otherwise).
+    pub price_version_id: String,
 }
 
 /// One monthly invoice line with its tier breakdown (`invoice_lines`).
@@ -528,6 +530,7 @@ pub fn rated_rows(rated: &RatedMonth, ledger: &[CreditBalance], usage: &[UsageRo
             line_id: d.line_id.clone(),
             rated_at: 0,
             revision: 0,
+            price_version_id: d.price_version_id.clone(),
         });
     }
     for l in &rated.lines {
@@ -599,8 +602,8 @@ pub fn rated_rows(rated: &RatedMonth, ledger: &[CreditBalance], usage: &[UsageRo
 // ---- stored rows -----------------------------------------------------------------
 
 pub const SQL_STORED_RATED_USAGE: &str = "SELECT month, version_id, day, customer_id, service, usage_type, region, resource_ids, \
-    line_type, usage_quantity, minimum_uplift, pricing_unit, quantity, cost, unit_rate, currency, line_id, toUInt32(rated_at) AS rated_at, revision \
-    FROM rated_usage FINAL WHERE month = toDate(?) AND version_id = ? AND (? = '' OR customer_id = ?)";
+    line_type, usage_quantity, minimum_uplift, pricing_unit, quantity, cost, unit_rate, currency, line_id, toUInt32(rated_at) AS rated_at, revision, \
+    price_version_id FROM rated_usage FINAL WHERE month = toDate(?) AND version_id = ? AND (? = '' OR customer_id = ?)";
 
 pub const SQL_STORED_INVOICE_LINES: &str = "SELECT month, version_id, customer_id, service, usage_type, region, line_id, \
     line_type, usage_quantity, minimum_uplift, pricing_unit, quantity, free_allowance_used, billable_quantity, \

@@ -17,7 +17,7 @@ const SAMPLE_ROWS: &[&str] = &[
     "INSERT INTO {db}.usage_hour VALUES (1769990400, 1769994000, 'acme', 'compute', 'BoxUsage:t3.micro', 'us-east-1', 'i-1', 3600, 3600, 1, 1, 0, 0, 1, 1, 3600)",
     "INSERT INTO {db}.usage_minute VALUES (1769990400, 1769990460, 'acme', 'compute', 'BoxUsage:t3.micro', 'us-east-1', 'i-1', 60, 60, 1, 1, 0, 0, 1, 1, 60)",
     "INSERT INTO {db}.price_book VALUES ('2026-01', '2026-01-01', 'USD', 'compute', 'BoxUsage:t3.micro', '', 'hours', 'per_unit', 1, 0, NULL, 0.0104, NULL, NULL, 0, 60, '', 1769990400, 1)",
-    "INSERT INTO {db}.rated_usage VALUES ('2026-02-01', '2026-01', '2026-02-02', 'acme', 'compute', 'BoxUsage:t3.micro', 'us-east-1', ['i-1'], 3600, 0, 'hours', 1, 0.0104, 0.0104, 'USD', 'l1', 1769990400, 1, 'Usage')",
+    "INSERT INTO {db}.rated_usage VALUES ('2026-02-01', '2026-01', '2026-02-02', 'acme', 'compute', 'BoxUsage:t3.micro', 'us-east-1', ['i-1'], 3600, 0, 'hours', 1, 0.0104, 0.0104, 'USD', 'l1', 1769990400, 1, 'Usage', '2026-01')",
     "INSERT INTO {db}.invoice_lines VALUES ('2026-02-01', '2026-01', 'acme', 'compute', 'BoxUsage:t3.micro', 'us-east-1', 'il1', 3600, 0, 'hours', 1, 0, 1, [0], [NULL], [1], [0.0104], [0.0104], NULL, 0.0104, 0.0104, 0.01, 'USD', 1769990400, 1, 'Usage')",
     "INSERT INTO {db}.invoice_lines VALUES ('2026-02-01', '2026-01', 'acme', 'object-storage', 'Credit:c1', '', 'il2', 0, 0, 'USD', 0.01, 0, 0.01, [], [], [], [], [], NULL, NULL, -0.01, -0.01, 'USD', 1769990400, 1, 'Credit')",
     "INSERT INTO {db}.credit_ledger VALUES ('2026-02-01', 'acme', 'c1', 'USD', 5, '2026-02-01', '2026-03-01', 5, 0.01, 4.99, 0, '2026-01', 1769990400, 1)",
