@@ -118,6 +118,18 @@ async fn write_usage(client: &clickhouse::Client) {
     }
 }
 
+/// Own topics and database, the scenario's usage written, the price book loaded.
+async fn setup(name: &str) -> (Config, meter_clickhouse::Connection, clickhouse::Client) {
+    let cfg = unique_config(name);
+    meter_kafka::admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
+    let conn = meter_clickhouse::Connection::from(&cfg.clickhouse);
+    meter_clickhouse::migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
+    let client = conn.client().unwrap();
+    write_usage(&client).await;
+    meter_ok(&cfg, &["prices", "load"]);
+    (cfg, conn, client)
+}
+
 fn expected(csv: &str) -> Vec<String> {
     csv.lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
 }
@@ -180,13 +192,7 @@ fn topic_lines(cfg: &Config, at_least: usize) -> Vec<meter_rating::InvoiceLine> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn billing_golden_scenario_bills_fees_and_credits_to_the_cent_on_clickhouse_and_kafka() {
-    let cfg = unique_config("billing");
-    meter_kafka::admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
-    let conn = meter_clickhouse::Connection::from(&cfg.clickhouse);
-    meter_clickhouse::migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
-    let client = conn.client().unwrap();
-    write_usage(&client).await;
-    meter_ok(&cfg, &["prices", "load"]);
+    let (cfg, conn, client) = setup("billing").await;
 
     // A contracts file with a subscription to an unknown plan: refused, nothing written.
     let bad = tempfile::NamedTempFile::new().unwrap();
@@ -265,13 +271,7 @@ async fn billing_golden_scenario_bills_fees_and_credits_to_the_cent_on_clickhous
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_month_rated_before_the_month_whose_credits_it_inherits_is_caught_by_the_audit() {
-    let cfg = unique_config("billing_order");
-    meter_kafka::admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
-    let conn = meter_clickhouse::Connection::from(&cfg.clickhouse);
-    meter_clickhouse::migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
-    let client = conn.client().unwrap();
-    write_usage(&client).await;
-    meter_ok(&cfg, &["prices", "load"]);
+    let (cfg, conn, client) = setup("billing_order").await;
 
     // June first: the goodwill credit looks unused, so it pays all of June's $10.
     meter_ok(&cfg, &["rate", "--month", "2026-06"]);
@@ -308,13 +308,7 @@ fn python_records(cfg: &Config, topic: &str, schema: &str) -> Vec<serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_month_is_frozen_and_late_usage_is_billed_on_the_next_open_month() {
-    let cfg = unique_config("billing_close");
-    meter_kafka::admin::ensure_topics(&cfg).await.expect("Kafka must be running (ops/up)");
-    let conn = meter_clickhouse::Connection::from(&cfg.clickhouse);
-    meter_clickhouse::migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
-    let client = conn.client().unwrap();
-    write_usage(&client).await;
-    meter_ok(&cfg, &["prices", "load"]);
+    let (cfg, conn, client) = setup("billing_close").await;
     meter_ok(&cfg, &["rate", "--month", "2026-05"]);
     meter_ok(&cfg, &["rate", "--month", "2026-06"]);
 
