@@ -259,13 +259,18 @@ fn apply_credits(
     let mut out = Vec::new();
     let mut daily = Vec::new();
     let mut lines = Vec::new();
-    for (cust, mut credits) in by_customer {
-        credits.sort_by(credit_order);
-        let mut ledger = Ledger { charged: BTreeMap::new(), credited: BTreeMap::new() };
-        for d in rated.daily.iter().filter(|d| d.key.customer_id == cust) {
-            let e = ledger.charged.entry(d.key.service.clone()).or_default().entry(d.day).or_default();
+    // Charges per customer with credits, service and day: one pass over the daily lines.
+    type Charged = BTreeMap<String, BTreeMap<Date, Decimal>>;
+    let mut charged: BTreeMap<&str, Charged> = by_customer.keys().map(|c| (*c, Charged::new())).collect();
+    for d in &rated.daily {
+        if let Some(per_service) = charged.get_mut(d.key.customer_id.as_str()) {
+            let e = per_service.entry(d.key.service.clone()).or_default().entry(d.day).or_default();
             *e = e.checked_add(d.cost).ok_or_else(|| overflow("charges"))?;
         }
+    }
+    for (cust, mut credits) in by_customer {
+        credits.sort_by(credit_order);
+        let mut ledger = Ledger { charged: charged.remove(cust).unwrap_or_default(), credited: BTreeMap::new() };
         let services: Vec<String> = ledger.charged.keys().cloned().collect();
         for credit in credits {
             let opening = (credit.amount - prior.get(&credit.id).copied().unwrap_or_default()).max(Decimal::ZERO);

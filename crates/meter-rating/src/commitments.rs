@@ -283,13 +283,17 @@ fn take_off_usage_lines(rated: &mut RatedMonth, covered: &PerDay, list: &BTreeMa
         d.quantity -= *q;
         d.cost -= mul(*q, rate)?;
     }
+    let mut costs: BTreeMap<LineKey, Decimal> = BTreeMap::new();
+    for d in rated.daily.iter().filter(|d| d.line_type == LineType::Usage && covered.contains_key(&d.key)) {
+        *costs.entry(d.key.clone()).or_default() += d.cost;
+    }
     for l in rated.lines.iter_mut().filter(|l| l.line_type == LineType::Usage) {
         let Some(days) = covered.get(&l.key) else { continue };
         let q: Decimal = days.values().copied().sum();
         let rate = list[&l.key];
         l.quantity -= q;
         l.billable_quantity -= q;
-        l.amount_full = rated.daily.iter().filter(|d| d.line_type == LineType::Usage && d.key == l.key).map(|d| d.cost).sum();
+        l.amount_full = costs.get(&l.key).copied().unwrap_or_default();
         l.amount = to_minor_unit(l.amount_full, digits)?;
         l.tiers = if l.billable_quantity.is_zero() {
             Vec::new()
