@@ -204,6 +204,38 @@ fn remove_path(tree: &mut serde_json::Value, path: &[String]) -> bool {
     }
 }
 
+/// Text where the defaults have a number or a bool becomes that number or
+/// bool when it reads as one (otherwise it is left, and reported as the
+/// wrong type with its path). Every other value is left as it is.
+fn coerce_like(tree: &mut serde_json::Value, like: &serde_json::Value) {
+    use serde_json::Value;
+    match (tree, like) {
+        (Value::Object(t), Value::Object(l)) => {
+            for (k, v) in t.iter_mut() {
+                if let Some(lv) = l.get(k) {
+                    coerce_like(v, lv);
+                }
+            }
+        }
+        (v, Value::Number(_)) => {
+            if let Value::String(s) = &*v {
+                let n = s.trim().parse::<i64>().map(Value::from).or_else(|_| s.trim().parse::<u64>().map(Value::from));
+                if let Ok(n) = n {
+                    *v = n;
+                }
+            }
+        }
+        (v, Value::Bool(_)) => {
+            if let Value::String(s) = &*v {
+                if let Ok(b) = s.trim().parse::<bool>() {
+                    *v = Value::Bool(b);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file` (if given), then `METER__*` variables, and
     /// validates the result, reporting every problem found.
@@ -212,8 +244,13 @@ impl Config {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
-        builder = builder.add_source(config::Environment::with_prefix("METER").prefix_separator("__").separator("__").try_parsing(true));
-        let tree: serde_json::Value = builder.build()?.try_deserialize()?;
+        // Environment values stay text here; `coerce_like` then parses only
+        // those whose field is a number or a bool, so that a secret such as
+        // METER__CLICKHOUSE__PASSWORD=007 stays the string "007".
+        builder = builder.add_source(config::Environment::with_prefix("METER").prefix_separator("__").separator("__").try_parsing(false));
+        let mut tree: serde_json::Value = builder.build()?.try_deserialize()?;
+        let defaults = serde_json::to_value(Config::default()).map_err(|e| ConfigError::Invalid(vec![format!("defaults: {e}")]))?;
+        coerce_like(&mut tree, &defaults);
         Config::from_tree(tree)
     }
 
