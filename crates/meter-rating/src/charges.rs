@@ -115,7 +115,6 @@ pub fn apply(rated: &mut RatedMonth, contracts: &Contracts, inputs: &Inputs<'_>)
         let e = usage_cost.entry((d.key.customer_id.as_str(), d.day)).or_default();
         *e = e.checked_add(d.cost).ok_or_else(|| overflow("usage charges"))?;
     }
-    let usage_cost: BTreeMap<(String, Date), Decimal> = usage_cost.into_iter().map(|((c, d), v)| ((c.to_owned(), d), v)).collect();
 
     let mut daily = Vec::new();
     let mut lines = Vec::new();
@@ -145,7 +144,7 @@ pub fn apply(rated: &mut RatedMonth, contracts: &Contracts, inputs: &Inputs<'_>)
                     (prorate(*monthly, k + 1, n)?, q)
                 }
                 Fee::PercentOfUsage { tiers: t, .. } => {
-                    base += usage_cost.get(&(cust.clone(), *day)).copied().unwrap_or(Decimal::ZERO);
+                    base += usage_cost.get(&(cust.as_str(), *day)).copied().unwrap_or(Decimal::ZERO);
                     let charge = Model::Graduated { tiers: t.clone() }.charge(base.max(Decimal::ZERO))?;
                     tiers = charge.tiers;
                     (charge.amount.max(minimum), base)

@@ -166,7 +166,6 @@ pub async fn close(
     if rate_run.open_days > 0 {
         bail!("{month} has {} day windows that are not final yet: close it once they are", rate_run.open_days);
     }
-    let closed_before = closed(&client, month, customer).await?;
     let stored = stored_rows(&client, month, &rate_run.version_id, customer).await.context("reading the month's invoices")?;
     let digits = crate::rate::price_book(cfg)?.minor_unit_digits;
     let all_lines: Vec<InvoiceLine> = stored.lines.iter().map(invoice_line_of).collect::<Result<_>>()?;
@@ -176,7 +175,7 @@ pub async fn close(
         if inv.line_count == 0 {
             continue;
         }
-        if closed_before.contains_key(&(month, inv.customer_id.clone())) {
+        if rate_run.frozen.contains(&inv.customer_id) {
             already += 1;
             continue;
         }

@@ -14,10 +14,13 @@
 //! so a consumer keeping the latest value per key sees no difference; the
 //! other order could leave a line in ClickHouse that never reached the topic.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use anyhow::Context;
 use meter_config::Config;
 use meter_rating::{charges, rate_month, Contracts, CreditBalance, InvoiceLine, PriceBook, RatedMonth, YearMonth};
 
+use crate::close::ClosedPeriodRow;
 use crate::rating::{self, MonthUsage, Plan};
 
 /// The price book named by `rating.price_book` (or the sample built in),
@@ -50,6 +53,9 @@ pub struct RatedFromUsage {
     pub rated: RatedMonth,
     /// The month's credit ledger.
     pub ledger: Vec<CreditBalance>,
+    /// Closed (month, customer) pairs up to the month, read when rating with
+    /// adjustments (empty otherwise).
+    pub closed: BTreeMap<(YearMonth, String), ClosedPeriodRow>,
 }
 
 /// Reads the month's usage (final windows only unless `include_open`) and
@@ -83,10 +89,10 @@ pub async fn rate_from_clickhouse(
         if include_open { ", included" } else { ", left out" }
     );
     let mut rated = rate_month(&book, &catalog, month, &usage.days, &usage.minutes).with_context(|| format!("rating {month}"))?;
+    let mut closed = BTreeMap::new();
     if adjust {
-        let closed = crate::close::closed(client, month, customer).await.context("reading closed months")?;
-        let (mut daily, mut lines) =
-            crate::close::pending_adjustments(cfg, client, month, customer, &closed, &rated.version_id.clone()).await?;
+        closed = crate::close::closed(client, month, customer).await.context("reading closed months")?;
+        let (mut daily, mut lines) = crate::close::pending_adjustments(cfg, client, month, customer, &closed, &rated.version_id).await?;
         rated.daily.append(&mut daily);
         rated.lines.append(&mut lines);
     }
@@ -100,7 +106,7 @@ pub async fn rate_from_clickhouse(
         minor_unit_digits: book.minor_unit_digits,
     };
     let ledger = charges::apply(&mut rated, &contracts, &inputs).with_context(|| format!("billing the contracts of {month}"))?;
-    Ok(RatedFromUsage { book, usage, rated, ledger })
+    Ok(RatedFromUsage { book, usage, rated, ledger, closed })
 }
 
 /// Where a rating run sends the invoice lines it is about to write, before
@@ -118,6 +124,8 @@ pub struct RateRun {
     pub published: usize,
     /// Day windows not final yet, left for a later run.
     pub open_days: usize,
+    /// Customers whose month was closed already: nothing of theirs was written.
+    pub frozen: BTreeSet<String>,
 }
 
 /// Rates `month` (optionally one customer): new and changed invoice lines
@@ -127,8 +135,7 @@ pub async fn rate(cfg: &Config, month: YearMonth, customer: Option<&str>, publis
     let r = rate_from_clickhouse(cfg, &client, month, customer, false, true).await?;
     let mut rows = rating::rated_rows(&r.rated, &r.ledger, &r.usage.days, r.book.minor_unit_digits)?;
     // A closed month's customers are frozen: nothing of theirs is written or zeroed.
-    let frozen: std::collections::BTreeSet<String> =
-        crate::close::closed(&client, month, customer).await?.into_keys().filter(|(m, _)| *m == month).map(|(_, c)| c).collect();
+    let frozen: BTreeSet<String> = r.closed.keys().filter(|(m, _)| *m == month).map(|(_, c)| c.clone()).collect();
     if !frozen.is_empty() {
         eprintln!("{month} is closed for {} customers: their changes are billed as adjustments on their next open month", frozen.len());
     }
@@ -147,5 +154,5 @@ pub async fn rate(cfg: &Config, month: YearMonth, customer: Option<&str>, publis
         publisher.publish(&lines).await?;
     }
     plan.apply(&client).await.context("writing rated lines to ClickHouse")?;
-    Ok(RateRun { version_id: r.rated.version_id, plan, published: lines.len(), open_days: r.usage.open_days })
+    Ok(RateRun { version_id: r.rated.version_id, plan, published: lines.len(), open_days: r.usage.open_days, frozen })
 }
