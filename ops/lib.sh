@@ -30,6 +30,23 @@ CLICKHOUSE_HTTP_PORT="${CLICKHOUSE_HTTP_PORT:-8123}"
 CLICKHOUSE_TCP_PORT="${CLICKHOUSE_TCP_PORT:-9000}"
 CLICKHOUSE_START_TIMEOUT="${CLICKHOUSE_START_TIMEOUT:-60}"
 METER_ANALYST_PASSWORD="${METER_ANALYST_PASSWORD:-}"
+CLICKHOUSE_HTTPS_PORT="${CLICKHOUSE_HTTPS_PORT:-8443}"
+CLICKHOUSE_HTTPS_URL="https://127.0.0.1:$CLICKHOUSE_HTTPS_PORT"
+
+# ---- secure stack (#15) --------------------------------------------------
+# Dev PKI and per-service secrets (ensure_secure_material), shared by
+# ops/clickhouse (HTTPS, users writer/analyst) and ops/secure (SASL_SSL broker).
+SECURE_DIR="$LOCAL_DIR/secure"
+SECURE_PKI="$SECURE_DIR/pki"
+SECURE_SECRETS="$SECURE_DIR/secrets"
+KAFKA_SECURE_DIR="$LOCAL_DIR/kafka-secure"
+KAFKA_SECURE_PORT="${KAFKA_SECURE_PORT:-9094}"
+KAFKA_SECURE_CONTROLLER_PORT="${KAFKA_SECURE_CONTROLLER_PORT:-9095}"
+KAFKA_SECURE_BOOTSTRAP="127.0.0.1:$KAFKA_SECURE_PORT"
+# SCRAM principals of the secure broker (secrets/kafka-<name>.password)
+KAFKA_SECURE_USERS=(admin agent processor sink billing rating)
+# secrets that are digits only: "a numeric-looking secret stays a string"
+SECURE_NUMERIC_SECRETS=(kafka-sink clickhouse-writer)
 
 # ---- helpers -------------------------------------------------------------
 log() { printf '[%s] %s\n' "${LOG_TAG:-ops}" "$*" >&2; }
@@ -136,3 +153,124 @@ clickhouse_server_cmd() {
         return 1
     fi
 }
+
+# ---- secure material -----------------------------------------------------
+# ensure_secure_material: create what is missing under $SECURE_DIR (keeps what
+# exists): a dev CA (EC P-256) and leaf certs signed by it, an unrelated CA
+# (other-ca.pem, the "untrusted CA" of tests), and one random secret per
+# principal. Keys are unencrypted PKCS#8 PEM, keys and secrets mode 0600.
+# Never prints a secret. Serialised with flock (ops/clickhouse and ops/secure
+# may run at the same time).
+ensure_secure_material() {
+    mkdir -p "$SECURE_DIR"
+    (
+        umask 077
+        exec 9>"$SECURE_DIR/.lock"
+        flock 9
+        mkdir -p "$SECURE_PKI" "$SECURE_SECRETS"
+        chmod 755 "$SECURE_PKI"
+        chmod 700 "$SECURE_SECRETS"
+        _secure_pki
+        _secure_secrets
+    )
+}
+
+# _ssl_run CMD... : run openssl quietly; its output only on failure
+_ssl_run() {
+    local out
+    out="$("$@" 2>&1)" || { printf '%s\n' "$out" >&2; die "failed: $*"; }
+}
+
+# _ssl_ca NAME CN : self-signed CA NAME.pem + NAME.key (10 years)
+_ssl_ca() {
+    local name="$1" cn="$2"
+    _ssl_run openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$SECURE_PKI/$name.key.tmp"
+    _ssl_run openssl req -x509 -new -key "$SECURE_PKI/$name.key.tmp" -out "$SECURE_PKI/$name.pem.tmp" \
+        -days 3650 -sha256 -subj "/O=meterline dev/CN=$cn" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    mv -f "$SECURE_PKI/$name.key.tmp" "$SECURE_PKI/$name.key"
+    mv -f "$SECURE_PKI/$name.pem.tmp" "$SECURE_PKI/$name.pem"
+}
+
+# _ssl_leaf NAME CN EKU [SAN] : NAME.pem + NAME.key signed by ca.pem (825 days)
+_ssl_leaf() {
+    local name="$1" cn="$2" eku="$3" san="${4:-}"
+    local ext="$SECURE_PKI/$name.ext"
+    {
+        echo "basicConstraints=critical,CA:FALSE"
+        echo "keyUsage=critical,digitalSignature"
+        echo "extendedKeyUsage=$eku"
+        echo "subjectKeyIdentifier=hash"
+        echo "authorityKeyIdentifier=keyid"
+        [[ -z "$san" ]] || echo "subjectAltName=$san"
+    } >"$ext"
+    _ssl_run openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$SECURE_PKI/$name.key.tmp"
+    _ssl_run openssl req -new -key "$SECURE_PKI/$name.key.tmp" -subj "/CN=$cn" -out "$SECURE_PKI/$name.csr"
+    _ssl_run openssl x509 -req -in "$SECURE_PKI/$name.csr" -CA "$SECURE_PKI/ca.pem" -CAkey "$SECURE_PKI/ca.key" \
+        -set_serial "0x$(openssl rand -hex 16)" -days 825 -sha256 -extfile "$ext" -out "$SECURE_PKI/$name.pem.tmp"
+    rm -f "$SECURE_PKI/$name.csr" "$ext"
+    mv -f "$SECURE_PKI/$name.key.tmp" "$SECURE_PKI/$name.key"
+    mv -f "$SECURE_PKI/$name.pem.tmp" "$SECURE_PKI/$name.pem"
+}
+
+# _ssl_leaf_ok NAME : NAME.pem and NAME.key exist, chain to ca.pem, valid for another day
+_ssl_leaf_ok() {
+    local pem="$SECURE_PKI/$1.pem"
+    [[ -s "$pem" && -s "$SECURE_PKI/$1.key" ]] || return 1
+    openssl verify -CAfile "$SECURE_PKI/ca.pem" "$pem" >/dev/null 2>&1 || return 1
+    openssl x509 -in "$pem" -noout -checkend 86400 >/dev/null 2>&1
+}
+
+_secure_pki() {
+    local san="DNS:localhost,IP:127.0.0.1"
+    if [[ ! -s "$SECURE_PKI/ca.pem" || ! -s "$SECURE_PKI/ca.key" ]]; then
+        log "generating the dev CA in $SECURE_PKI"
+        _ssl_ca ca "meterline dev CA"
+    fi
+    if [[ ! -s "$SECURE_PKI/other-ca.pem" ]]; then
+        _ssl_ca other-ca "meterline untrusted CA"
+    fi
+    # broker: also a TLS client of its own controller listener (mutual TLS,
+    # principal User:CN=broker)
+    _ssl_leaf_ok broker || { log "issuing pki/broker.pem"; _ssl_leaf broker broker serverAuth,clientAuth "$san"; }
+    _ssl_leaf_ok clickhouse || { log "issuing pki/clickhouse.pem"; _ssl_leaf clickhouse clickhouse serverAuth "$san"; }
+    _ssl_leaf_ok client || { log "issuing pki/client.pem"; _ssl_leaf client meter-client clientAuth; }
+    chmod 600 "$SECURE_PKI"/*.key
+    chmod 644 "$SECURE_PKI"/*.pem
+}
+
+# _secret_digits N : N random decimal digits
+_secret_digits() {
+    local d=""
+    while ((${#d} < $1)); do
+        d+="$(openssl rand -hex 32 | tr -dc 0-9)"
+    done
+    printf '%s' "${d:0:$1}"
+}
+
+_secure_secrets() {
+    local name f created=()
+    for name in "${KAFKA_SECURE_USERS[@]/#/kafka-}" clickhouse-writer clickhouse-analyst; do
+        f="$SECURE_SECRETS/$name.password"
+        [[ -s "$f" ]] && continue
+        if [[ " ${SECURE_NUMERIC_SECRETS[*]} " == *" $name "* ]]; then
+            _secret_digits 20 >"$f.tmp"
+        else
+            openssl rand -hex 16 | tr -d '\n' >"$f.tmp"
+        fi
+        mv -f "$f.tmp" "$f"
+        created+=("$name")
+    done
+    chmod 600 "$SECURE_SECRETS"/*.password
+    ((${#created[@]} == 0)) || log "generated secrets in $SECURE_SECRETS: ${created[*]}"
+}
+
+# secret NAME : the secret secrets/NAME.password (e.g. kafka-agent), no newline
+secret() {
+    local f="$SECURE_SECRETS/$1.password"
+    [[ -s "$f" ]] || die "missing secret $f (ops/secure start creates it)"
+    tr -d '\r\n' <"$f"
+}
+
+# sha256_hex : hex SHA-256 of stdin
+sha256_hex() { sha256sum | cut -d' ' -f1; }

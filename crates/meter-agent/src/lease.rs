@@ -117,7 +117,14 @@ struct Shared {
     /// The twin check is done (passed, or could not read the topic).
     checked: bool,
     failed: Option<LeaseError>,
+    /// Kafka refused this agent's settings (credentials, TLS, protocol).
+    refused: Option<String>,
 }
+
+/// How long the lease thread waits, at start, for Kafka to either answer
+/// or refuse this agent's settings; an unreachable Kafka is not an error
+/// (the agent spools), a refusal stops the agent.
+const ACCESS_CHECK: Duration = Duration::from_secs(5);
 
 /// The running lease: a thread that renews it until [`Lease::stop`].
 pub struct Lease {
@@ -158,6 +165,13 @@ impl Lease {
         let thread = std::thread::Builder::new()
             .name("meter-agent-lease".into())
             .spawn(move || {
+                if let Err(meter_kafka::AccessError::Refused(why)) = meter_kafka::check_access(&check_cfg.kafka, ACCESS_CHECK) {
+                    if let Ok(mut s) = s.lock() {
+                        s.checked = true;
+                        s.refused = Some(format!("Kafka refused the connection: {why}"));
+                    }
+                    return;
+                }
                 let twin = check_no_twin(&check_cfg, &key, &beat, interval, &st);
                 let failed = twin.is_err();
                 if let Ok(mut s) = s.lock() {
@@ -180,6 +194,13 @@ impl Lease {
     /// Set when a twin runs or Kafka fenced the lease: the agent must stop.
     pub fn failed(&self) -> Option<LeaseError> {
         self.shared.lock().ok().and_then(|s| s.failed.clone())
+    }
+
+    /// Set when Kafka refused the agent's settings at start (a wrong
+    /// password, an untrusted certificate, plain text to a TLS listener):
+    /// the agent must stop, naming the cause.
+    pub fn refused(&self) -> Option<String> {
+        self.shared.lock().ok().and_then(|s| s.refused.clone())
     }
 
     /// Ends the lease with a `stopped` heartbeat (best effort), so that

@@ -29,6 +29,10 @@ pub struct AgentMetrics {
     pub dropped: IntCounter,
     /// Failed deliveries (each makes the agent send again from the spool).
     pub delivery_failures: IntCounter,
+    /// Failed deliveries the broker refused for want of authorization: this
+    /// agent's principal may not write the topic (an ACL, or a wrong
+    /// `topics.events`). Also counted in `delivery_failures`.
+    pub delivery_denied: IntCounter,
     /// Seconds emitted.
     pub ticks: IntCounter,
     /// Seconds emitted late because the agent fell behind the one-second
@@ -75,6 +79,10 @@ impl AgentMetrics {
             dropped: t.counter("meter_agent_events_dropped_total", "Events that could not be kept because the spool was full."),
             delivery_failures: t
                 .counter("meter_agent_delivery_failures_total", "Failed deliveries; each makes the agent send again from the spool."),
+            delivery_denied: t.counter(
+                "meter_agent_delivery_denied_total",
+                "Failed deliveries the broker refused because this agent's principal may not write the topic (ACLs, or a wrong topics.events).",
+            ),
             ticks: t.counter("meter_agent_ticks_total", "One-second ticks emitted."),
             caught_up_ticks: t
                 .counter("meter_agent_ticks_caught_up_total", "One-second ticks emitted late, with their correct timestamps."),
@@ -119,13 +127,14 @@ impl AgentMetrics {
     /// One line for logs and the CLI.
     pub fn summary(&self) -> String {
         format!(
-            "{} generated, {} spooled, {} produced, {} replayed, {} dropped, {} delivery failures, {} ticks ({} caught up, {} compressed), {} counter resets, {} wraps, spool {} bytes / {} events behind",
+            "{} generated, {} spooled, {} produced, {} replayed, {} dropped, {} delivery failures ({} denied), {} ticks ({} caught up, {} compressed), {} counter resets, {} wraps, spool {} bytes / {} events behind",
             self.generated.get(),
             self.spooled.get(),
             self.produced.get(),
             self.replayed.get(),
             self.dropped.get(),
             self.delivery_failures.get(),
+            self.delivery_denied.get(),
             self.ticks.get(),
             self.caught_up_ticks.get(),
             self.compressed_seconds.get(),
@@ -277,8 +286,24 @@ impl DeliveryFailed<'_> {
     pub fn emit(&self, m: &AgentMetrics) {
         m.delivery_failures.inc();
         m.replayed.inc_by(self.resend);
-        warn!(error = self.error, resend = self.resend, backlog = self.backlog, "delivery failed; sending again from the spool in 1 s");
+        if is_denied(self.error) {
+            m.delivery_denied.inc();
+            error!(
+                error = self.error,
+                backlog = self.backlog,
+                "Kafka refused this agent's principal the write: grant it Write on the events topic, or fix topics.events; the events stay in the spool and are sent again in 1 s"
+            );
+        } else {
+            warn!(error = self.error, resend = self.resend, backlog = self.backlog, "delivery failed; sending again from the spool in 1 s");
+        }
     }
+}
+
+/// Whether a delivery error is the broker's refusal to authorize the write
+/// (`TopicAuthorizationFailed`, `ClusterAuthorizationFailed`, ...).
+fn is_denied(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("authorizationfailed") || e.contains("authorization failed")
 }
 
 /// What opening the spool found after the previous run.

@@ -414,6 +414,10 @@ impl<'a> Runtime<'a> {
                 let _ = self.spool.checkpoint(&self.seqs, self.last_tick);
                 return Err(lost.into());
             }
+            if let Some(why) = self.lease.as_ref().and_then(|l| l.refused()) {
+                let _ = self.spool.checkpoint(&self.seqs, self.last_tick);
+                return Err(anyhow::anyhow!("{why}; what is spooled stays in the spool"));
+            }
             self.spool_ticks();
             self.hand_over()?;
             self.settle()?;
@@ -651,6 +655,21 @@ impl<'a> Runtime<'a> {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
                 Err((e, _)) if self.producer.client().fatal_error().is_some() => {
                     self.inflight.failed = Some(format!("fatal producer error: {e}"));
+                    break;
+                }
+                // The broker refuses this principal the topic: like a failed
+                // delivery (counted, logged, sent again from the spool), so
+                // that the agent keeps metering into its spool and delivers
+                // once the ACL is granted.
+                Err((
+                    e @ KafkaError::MessageProduction(
+                        RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed
+                        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed,
+                    ),
+                    _,
+                )) => {
+                    self.inflight.failed = Some(e.to_string());
                     break;
                 }
                 Err((e, _)) => return Err(anyhow!("producing to {topic}: {e}")),

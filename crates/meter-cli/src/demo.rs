@@ -51,7 +51,7 @@ pub async fn run(base: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let conn = Connection::from(&cfg.clickhouse);
     meter_clickhouse::check_identifier(&cfg.clickhouse.database)?;
-    conn.server_client()
+    conn.server_client()?
         .query(&format!("DROP DATABASE IF EXISTS {}", cfg.clickhouse.database))
         .execute()
         .await

@@ -224,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init => {
             init_logging("info");
             let cfg = load()?;
+            meter_kafka::check_access_async(&cfg.kafka, std::time::Duration::from_secs(10)).await?;
             meter_kafka::admin::ensure_topics(&cfg).await?;
             let applied = meter_clickhouse::migrate(&(&cfg.clickhouse).into()).await.context("applying migrations")?;
             println!(

@@ -24,6 +24,9 @@ pub struct RateArgs {
     pub customer: Option<String>,
 }
 
+/// How long publishing waits for Kafka to answer before it gives up.
+const KAFKA_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Invoice lines to `topics.invoice_lines`: idempotent producer, key = line
 /// id, every delivery acknowledged.
 struct KafkaLines<'a> {
@@ -42,6 +45,7 @@ impl LinePublisher for KafkaLines<'_> {
                     .with_context(|| format!("registering the schema of {topic} with the schema registry"))?;
             codec.framing_mut().set_output(meter_avro::Output::Confluent { id });
         }
+        meter_kafka::check_access_async(&self.cfg.kafka, KAFKA_CHECK).await?;
         let producer = meter_kafka::publish::producer(&self.cfg.kafka, Tuning::billing()).context("creating the invoice-line producer")?;
         let mut out = Publisher::new(&producer, &self.cfg.topics.invoice_lines);
         let mut payload = Vec::new();
@@ -76,6 +80,7 @@ struct KafkaCloses<'a> {
 impl ClosePublisher for KafkaCloses<'_> {
     async fn publish(&mut self, records: &[CloseRecord]) -> anyhow::Result<()> {
         let codec = CloseRecordCodec::new()?;
+        meter_kafka::check_access_async(&self.cfg.kafka, KAFKA_CHECK).await?;
         let producer = meter_kafka::publish::producer(&self.cfg.kafka, Tuning::billing()).context("creating the period-close producer")?;
         let mut out = Publisher::new(&producer, &self.cfg.topics.period_close);
         let mut payload = Vec::new();

@@ -75,6 +75,7 @@ fn render(framings: &[Framed], payload: &[u8]) -> Result<serde_json::Value, Deco
 }
 
 pub async fn run(cfg: &Config, args: TailArgs, shutdown: Signal) -> anyhow::Result<ExitCode> {
+    meter_kafka::check_access_async(&cfg.kafka, std::time::Duration::from_secs(10)).await?;
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || tail(&cfg, &args, &shutdown)).await.context("tail thread")?
 }

@@ -259,14 +259,14 @@ async fn billing_golden_scenario_bills_fees_and_credits_to_the_cent_on_clickhous
     let analyst = clickhouse::Client::default()
         .with_url(&cfg.clickhouse.url)
         .with_user("analyst")
-        .with_password(std::env::var("METER_ANALYST_PASSWORD").unwrap_or_default())
+        .with_password(analyst_password())
         .with_database(&cfg.clickhouse.database)
         .with_validation(false);
     for sql in meter_clickhouse::analyst_examples() {
         analyst.query(&sql).execute().await.unwrap_or_else(|e| panic!("docs/analysts.md example fails as analyst: {e}\n{sql}"));
     }
 
-    conn.server_client().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
+    conn.server_client().unwrap().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +290,7 @@ async fn a_month_rated_before_the_month_whose_credits_it_inherits_is_caught_by_t
     assert!(audit.contains("audit 2026-06: ok"), "{audit}");
     assert_eq!(normalized(strings(&client, SQL_LEDGER).await), normalized(expected(BILLING_EXPECTED_LEDGER)));
 
-    conn.server_client().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
+    conn.server_client().unwrap().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
 }
 
 /// Every record of `topic` as the independent reader (confluent-kafka and
@@ -398,5 +398,14 @@ async fn a_closed_month_is_frozen_and_late_usage_is_billed_on_the_next_open_mont
     let again = meter_ok(&cfg, &["rate", "--month", "2026-06"]);
     assert!(again.contains("invoice_lines: 0 new, 0 changed"), "{again}");
 
-    conn.server_client().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
+    conn.server_client().unwrap().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
+}
+
+/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
+/// `ops/clickhouse` was started with it, else the one it generated.
+fn analyst_password() -> String {
+    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
+        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
+    })
 }

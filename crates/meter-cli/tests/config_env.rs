@@ -42,3 +42,68 @@ fn a_number_that_is_not_one_is_reported_with_its_path() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("topics.partitions"), "{stderr}");
 }
+
+fn secret_file(dir: &tempfile::TempDir, name: &str, content: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, content).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Pass-through librdkafka properties can be named in the environment
+/// (`_` for `.`), and every secret can come from a file, as Docker and
+/// Kubernetes mount them; the values never reach the output.
+#[test]
+fn kafka_properties_and_secret_files_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = secret_file(&dir, "kafka", "0042-kafka-secret\n");
+    let ch = secret_file(&dir, "ch", "99887766\n");
+    let (code, stdout, stderr) = check(&[
+        ("METER__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL"),
+        ("METER__KAFKA__PROPERTIES__SASL_USERNAME", "12345"),
+        ("METER__KAFKA__PROPERTIES__SASL_PASSWORD_FILE", &kafka),
+        ("METER__KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "31337"),
+        ("METER__CLICKHOUSE__PASSWORD_FILE", &ch),
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for secret in ["0042-kafka-secret", "99887766", "31337"] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} printed:\n{stdout}\n{stderr}");
+    }
+    assert!(stdout.contains("\"security.protocol\" = \"SASL_SSL\""), "{stdout}");
+    assert!(stdout.contains("\"sasl.username\" = \"12345\""), "{stdout}");
+    assert!(stdout.contains("\"sasl.password\" = \"***\""), "{stdout}");
+    assert!(stdout.contains("\"ssl.key.password\" = \"***\""), "{stdout}");
+    assert!(stdout.contains("password = \"***\""), "{stdout}");
+    assert!(stdout.contains(&format!("password_file = \"{ch}\"")), "{stdout}");
+}
+
+#[test]
+fn a_secret_given_twice_or_a_missing_secret_file_is_reported_without_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = secret_file(&dir, "kafka", "from-the-file");
+    let empty = secret_file(&dir, "empty", "\n");
+    let (code, stdout, stderr) = check(&[
+        ("METER__KAFKA__PROPERTIES__SASL_PASSWORD", "from-the-env"),
+        ("METER__KAFKA__PROPERTIES__SASL_PASSWORD_FILE", &kafka),
+        ("METER__KAFKA__PROPERTIES__SSL_KEY_PASSWORD_FILE", &empty),
+        ("METER__CLICKHOUSE__PASSWORD", "hunter2"),
+        ("METER__CLICKHOUSE__PASSWORD_FILE", "/nonexistent/ch-password"),
+    ]);
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("sasl.password is given twice"), "{stderr}");
+    assert!(stderr.contains("is empty"), "{stderr}");
+    assert!(stderr.contains("clickhouse.password and clickhouse.password_file are both set"), "{stderr}");
+    for secret in ["from-the-file", "from-the-env", "hunter2"] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} printed:\n{stdout}\n{stderr}");
+    }
+    let (code, _, stderr) = check(&[("METER__CLICKHOUSE__PASSWORD_FILE", "/nonexistent/ch-password")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("clickhouse.password_file: cannot read /nonexistent/ch-password"), "{stderr}");
+}
+
+#[test]
+fn tls_files_need_an_https_url() {
+    let (code, _, stderr) = check(&[("METER__CLICKHOUSE__CA_FILE", "/etc/hostname"), ("METER__CLICKHOUSE__CERT_FILE", "/etc/hostname")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("clickhouse.ca_file is set but clickhouse.url is not https://"), "{stderr}");
+    assert!(stderr.contains("clickhouse.cert_file and clickhouse.key_file go together"), "{stderr}");
+}

@@ -343,7 +343,7 @@ async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
     let analyst = clickhouse::Client::default()
         .with_url(&cfg.clickhouse.url)
         .with_user("analyst")
-        .with_password(std::env::var("METER_ANALYST_PASSWORD").unwrap_or_default())
+        .with_password(analyst_password())
         .with_database(&cfg.clickhouse.database)
         .with_validation(false);
     let examples = meter_clickhouse::analyst_examples();
@@ -354,7 +354,7 @@ async fn golden_scenario_rates_reports_and_audits_to_the_cent() {
     let refused = analyst.query("INSERT INTO invoices (customer_id) VALUES ('mallory')").execute().await;
     assert!(refused.is_err(), "the analyst user must be read-only");
 
-    conn.server_client().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
+    conn.server_client().unwrap().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
 }
 
 async fn futures_counts(client: &clickhouse::Client, tables: &[&str]) -> Vec<u64> {
@@ -367,4 +367,13 @@ async fn futures_counts(client: &clickhouse::Client, tables: &[&str]) -> Vec<u64
 
 async fn row_count_where(client: &clickhouse::Client, from: &str) -> usize {
     usize::try_from(client.query(&format!("SELECT count() FROM {from}")).fetch_one::<u64>().await.unwrap()).unwrap()
+}
+
+/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
+/// `ops/clickhouse` was started with it, else the one it generated.
+fn analyst_password() -> String {
+    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
+        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
+    })
 }

@@ -15,9 +15,11 @@
 
 mod migrate;
 mod query;
+mod tls;
 
 pub use migrate::{migrate, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 pub use query::{latest_totals, usage_report, ReportGrouping, ReportRow};
+pub use tls::TlsFiles;
 
 /// The analysts' guide, `docs/analysts.md`.
 pub const ANALYSTS_GUIDE: &str = include_str!("../../../docs/analysts.md");
@@ -52,8 +54,19 @@ use meter_config::ClickHouseConfig;
 pub enum Error {
     /// ClickHouse refused a request or could not be reached; retrying may help
     /// when the server is down or overloaded.
-    #[error("clickhouse: {0}")]
+    #[error("clickhouse: {}", explain(.0))]
     ClickHouse(#[from] clickhouse::error::Error),
+    /// The TLS settings cannot be used (a file unreadable, no certificate
+    /// in it, a key that does not match).
+    #[error("clickhouse TLS: {0}")]
+    Tls(String),
+    /// The server did not answer in time.
+    #[error("clickhouse: {0}")]
+    Unreachable(String),
+    /// The server refused this client: credentials, TLS or protocol.
+    /// Retrying does not help; the settings must change.
+    #[error("clickhouse refused the connection: {0}")]
+    Refused(String),
     #[error("invalid identifier {0:?}: use letters, digits and _")]
     InvalidIdentifier(String),
     /// A value that does not fit its column (ours or the input's: the
@@ -71,6 +84,8 @@ pub struct Connection {
     pub database: String,
     pub user: String,
     pub password: String,
+    /// CA and client certificate for an `https://` url.
+    pub tls: TlsFiles,
 }
 
 /// The password never reaches a log line through `{:?}`.
@@ -81,36 +96,126 @@ impl std::fmt::Debug for Connection {
             .field("database", &self.database)
             .field("user", &self.user)
             .field("password", &if self.password.is_empty() { "" } else { "***" })
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl From<&ClickHouseConfig> for Connection {
     fn from(c: &ClickHouseConfig) -> Self {
-        Connection { url: c.url.clone(), database: c.database.clone(), user: c.user.clone(), password: c.password.clone() }
+        Connection {
+            url: c.url.clone(),
+            database: c.database.clone(),
+            user: c.user.clone(),
+            password: c.password.clone(),
+            tls: TlsFiles { ca_file: c.ca_file.clone(), cert_file: c.cert_file.clone(), key_file: c.key_file.clone() },
+        }
     }
 }
 
 impl Connection {
-    /// A client bound to no database (for `CREATE DATABASE`).
-    pub fn server_client(&self) -> Client {
-        nodelay_client()
+    /// A client bound to no database (for `CREATE DATABASE`). Fails only
+    /// when the TLS material of an `https://` url cannot be used.
+    pub fn server_client(&self) -> Result<Client> {
+        Ok(self
+            .http_client()?
             .with_url(&self.url)
             .with_user(&self.user)
             .with_password(&self.password)
             .with_validation(false)
-            .with_compression(compression_for(&self.url))
+            .with_compression(compression_for(&self.url)))
     }
 
     /// A client whose unqualified table names resolve in the configured
     /// database.
     pub fn client(&self) -> Result<Client> {
         check_identifier(&self.database)?;
-        Ok(self.server_client().with_database(&self.database))
+        Ok(self.server_client()?.with_database(&self.database))
+    }
+
+    /// Asks the server `SELECT 1` within `timeout`: a service checks its
+    /// ClickHouse once at start, so that a wrong password, an untrusted
+    /// certificate or a plain-text url for a TLS port stops it at once with
+    /// the cause named, rather than in its first batch.
+    pub async fn check(&self, timeout: std::time::Duration) -> Result<()> {
+        let client = self.server_client()?;
+        match tokio::time::timeout(timeout, client.query("SELECT 1").fetch_one::<u8>()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let (text, refused) = explained(&e);
+                Err(if refused { Error::Refused(text) } else { Error::ClickHouse(e) })
+            }
+            Err(_) => Err(Error::Unreachable(format!(
+                "{} did not answer within {} s{}",
+                self.url,
+                timeout.as_secs(),
+                if self.tls_expected() { "" } else { " (if that port serves HTTPS, the url must start with https://)" }
+            ))),
+        }
+    }
+
+    fn tls_expected(&self) -> bool {
+        self.url.trim().to_ascii_lowercase().starts_with("https://")
+    }
+
+    fn http_client(&self) -> Result<Client> {
+        if self.tls_expected() {
+            let tls = self.tls.client_config()?;
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(nodelay_connector());
+            Ok(Client::with_http_client(pool().build(https)))
+        } else {
+            Ok(Client::with_http_client(pool().build(nodelay_connector())))
+        }
     }
 }
 
-/// A [`Client`] over the crate's default HTTP client (keepalive, 2 s idle
+/// The error with its causes (the crate's "network error" says only
+/// "client error (Connect)"; the cause under it says what happened), and
+/// what to check when the server refused the credentials or the
+/// connection.
+fn explain(e: &clickhouse::error::Error) -> String {
+    explained(e).0
+}
+
+/// [`explain`], and whether the error is a refusal (there is a hint).
+fn explained(e: &clickhouse::error::Error) -> (String, bool) {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    let hint = if ["code: 516", "code: 192", "code: 193", "authentication failed", "wrong password", "unknown user"]
+        .iter()
+        .any(|m| lower.contains(m))
+    {
+        " (check clickhouse.user and clickhouse.password)"
+    } else if lower.contains("invalid peer certificate") || lower.contains("certificate") && lower.contains("unknownissuer") {
+        " (the server's certificate is not signed by a CA in clickhouse.ca_file)"
+    } else if ["connection closed before message completed", "connection reset", "unexpected eof", "invalid http version"]
+        .iter()
+        .any(|m| lower.contains(m))
+    {
+        " (if that port serves HTTPS, the url must start with https://)"
+    } else if lower.contains("corrupt message") || lower.contains("invalidcontenttype") {
+        " (the port does not speak TLS: is the url's port the server's https_port?)"
+    } else {
+        ""
+    };
+    text.push_str(hint);
+    (text, !hint.is_empty())
+}
+
+/// The connector of every [`Client`]: the crate's default HTTP client (keepalive, 2 s idle
 /// pool timeout, below the server's 3 s) plus TCP_NODELAY.
 ///
 /// Without TCP_NODELAY every INSERT stalled about 40 ms at its end (perf,
@@ -119,15 +224,21 @@ impl Connection {
 /// segment, which the server delays. A sink batch is one INSERT per table,
 /// so this cost 0.1 s per batch and capped the sink at a third of
 /// `clickhouse-client`'s rate.
-fn nodelay_client() -> Client {
-    use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
-    let mut connector = HttpConnector::new();
+fn nodelay_connector() -> hyper_util::client::legacy::connect::HttpConnector {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
     connector.set_nodelay(true);
-    // The body type is the crate's (private) request body, inferred here.
-    Client::with_http_client(
-        HyperClient::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(std::time::Duration::from_secs(2)).build(connector),
-    )
+    // Let the TLS connector wrapped around it connect for https:// urls.
+    connector.enforce_http(false);
+    connector
+}
+
+/// The HTTP client's pool settings. The body type is the crate's (private)
+/// request body, inferred where the client is built and handed to it.
+fn pool() -> hyper_util::client::legacy::Builder {
+    let mut b = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    b.pool_idle_timeout(std::time::Duration::from_secs(2));
+    b
 }
 
 /// LZ4 for INSERT bodies unless the server is on this host: over loopback

@@ -59,7 +59,7 @@ pub(crate) fn statements(sql: &str) -> Vec<String> {
 pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
     check_identifier(&conn.database)?;
     let db = &conn.database;
-    let server = conn.server_client();
+    let server = conn.server_client()?;
     server.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
     server.query(&SCHEMA_MIGRATIONS_TABLE.replace("{db}", db)).execute().await?;
     let client: Client = conn.client()?;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Problems, Section};
+use crate::{read_secret_file, Problems, Section};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -12,11 +12,18 @@ pub struct KafkaConfig {
     /// Bootstrap servers, comma separated.
     #[serde(default = "default_brokers")]
     pub brokers: String,
-    /// Extra librdkafka client properties passed through unchanged to every
-    /// client (e.g. `security.protocol`, `sasl.mechanism`). Put credentials in
-    /// the environment: `METER__KAFKA__PROPERTIES__SASL.PASSWORD` is not a
-    /// valid variable name, so prefer `sasl.username`/`sasl.password` via a
-    /// file readable only by the service.
+    /// Extra librdkafka client properties passed to every client (e.g.
+    /// `security.protocol`, `sasl.mechanism`, `ssl.ca.location`).
+    ///
+    /// librdkafka's names have no `_`, so a `_` in a name reads as `.`:
+    /// `METER__KAFKA__PROPERTIES__SASL_USERNAME=agent` sets
+    /// `sasl.username`. A name ending in `_file` takes the property's value
+    /// from that file (one line; a trailing newline is dropped), which is
+    /// how secrets mounted by Docker, Kubernetes or systemd's
+    /// `LoadCredential=` are given: `"sasl.password_file" =
+    /// "/run/secrets/kafka-password"`, or
+    /// `METER__KAFKA__PROPERTIES__SASL_PASSWORD_FILE=...`. Files are read
+    /// when the configuration is loaded ([`crate::Config::load`]).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// How meterline's producers map a record's key to its partition, and
@@ -59,6 +66,48 @@ impl Section for KafkaConfig {
             !self.properties.contains_key("partitioner"),
             "kafka.properties.partitioner: set kafka.partitioner instead (the processor checks the key contract with it)",
         );
+    }
+}
+
+/// The librdkafka name of a property as written in the file or the
+/// environment (`sasl_password` → `sasl.password`), and whether its value
+/// names a file to read it from (`sasl.password_file`).
+pub fn property_name(key: &str) -> (String, bool) {
+    let key = key.trim().to_ascii_lowercase();
+    match key.strip_suffix("_file") {
+        Some(base) => (base.replace('_', "."), true),
+        None => (key.replace('_', "."), false),
+    }
+}
+
+impl KafkaConfig {
+    /// Rewrites [`KafkaConfig::properties`] under librdkafka's names, each
+    /// `..._file` property replaced by the file's content. A property given
+    /// twice (as `sasl_password` and `sasl.password`, or also as a file) is
+    /// a problem: which one was meant cannot be told.
+    pub(crate) fn resolve_properties(&mut self, p: &mut Problems) {
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        let mut given: BTreeMap<String, String> = BTreeMap::new();
+        for (key, value) in std::mem::take(&mut self.properties) {
+            let (name, from_file) = property_name(&key);
+            let value = if from_file {
+                match read_secret_file(value.as_ref()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        p.check(false, &format!("kafka.properties.{key}: {e}"));
+                        continue;
+                    }
+                }
+            } else {
+                value
+            };
+            if let Some(first) = given.insert(name.clone(), key.clone()) {
+                p.check(false, &format!("kafka.properties: {name} is given twice (as {first} and as {key}); keep one"));
+                continue;
+            }
+            out.insert(name, value);
+        }
+        self.properties = out;
     }
 }
 

@@ -5,7 +5,10 @@
 //! TOML file (if any), then environment variables named
 //! `METER__SECTION__KEY` (e.g. `METER__KAFKA__BROKERS`,
 //! `METER__CLICKHOUSE__PASSWORD`). Secrets such as the ClickHouse password
-//! belong in the environment, never in the file.
+//! belong in the environment or in a file of their own
+//! (`clickhouse.password_file`, `kafka.properties."sasl.password_file"`),
+//! never in the configuration file; environment values are text, so a
+//! numeric-looking password stays a string.
 //!
 //! One module per section ([`kafka`], [`topics`], [`clickhouse`],
 //! [`processor`], [`sink`], [`agent`], [`metrics`], [`rating`],
@@ -168,10 +171,23 @@ pub fn default_instance_id() -> String {
 }
 const MASK: &str = "***";
 
+/// The secret in `path`: its content less one trailing line ending. The
+/// error names the file, never its content.
+pub(crate) fn read_secret_file(path: &Path) -> std::result::Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(value.to_owned())
+}
+
 /// Pass-through librdkafka properties that carry credentials or key material.
 fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "sasl.jaas.config", "ssl.key.pem", "ssl.keystore", "token"].iter().any(|s| k.contains(s))
+    ["password", "secret", "sasl.jaas.config", "sasl.oauthbearer.config", "ssl.key.pem", "ssl.keystore", "token"]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 /// Removes the value at `path` (object keys; array indices as numbers).
@@ -237,8 +253,9 @@ fn coerce_like(tree: &mut serde_json::Value, like: &serde_json::Value) {
 }
 
 impl Config {
-    /// Loads defaults, then `file` (if given), then `METER__*` variables, and
-    /// validates the result, reporting every problem found.
+    /// Loads defaults, then `file` (if given), then `METER__*` variables,
+    /// reads the secrets named by `..._file` settings, and validates the
+    /// result, reporting every problem found.
     pub fn load(file: Option<&Path>) -> Result<Valid<Config>> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
@@ -281,7 +298,10 @@ impl Config {
                 }
             }
         };
+        let mut cfg = cfg;
         let mut p = Problems::default();
+        cfg.kafka.resolve_properties(&mut p);
+        cfg.clickhouse.resolve_password(&mut p);
         cfg.check(&mut p);
         problems.extend(p.into_vec());
         if problems.is_empty() {
@@ -456,6 +476,25 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_named_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("kafka-password");
+        std::fs::write(&secret, "0123\r\n").unwrap();
+        let f = write(&format!(
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password_file\" = {:?}\n[clickhouse]\npassword_file = {:?}\n",
+            secret.display().to_string(),
+            secret.display().to_string()
+        ));
+        let c = Config::load(Some(f.path())).unwrap();
+        assert_eq!(c.kafka.properties.get("sasl.password").map(String::as_str), Some("0123"));
+        assert_eq!(c.kafka.properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert!(!c.kafka.properties.contains_key("sasl.password_file"), "{:?}", c.kafka.properties.keys());
+        assert_eq!(c.clickhouse.password, "0123");
+        let text = c.to_masked_toml();
+        assert!(!text.contains("0123"), "{text}");
+    }
+
+    #[test]
     fn a_scoped_configuration_shares_no_topic_group_or_database() {
         let base = Config::default();
         let a = base.scoped("run-1.x");
@@ -529,6 +568,77 @@ mod compose_tests {
         let kafka_env = &c["services"]["kafka"]["environment"];
         assert_eq!(kafka_env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"].as_i64(), Some(1));
         assert_eq!(kafka_env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"].as_i64(), Some(1));
+    }
+
+    fn compose_secure() -> serde_yaml::Value {
+        let text = include_str!("../../../docker-compose.secure.yml");
+        let mut v: serde_yaml::Value = serde_yaml::from_str(text).expect("docker-compose.secure.yml is valid YAML");
+        v.apply_merge().expect("merge keys resolve");
+        v
+    }
+
+    /// The secure overlay, merged onto the base file as Compose merges
+    /// `environment`: every meter service is its own principal over
+    /// SASL_SSL, reads its passwords from mounted secrets (never a value in
+    /// the file), reaches ClickHouse over HTTPS, and its settings are real
+    /// configuration keys that do not give a secret twice.
+    #[test]
+    fn compose_secure_overlay_gives_each_service_its_principal_and_secret_files() {
+        let (base, secure) = (compose(), compose_secure());
+        for (service, principal) in [("init", "admin"), ("agent", "agent"), ("process", "processor"), ("sink", "sink"), ("rate", "rating")]
+        {
+            let mut env: BTreeMap<String, String> = BTreeMap::new();
+            for layer in [&base, &secure] {
+                let Some(m) = layer["services"][service]["environment"].as_mapping() else { continue };
+                for (k, v) in m {
+                    let value = v.as_str().map(str::to_owned).unwrap_or_else(|| serde_yaml::to_string(v).unwrap().trim().to_owned());
+                    env.insert(k.as_str().unwrap().to_owned(), value);
+                }
+            }
+            let mut tree = serde_json::json!({});
+            for (k, v) in &env {
+                let Some(key) = k.strip_prefix("METER__") else { continue };
+                let parts: Vec<String> = key.split("__").map(str::to_lowercase).collect();
+                let mut node = &mut tree;
+                for p in &parts[..parts.len() - 1] {
+                    node = node.as_object_mut().unwrap().entry(p.clone()).or_insert_with(|| serde_json::json!({}));
+                }
+                node[parts.last().unwrap().as_str()] = serde_json::Value::String(v.clone());
+            }
+            let defaults = serde_json::to_value(Config::default()).unwrap();
+            coerce_like(&mut tree, &defaults);
+            let mut cfg: Config = serde_json::from_value(tree).unwrap_or_else(|e| panic!("{service}: {e}"));
+            let mut p = Problems::default();
+            // The secret files exist only in the containers: check the names.
+            let props: BTreeMap<String, String> = cfg
+                .kafka
+                .properties
+                .iter()
+                .map(|(k, v)| (kafka::property_name(k).0 + if kafka::property_name(k).1 { "_file" } else { "" }, v.clone()))
+                .collect();
+            assert_eq!(props.get("security.protocol").map(String::as_str), Some("SASL_SSL"), "{service}");
+            assert_eq!(props.get("sasl.username").map(String::as_str), Some(principal), "{service}");
+            let password_file = props.get("sasl.password_file").unwrap_or_else(|| panic!("{service}: no sasl.password_file"));
+            assert!(password_file.starts_with("/run/secrets/"), "{service}: {password_file}");
+            assert!(!props.contains_key("sasl.password"), "{service}: a password value in the overlay");
+            let mounted = secure["services"][service]["secrets"].as_sequence().unwrap_or_else(|| panic!("{service} mounts no secrets"));
+            let names: Vec<String> = mounted
+                .iter()
+                .map(|s| {
+                    s.as_str().map(str::to_owned).or_else(|| s["target"].as_str().or(s["source"].as_str()).map(str::to_owned)).unwrap()
+                })
+                .collect();
+            let file = password_file.trim_start_matches("/run/secrets/");
+            assert!(names.iter().any(|n| n == file || n.ends_with(file)), "{service}: {file} is not among its secrets {names:?}");
+            assert!(cfg.clickhouse.is_https(), "{service}: {}", cfg.clickhouse.url);
+            if cfg.clickhouse.password_file.is_some() {
+                assert_eq!(cfg.clickhouse.password, "", "{service}: password and password_file both set");
+            }
+            cfg.kafka.properties.clear();
+            cfg.clickhouse.ca_file = None;
+            cfg.clickhouse.check(&mut p);
+            assert!(p.is_empty(), "{service}: {:?}", p.into_vec());
+        }
     }
 
     /// Every METER__SECTION__KEY the compose file sets is a real, valid

@@ -69,6 +69,7 @@ const METRICS: &[&str] = &[
     "meter_agent_ticks_caught_up_total",
     "meter_agent_ticks_total",
     "meter_agent_delivery_failures_total",
+    "meter_agent_delivery_denied_total",
     "meter_agent_seconds_compressed_total",
     "meter_agent_counter_resets_total",
     "meter_agent_counter_wraps_total",

@@ -6,9 +6,12 @@
 //! (`meter-agent`, `meter-processor`, `meter-sink`, `meter rate`) build on
 //! it; nothing here knows their payloads.
 
+pub mod access;
 pub mod admin;
 pub mod publish;
 pub mod registry;
+
+pub use access::{check_access, check_access_async, check_service_access, AccessError};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -821,6 +821,9 @@ pub async fn run(cfg: &Valid<Config>, shutdown: Signal, drain: Signal) -> anyhow
 /// [`run`], reporting metrics and health to `telemetry` (which the caller
 /// may serve with [`meter_telemetry::http::serve`]).
 pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, telemetry: Telemetry) -> anyhow::Result<ProcessorStats> {
+    // A refusal (credentials, TLS, protocol) stops the processor at once,
+    // naming the cause; a broker that is down is waited for as before.
+    meter_kafka::check_service_access(&cfg.kafka).await?;
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || run_blocking(&cfg, &shutdown, &drain, &telemetry)).await.context("processor thread")?
 }

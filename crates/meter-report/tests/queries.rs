@@ -32,7 +32,13 @@ fn unique_db() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_query_runs_on_the_local_clickhouse() {
     let db = unique_db();
-    let conn = Connection { url: "http://127.0.0.1:8123".into(), database: db.clone(), user: "default".into(), password: String::new() };
+    let conn = Connection {
+        url: "http://127.0.0.1:8123".into(),
+        database: db.clone(),
+        user: "default".into(),
+        password: String::new(),
+        tls: Default::default(),
+    };
     migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
     let client = conn.client().unwrap();
     for stmt in SAMPLE_ROWS {
@@ -43,7 +49,7 @@ async fn every_query_runs_on_the_local_clickhouse() {
         assert!(!sql.contains('?'), "{name}: unbound parameter in {sql}");
         client.query(&sql).execute().await.unwrap_or_else(|e| panic!("{name}: {e}\n{sql}"));
     }
-    conn.server_client().query(&format!("DROP DATABASE {db}")).execute().await.unwrap();
+    conn.server_client().unwrap().query(&format!("DROP DATABASE {db}")).execute().await.unwrap();
 }
 
 #[test]

@@ -99,7 +99,16 @@ pub async fn run(cfg: &Valid<Config>, shutdown: Signal, drain: Signal) -> anyhow
 /// inserts succeed; not ready while ClickHouse refuses them.
 pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, telemetry: Telemetry) -> anyhow::Result<SinkStats> {
     let (codec, registry) = meter_kafka::registry::codec_for(cfg, &[])?;
-    let client = Connection::from(&cfg.clickhouse).client()?;
+    let conn = Connection::from(&cfg.clickhouse);
+    let client = conn.client()?;
+    // A refusal (credentials, TLS, protocol) stops the sink at once, naming
+    // the cause; a server that is down is waited for as before.
+    meter_kafka::check_service_access(&cfg.kafka).await?;
+    match conn.check(Duration::from_secs(10)).await {
+        Err(e @ meter_clickhouse::Error::Refused(_)) => return Err(e.into()),
+        Err(e) => tracing::warn!(error = %e, "ClickHouse does not answer yet; starting anyway and waiting for it"),
+        Ok(()) => {}
+    }
     let metrics = SinkMetrics::register(&telemetry);
     let health = telemetry.health();
     health.set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));

@@ -619,7 +619,11 @@ async fn clean_up(cfg: &Config, created: &Created) {
     let conn = Connection::from(&cfg.clickhouse);
     for db in &created.databases {
         if meter_clickhouse::check_identifier(db).is_ok() {
-            if let Err(e) = conn.server_client().query(&format!("DROP DATABASE IF EXISTS {db}")).execute().await {
+            let dropped = match conn.server_client() {
+                Ok(client) => client.query(&format!("DROP DATABASE IF EXISTS {db}")).execute().await.map_err(meter_clickhouse::Error::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = dropped {
                 tracing::warn!(error = %e, "dropping {db}");
             }
         }
