@@ -274,3 +274,54 @@ secret() {
 
 # sha256_hex : hex SHA-256 of stdin
 sha256_hex() { sha256sum | cut -d' ' -f1; }
+
+# ---- local cluster (#16) -------------------------------------------------
+# ops/cluster: 3 KRaft brokers (each broker+controller), a standalone
+# ZooKeeper, ClickHouse 2 shards x 2 replicas, all on loopback.
+CLUSTER_DIR="$LOCAL_DIR/cluster"
+CLUSTER_NAME="meterline"   # remote_servers name and {cluster} macro
+# The single place where the ZooKeeper version is pinned (org.apache.zookeeper:zookeeper).
+ZOOKEEPER_VERSION="3.9.5"
+ZOOKEEPER_HOME="$METER_CACHE/zookeeper-$ZOOKEEPER_VERSION"
+ZOOKEEPER_LIBS="$ZOOKEEPER_HOME/libs"
+CLUSTER_ZK_PORT="${CLUSTER_ZK_PORT:-12181}"
+CLUSTER_ZK_HEAP_OPTS="${CLUSTER_ZK_HEAP_OPTS:--Xms32m -Xmx256m}"
+# broker N (1..3): client port BASE+N-1, controller port CONTROLLER_BASE+N-1
+CLUSTER_KAFKA_PORT_BASE="${CLUSTER_KAFKA_PORT_BASE:-19092}"
+CLUSTER_KAFKA_CONTROLLER_PORT_BASE="${CLUSTER_KAFKA_CONTROLLER_PORT_BASE:-19192}"
+CLUSTER_KAFKA_HEAP_OPTS="${CLUSTER_KAFKA_HEAP_OPTS:--Xms192m -Xmx384m}"
+CLUSTER_KAFKA_NODES=(1 2 3)
+# ClickHouse shard S, replica R (1..2): i = (S-1)*2 + (R-1); ports BASE+i
+CLUSTER_CH_HTTP_PORT_BASE="${CLUSTER_CH_HTTP_PORT_BASE:-18123}"
+CLUSTER_CH_TCP_PORT_BASE="${CLUSTER_CH_TCP_PORT_BASE:-19000}"
+CLUSTER_CH_INTERSERVER_PORT_BASE="${CLUSTER_CH_INTERSERVER_PORT_BASE:-19009}"
+CLUSTER_CH_REPLICAS=("1 1" "1 2" "2 1" "2 2")
+CLUSTER_START_TIMEOUT="${CLUSTER_START_TIMEOUT:-120}"
+
+# cluster_kafka_port N / cluster_kafka_controller_port N
+cluster_kafka_port() { echo $((CLUSTER_KAFKA_PORT_BASE + $1 - 1)); }
+cluster_kafka_controller_port() { echo $((CLUSTER_KAFKA_CONTROLLER_PORT_BASE + $1 - 1)); }
+# cluster_kafka_bootstrap: 127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094
+cluster_kafka_bootstrap() {
+    local n out=()
+    for n in "${CLUSTER_KAFKA_NODES[@]}"; do out+=("127.0.0.1:$(cluster_kafka_port "$n")"); done
+    (IFS=,; echo "${out[*]}")
+}
+# cluster_ch_index S R -> 0..3; cluster_ch_{http,tcp,interserver}_port S R
+cluster_ch_index() { echo $((($1 - 1) * 2 + $2 - 1)); }
+cluster_ch_http_port() { echo $((CLUSTER_CH_HTTP_PORT_BASE + $(cluster_ch_index "$1" "$2"))); }
+cluster_ch_tcp_port() { echo $((CLUSTER_CH_TCP_PORT_BASE + $(cluster_ch_index "$1" "$2"))); }
+cluster_ch_interserver_port() { echo $((CLUSTER_CH_INTERSERVER_PORT_BASE + $(cluster_ch_index "$1" "$2"))); }
+# cluster_clickhouse_urls: http://127.0.0.1:18123,...,http://127.0.0.1:18126
+cluster_clickhouse_urls() {
+    local sr out=()
+    for sr in "${CLUSTER_CH_REPLICAS[@]}"; do
+        # shellcheck disable=SC2086  # "S R"
+        out+=("http://127.0.0.1:$(cluster_ch_http_port $sr)")
+    done
+    (IFS=,; echo "${out[*]}")
+}
+
+zookeeper_installed() {
+    [[ -f "$ZOOKEEPER_HOME/.complete" ]] && compgen -G "$ZOOKEEPER_LIBS/zookeeper-$ZOOKEEPER_VERSION.jar" >/dev/null
+}

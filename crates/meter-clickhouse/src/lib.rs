@@ -86,6 +86,9 @@ pub struct Connection {
     pub password: String,
     /// CA and client certificate for an `https://` url.
     pub tls: TlsFiles,
+    /// The cluster (`remote_servers` name) the schema is laid out on; none:
+    /// one server.
+    pub cluster: Option<String>,
 }
 
 /// The password never reaches a log line through `{:?}`.
@@ -97,6 +100,7 @@ impl std::fmt::Debug for Connection {
             .field("user", &self.user)
             .field("password", &if self.password.is_empty() { "" } else { "***" })
             .field("tls", &self.tls)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -109,6 +113,7 @@ impl From<&ClickHouseConfig> for Connection {
             user: c.user.clone(),
             password: c.password.clone(),
             tls: TlsFiles { ca_file: c.ca_file.clone(), cert_file: c.cert_file.clone(), key_file: c.key_file.clone() },
+            cluster: (!c.cluster.is_empty()).then(|| c.cluster.clone()),
         }
     }
 }
@@ -131,6 +136,19 @@ impl Connection {
     pub fn client(&self) -> Result<Client> {
         check_identifier(&self.database)?;
         Ok(self.server_client()?.with_database(&self.database))
+    }
+
+    /// [`Connection::client`] for a writer: on a cluster its inserts into a
+    /// `Distributed` table return only once every row is on its shard
+    /// (`insert_distributed_sync`), so that a sink commits offsets only for
+    /// rows that are stored, and what was just written reads back at once.
+    /// (Not for a `readonly = 1` user, which may not change settings.)
+    pub fn writer(&self) -> Result<Client> {
+        let client = self.client()?;
+        Ok(match &self.cluster {
+            Some(_) => client.with_setting("insert_distributed_sync", "1"),
+            None => client,
+        })
     }
 
     /// Asks the server `SELECT 1` within `timeout`: a service checks its

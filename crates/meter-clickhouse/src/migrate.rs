@@ -5,6 +5,16 @@
 //! COLUMN IF NOT EXISTS`), and applied versions are
 //! recorded in `schema_migrations`, so running `meter migrate` again (or
 //! concurrently from two hosts) leaves the schema as it is.
+//!
+//! On a cluster (`clickhouse.cluster`) the same files are laid out by
+//! [`cluster_statements`]: every statement runs `ON CLUSTER`; a table keyed
+//! by customer becomes `{table}_local`, a `ReplicatedReplacingMergeTree`
+//! on each shard, under a `Distributed` table of the original name sharded
+//! by `cityHash64(customer_id)`, so that every revision of a window key
+//! lands on one shard and `FINAL` and `argMax` stay correct; the dead
+//! letters are sharded by their whole key; `schema_migrations` and
+//! `price_book` are replicated to every node (one replica set across all
+//! shards), so they read the same everywhere.
 
 use clickhouse::Client;
 
@@ -54,15 +64,133 @@ pub(crate) fn statements(sql: &str) -> Vec<String> {
     out
 }
 
+/// Tables replicated to every node of a cluster rather than sharded: small,
+/// read whole, and `schema_migrations` must say the same on every node.
+const EVERYWHERE: &[&str] = &["schema_migrations", "price_book"];
+
+/// One step of applying a migration statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Run as it is.
+    Sql(String),
+    /// `ALTER TABLE .. ADD COLUMN`, skipped when `table` has `column`.
+    AddColumn { table: String, column: String, sql: String },
+    /// A cluster's `Distributed` table `table` lacks `column`, just added to
+    /// `{table}_local`: 18.16 refuses `ALTER .. ON CLUSTER` on a
+    /// `Distributed` table over replicated shards (code 371), so it is
+    /// dropped and created again `AS` the local table, with the engine it
+    /// had. It holds no data (inserts into it are synchronous).
+    RebuildDistributed { table: String, column: String },
+}
+
+/// `stmt` (a statement of a migration, `{db}` already replaced by `db`) on
+/// one server.
+fn single_steps(stmt: &str) -> Vec<Step> {
+    match added_column(stmt) {
+        Some((table, column)) => vec![Step::AddColumn { table: table.to_owned(), column: column.to_owned(), sql: stmt.to_owned() }],
+        None => vec![Step::Sql(stmt.to_owned())],
+    }
+}
+
+/// `stmt` (a statement of a migration, `{db}` already replaced by `db`)
+/// laid out on `cluster`: see the module's documentation. Statements it
+/// does not know are refused rather than run on one node only.
+pub fn cluster_statements(stmt: &str, db: &str, cluster: &str) -> Result<Vec<Step>> {
+    let unknown = || crate::Error::Value(format!("a migration statement the cluster layout does not know: {stmt}"));
+    if let Some(rest) = stmt.strip_prefix("CREATE DATABASE IF NOT EXISTS ") {
+        return Ok(vec![Step::Sql(format!("CREATE DATABASE IF NOT EXISTS {} ON CLUSTER {cluster}", rest.trim()))]);
+    }
+    if let Some((table, column)) = added_column(stmt) {
+        let alter = |t: &str| Step::AddColumn {
+            table: t.to_owned(),
+            column: column.to_owned(),
+            sql: stmt.replacen(&format!("ALTER TABLE {db}.{table} "), &format!("ALTER TABLE {db}.{t} ON CLUSTER {cluster} "), 1),
+        };
+        if EVERYWHERE.contains(&table) {
+            return Ok(vec![alter(table)]);
+        }
+        return Ok(vec![alter(&format!("{table}_local")), Step::RebuildDistributed { table: table.to_owned(), column: column.to_owned() }]);
+    }
+    let Some(rest) = stmt.strip_prefix(&format!("CREATE TABLE IF NOT EXISTS {db}.")) else { return Err(unknown()) };
+    let table: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    let body = &rest[table.len()..];
+    let engine_at = body.find("ENGINE = ReplacingMergeTree(").ok_or_else(unknown)?;
+    let args_from = engine_at + "ENGINE = ReplacingMergeTree(".len();
+    let args_len = body[args_from..].find(')').ok_or_else(unknown)?;
+    let args = body[args_from..args_from + args_len].trim();
+    let args = if args.is_empty() { String::new() } else { format!(", {args}") };
+    let tail = &body[args_from + args_len + 1..];
+    let columns = &body[..engine_at];
+    let order_by = tail.split("ORDER BY").nth(1).ok_or_else(unknown)?.trim();
+    let replicated = |name: &str, path: &str, replica: &str| {
+        Step::Sql(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{name} ON CLUSTER {cluster}{columns}ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{path}/{db}/{name}', '{replica}'{args}){tail}"
+        ))
+    };
+    if EVERYWHERE.contains(&table.as_str()) {
+        return Ok(vec![replicated(&table, "all", "{shard}-{replica}")]);
+    }
+    let key = order_by.trim_start_matches('(').trim_end_matches(')');
+    let shard_by = if key.split(',').any(|c| c.trim() == "customer_id") { "customer_id".to_owned() } else { key.to_owned() };
+    let local = format!("{table}_local");
+    Ok(vec![
+        replicated(&local, "{shard}", "{replica}"),
+        Step::Sql(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{table} ON CLUSTER {cluster} AS {db}.{local} ENGINE = Distributed({cluster}, {db}, {local}, cityHash64({shard_by}))"
+        )),
+    ])
+}
+
+/// `stmt` as the connection's layout runs it.
+fn laid_out(conn: &Connection, stmt: &str) -> Result<Vec<Step>> {
+    match &conn.cluster {
+        Some(cluster) => cluster_statements(stmt, &conn.database, cluster),
+        None => Ok(single_steps(stmt)),
+    }
+}
+
+/// Runs `step` (idempotent: see [`Step`]).
+async fn run(server: &Client, conn: &Connection, step: &Step) -> Result<()> {
+    let db = &conn.database;
+    match step {
+        Step::Sql(sql) => Ok(server.query(sql).execute().await?),
+        Step::AddColumn { table, column, sql } => add_column(server, db, table, column, sql).await,
+        Step::RebuildDistributed { table, column } => {
+            if column_exists(server, db, table, column).await? {
+                return Ok(());
+            }
+            let cluster = conn.cluster.as_deref().unwrap_or_default();
+            let create: String = server.query(&format!("SHOW CREATE TABLE {db}.{table}")).fetch_one().await?;
+            let engine = create
+                .find("ENGINE = Distributed(")
+                .map(|at| create[at..].trim().to_owned())
+                .ok_or_else(|| crate::Error::Value(format!("{db}.{table} is not a Distributed table: {create}")))?;
+            server.query(&format!("DROP TABLE IF EXISTS {db}.{table} ON CLUSTER {cluster}")).execute().await?;
+            server
+                .query(&format!("CREATE TABLE IF NOT EXISTS {db}.{table} ON CLUSTER {cluster} AS {db}.{table}_local {engine}"))
+                .execute()
+                .await?;
+            Ok(())
+        }
+    }
+}
+
 /// Creates the database and applies every migration not yet recorded.
 /// Returns the names of the migrations applied by this call.
 pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
     check_identifier(&conn.database)?;
+    if let Some(cluster) = &conn.cluster {
+        check_identifier(cluster)?;
+    }
     let db = &conn.database;
     let server = conn.server_client()?;
-    server.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
-    server.query(&SCHEMA_MIGRATIONS_TABLE.replace("{db}", db)).execute().await?;
-    let client: Client = conn.client()?;
+    for step in laid_out(conn, &format!("CREATE DATABASE IF NOT EXISTS {db}"))?
+        .iter()
+        .chain(&laid_out(conn, &SCHEMA_MIGRATIONS_TABLE.replace("{db}", db))?)
+    {
+        run(&server, conn, step).await?;
+    }
+    let client: Client = conn.writer()?;
     let applied: Vec<Applied> = client.query("SELECT version, name FROM schema_migrations FINAL").fetch_all().await?;
     let mut done = Vec::new();
     for (version, name, sql) in MIGRATIONS {
@@ -70,9 +198,8 @@ pub async fn migrate(conn: &Connection) -> Result<Vec<String>> {
             continue;
         }
         for stmt in statements(&sql.replace("{db}", db)) {
-            match added_column(&stmt) {
-                Some((table, column)) => add_column(&server, db, table, column, &stmt).await?,
-                None => server.query(&stmt).execute().await?,
+            for step in laid_out(conn, &stmt)? {
+                run(&server, conn, &step).await?;
             }
         }
         client.query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)").bind(*version).bind(*name).execute().await?;
@@ -117,6 +244,55 @@ async fn add_column(server: &Client, db: &str, table: &str, column: &str, stmt: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_shipped_statement_has_a_cluster_layout() {
+        let layout = |s: &str| -> Vec<String> {
+            cluster_statements(&s.replace("{db}", "m"), "m", "c")
+                .unwrap()
+                .into_iter()
+                .map(|step| match step {
+                    Step::Sql(sql) | Step::AddColumn { sql, .. } => sql,
+                    Step::RebuildDistributed { table, column } => format!("rebuild {table} for {column}"),
+                })
+                .collect()
+        };
+        let usage = layout(statements(MIGRATIONS[0].2)[0].as_str());
+        assert_eq!(usage.len(), 2);
+        assert!(usage[0].starts_with("CREATE TABLE IF NOT EXISTS m.usage_minute_local ON CLUSTER c\n("), "{}", usage[0]);
+        assert!(usage[0].contains("ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/usage_minute_local', '{replica}', revision)\nPARTITION BY toYYYYMM(window_start)\nORDER BY (customer_id"), "{}", usage[0]);
+        assert_eq!(usage[1], "CREATE TABLE IF NOT EXISTS m.usage_minute ON CLUSTER c AS m.usage_minute_local ENGINE = Distributed(c, m, usage_minute_local, cityHash64(customer_id))");
+        let dlq = layout(statements(MIGRATIONS[1].2)[0].as_str());
+        assert!(
+            dlq[0].contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/dead_letters_local', '{replica}')"),
+            "{}",
+            dlq[0]
+        );
+        assert!(dlq[1].ends_with("cityHash64(source_topic, source_partition, source_offset))"), "{}", dlq[1]);
+        let migrations = layout(SCHEMA_MIGRATIONS_TABLE);
+        assert_eq!(migrations.len(), 1);
+        assert!(
+            migrations[0].contains("ReplicatedReplacingMergeTree('/clickhouse/tables/all/m/schema_migrations', '{shard}-{replica}')"),
+            "{}",
+            migrations[0]
+        );
+        let alter = layout("ALTER TABLE {db}.rated_usage ADD COLUMN line_type String DEFAULT 'Usage'");
+        assert_eq!(
+            alter,
+            vec![
+                "ALTER TABLE m.rated_usage_local ON CLUSTER c ADD COLUMN line_type String DEFAULT 'Usage'".to_owned(),
+                "rebuild rated_usage for line_type".to_owned(),
+            ]
+        );
+        assert_eq!(layout("CREATE DATABASE IF NOT EXISTS {db}"), vec!["CREATE DATABASE IF NOT EXISTS m ON CLUSTER c".to_owned()]);
+        for (_, _, sql) in MIGRATIONS {
+            for s in statements(sql) {
+                let out = layout(&s);
+                assert!(out.iter().all(|o| o.contains(" ON CLUSTER c") || o.starts_with("rebuild ")), "{out:?}");
+            }
+        }
+        assert!(cluster_statements("DROP TABLE m.x", "m", "c").is_err());
+    }
 
     #[test]
     fn splits_the_shipped_migrations_into_create_statements() {

@@ -40,6 +40,11 @@ pub struct ClickHouseConfig {
     /// unencrypted (protect it by the file's mode, as the server's own key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// The cluster (its `remote_servers` name) to lay the schema out on:
+    /// replicated tables on every shard under `Distributed` tables sharded
+    /// by customer (docs/operations.md, "Scaling"). Empty: one server.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
 }
 
 fn default_ch_url() -> String {
@@ -63,6 +68,7 @@ impl Default for ClickHouseConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            cluster: String::new(),
         }
     }
 }
@@ -94,6 +100,10 @@ impl Section for ClickHouseConfig {
         p.check(
             self.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !self.database.is_empty(),
             "clickhouse.database must be a non-empty identifier of letters, digits and _",
+        );
+        p.check(
+            self.cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "clickhouse.cluster must be an identifier of letters, digits and _ (or empty: one server)",
         );
         let url = self.url.trim().to_ascii_lowercase();
         p.check(

@@ -330,7 +330,7 @@ pub async fn audit(client: &Client, month: YearMonth, customer: Option<&str>) ->
 /// rated last of each); binds: month, `Adjustment:<month>:%`, customer, customer.
 pub const SQL_ADJUSTED_USAGE: &str = "SELECT customer_id, service, usage_type, region, sum(usage_quantity) AS quantity \
     FROM invoice_lines FINAL WHERE month > toDate(?) AND usage_type LIKE ? \
-      AND (month, version_id) IN (SELECT month, argMax(version_id, revision) FROM invoices GROUP BY month) \
+      AND (month, version_id) GLOBAL IN (SELECT month, argMax(version_id, revision) FROM invoices GROUP BY month) \
       AND (? = '' OR customer_id = ?) \
     GROUP BY customer_id, service, usage_type, region";
 

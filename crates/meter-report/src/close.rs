@@ -161,7 +161,7 @@ pub async fn close(
             horizon / 86_400_000
         );
     }
-    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
+    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).writer()?;
     let rate_run = rate(cfg, month, customer, lines).await?;
     if rate_run.open_days > 0 {
         bail!("{month} has {} day windows that are not final yet: close it once they are", rate_run.open_days);

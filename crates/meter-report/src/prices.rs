@@ -35,7 +35,7 @@ pub async fn run(cfg: &Config, cmd: PricesCommand) -> anyhow::Result<()> {
     let book: PriceBook = crate::rate::price_book(&cfg)?;
     let now = meter_model::now_ms();
     let rows = rating::price_book_rows(&book, u32::try_from(now / 1000).unwrap_or(0), u64::try_from(now).unwrap_or(0))?;
-    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
+    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).writer()?;
     if !replace {
         let stored = rating::stored_price_book(&client).await.context("reading the stored price book")?;
         let strip = |r: &rating::PriceBookRow| rating::PriceBookRow { loaded_at: 0, revision: 0, ..r.clone() };

@@ -131,7 +131,7 @@ pub struct RateRun {
 /// Rates `month` (optionally one customer): new and changed invoice lines
 /// go to `publisher`, then every new or changed row to ClickHouse.
 pub async fn rate(cfg: &Config, month: YearMonth, customer: Option<&str>, publisher: &mut impl LinePublisher) -> anyhow::Result<RateRun> {
-    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
+    let client = meter_clickhouse::Connection::from(&cfg.clickhouse).writer()?;
     let r = rate_from_clickhouse(cfg, &client, month, customer, false, true).await?;
     let mut rows = rating::rated_rows(&r.rated, &r.ledger, &r.usage.days, r.book.minor_unit_digits)?;
     // A closed month's customers are frozen: nothing of theirs is written or zeroed.

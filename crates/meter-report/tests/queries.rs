@@ -38,6 +38,7 @@ async fn every_query_runs_on_the_local_clickhouse() {
         user: "default".into(),
         password: String::new(),
         tls: Default::default(),
+        cluster: None,
     };
     migrate(&conn).await.expect("ClickHouse must be running (ops/up)");
     let client = conn.client().unwrap();

@@ -100,7 +100,7 @@ pub async fn run(cfg: &Valid<Config>, shutdown: Signal, drain: Signal) -> anyhow
 pub async fn run_observed(cfg: &Valid<Config>, shutdown: Signal, drain: Signal, telemetry: Telemetry) -> anyhow::Result<SinkStats> {
     let (codec, registry) = meter_kafka::registry::codec_for(cfg, &[])?;
     let conn = Connection::from(&cfg.clickhouse);
-    let client = conn.client()?;
+    let client = conn.writer()?;
     // A refusal (credentials, TLS, protocol) stops the sink at once, naming
     // the cause; a server that is down is waited for as before.
     meter_kafka::check_service_access(&cfg.kafka).await?;

@@ -10,6 +10,15 @@
 //! aggregates topic = the agents' ledger; aggregated + duplicates +
 //! dead-lettered = records produced; dead letters by reason = what was
 //! injected.
+//!
+//! With `--cluster` it runs on the local cluster (`ops/cluster`: three
+//! brokers, two ClickHouse shards of two replicas) with three processors
+//! and two sinks, and its faults are those of a cluster: SIGKILL of the
+//! broker that leads the most partitions (the transaction coordinator
+//! among them) and, in turn, of one ClickHouse replica per shard, each
+//! brought back later. The configuration (from the environment) names the
+//! cluster's brokers, a ClickHouse node that stays up, and
+//! `clickhouse.cluster`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -64,6 +73,36 @@ pub struct ChaosArgs {
     /// The ops/ scripts that stop and start the local services.
     #[arg(long, default_value = "ops")]
     ops_dir: PathBuf,
+    /// Run on the local cluster (`ops/cluster`): three processors, two
+    /// sinks, the leading broker and a replica per shard killed.
+    #[arg(long)]
+    cluster: bool,
+    /// How long a killed broker or ClickHouse replica stays down (cluster).
+    #[arg(long, default_value = "30s", value_parser = time::parse_duration)]
+    node_outage: Duration,
+}
+
+/// A fault of the schedule.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillProcessor(usize),
+    KillSink(usize),
+    RestartKafka,
+    StopClickHouse,
+    /// Cluster: SIGKILL the broker leading the most partitions.
+    KillLeadingBroker,
+    /// Cluster: SIGKILL a replica of this shard (1-based).
+    KillReplica(u32),
+}
+
+/// The replica killed in `shard`: never replica 1 of shard 1, the node the
+/// harness and its children reach ClickHouse through.
+fn replica_to_kill(shard: u32) -> u32 {
+    if shard == 1 {
+        2
+    } else {
+        1
+    }
 }
 
 /// xorshift: the harness's own deterministic randomness.
@@ -133,6 +172,19 @@ impl Proc {
     }
 }
 
+/// What an ops script printed.
+fn ops_output(ops_dir: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(ops_dir.join(args[0]))
+        .args(&args[1..])
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running ops/{}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("ops/{} failed: {}", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 fn ops(ops_dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
     let status = Command::new(ops_dir.join(args[0]))
         .args(&args[1..])
@@ -155,6 +207,7 @@ fn child_env(cfg: &Config, instance: &str, negative: bool) -> Vec<(String, Strin
         ("METER__TOPICS__PARTITIONS", cfg.topics.partitions.to_string()),
         ("METER__CLICKHOUSE__URL", cfg.clickhouse.url.clone()),
         ("METER__CLICKHOUSE__DATABASE", cfg.clickhouse.database.clone()),
+        ("METER__CLICKHOUSE__CLUSTER", cfg.clickhouse.cluster.clone()),
         ("METER__PROCESSOR__GROUP_ID", p.group_id.clone()),
         ("METER__PROCESSOR__INSTANCE_ID", instance.to_owned()),
         ("METER__PROCESSOR__COMMIT_INTERVAL_MS", p.commit_interval_ms.to_string()),
@@ -445,7 +498,12 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         log: run_dir.join(format!("{name}.log")),
         starts: 0,
     };
-    let mut procs = vec![proc("p1", &["process"], "p1"), proc("p2", &["process"], "p2"), proc("sink", &["sink"], "sink")];
+    let (n_processors, n_sinks) = if args.cluster { (3, 2) } else { (2, 1) };
+    let mut procs: Vec<Proc> = (1..=n_processors).map(|i| proc(&format!("p{i}"), &["process"], &format!("p{i}"))).collect();
+    let sink_names: Vec<String> = (1..=n_sinks).map(|i| if n_sinks == 1 { "sink".to_owned() } else { format!("sink{i}") }).collect();
+    for name in &sink_names {
+        procs.push(proc(name, &["sink"], name));
+    }
     for p in &mut procs {
         p.start()?;
     }
@@ -470,19 +528,29 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     // The fault schedule, in seconds from the start.
     let total = args.duration.as_secs_f64();
     let mut rng = Rng(args.seed ^ 0xD1B5_4A32_D192_ED03);
-    let mut schedule: Vec<(f64, &str)> = Vec::new();
+    let mut schedule: Vec<(f64, Fault)> = Vec::new();
     for i in 0..args.processor_kills {
         let at = total * (i as f64 + 0.5) / args.processor_kills as f64 + (rng.below(1000) as f64 / 1000.0 - 0.5);
-        schedule.push((at.max(1.0), if i % 2 == 0 { "kill-p1" } else { "kill-p2" }));
+        schedule.push((at.max(1.0), Fault::KillProcessor(i as usize % n_processors)));
     }
     for i in 0..args.sink_kills {
-        schedule.push((total * (i as f64 + 0.7) / (args.sink_kills as f64 + 1.0), "kill-sink"));
+        schedule.push((total * (i as f64 + 0.7) / (args.sink_kills as f64 + 1.0), Fault::KillSink(n_processors + i as usize % n_sinks)));
     }
-    if !args.no_broker_restart {
-        schedule.push((total * 0.35, "restart-kafka"));
-    }
-    if !args.clickhouse_outage.is_zero() {
-        schedule.push((total * 0.5, "stop-clickhouse"));
+    if args.cluster {
+        if !args.no_broker_restart {
+            schedule.push((total * 0.3, Fault::KillLeadingBroker));
+        }
+        if !args.clickhouse_outage.is_zero() {
+            schedule.push((total * 0.45, Fault::KillReplica(1)));
+            schedule.push((total * 0.7, Fault::KillReplica(2)));
+        }
+    } else {
+        if !args.no_broker_restart {
+            schedule.push((total * 0.35, Fault::RestartKafka));
+        }
+        if !args.clickhouse_outage.is_zero() {
+            schedule.push((total * 0.5, Fault::StopClickHouse));
+        }
     }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
 
@@ -504,37 +572,73 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let mut clickhouse_down_for = Duration::ZERO;
     let mut clickhouse_stopped_at = None;
     let mut broker_restarts = 0;
-    while !injector.is_finished() || next < schedule.len() || clickhouse_stopped_at.is_some() {
+    // Cluster: (what to start again, when, its name).
+    let mut down_nodes: Vec<(Vec<String>, Instant, String)> = Vec::new();
+    let mut node_kills: Vec<String> = Vec::new();
+    while !injector.is_finished() || next < schedule.len() || clickhouse_stopped_at.is_some() || !down_nodes.is_empty() {
         let elapsed = started.elapsed().as_secs_f64();
         while next < schedule.len() && schedule[next].0 <= elapsed {
             let action = schedule[next].1;
             next += 1;
             match action {
-                "kill-p1" | "kill-p2" => {
-                    let idx = usize::from(action == "kill-p2");
+                Fault::KillProcessor(idx) => {
                     procs[idx].kill();
                     kills.0 += 1;
                     pending_recovery.push((Instant::now(), committed_now.clone()));
                     tokio::time::sleep(Duration::from_millis(rng.below(2000))).await;
                     procs[idx].start()?;
                 }
-                "kill-sink" => {
-                    procs[2].kill();
-                    procs[2].start()?;
+                Fault::KillSink(idx) => {
+                    procs[idx].kill();
+                    procs[idx].start()?;
                     kills.1 += 1;
                 }
-                "restart-kafka" => {
+                Fault::RestartKafka => {
                     println!("chaos: {elapsed:.0}s restarting the Kafka broker");
                     ops(&args.ops_dir, &["kafka", "restart"])?;
                     broker_restarts += 1;
                 }
-                "stop-clickhouse" => {
+                Fault::StopClickHouse => {
                     println!("chaos: {elapsed:.0}s stopping ClickHouse for {}s", args.clickhouse_outage.as_secs());
                     ops(&args.ops_dir, &["clickhouse", "stop"])?;
                     clickhouse_stopped_at = Some(Instant::now());
                 }
-                _ => bail!("unknown chaos action {action}"),
+                Fault::KillLeadingBroker => {
+                    let leader = ops_output(&args.ops_dir, &["cluster", "leader-broker"])?;
+                    println!("chaos: {elapsed:.0}s SIGKILL of broker {leader}, the leader of the most partitions");
+                    ops(&args.ops_dir, &["cluster", "kill-broker", &leader])?;
+                    down_nodes.push((
+                        vec!["start-broker".into(), leader.clone()],
+                        Instant::now() + args.node_outage,
+                        format!("broker {leader}"),
+                    ));
+                    node_kills.push(format!("broker {leader}"));
+                    broker_restarts += 1;
+                }
+                Fault::KillReplica(shard) => {
+                    let replica = replica_to_kill(shard).to_string();
+                    let shard = shard.to_string();
+                    println!("chaos: {elapsed:.0}s SIGKILL of ClickHouse shard {shard} replica {replica}");
+                    ops(&args.ops_dir, &["cluster", "kill-clickhouse", &shard, &replica])?;
+                    let name = format!("clickhouse {shard}/{replica}");
+                    down_nodes.push((vec!["start-clickhouse".into(), shard, replica], Instant::now() + args.node_outage, name.clone()));
+                    node_kills.push(name);
+                }
             }
+        }
+        let mut back = Vec::new();
+        down_nodes.retain(|(cmd, at, name)| {
+            if Instant::now() < *at {
+                return true;
+            }
+            back.push((cmd.clone(), name.clone()));
+            false
+        });
+        for (cmd, name) in back {
+            let mut a = vec!["cluster"];
+            a.extend(cmd.iter().map(String::as_str));
+            ops(&args.ops_dir, &a)?;
+            println!("chaos: {:.0}s {name} back", started.elapsed().as_secs_f64());
         }
         if clickhouse_stopped_at.is_some_and(|t| t.elapsed() >= args.clickhouse_outage) {
             ops(&args.ops_dir, &["clickhouse", "start"])?;
@@ -576,10 +680,15 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     for p in &mut procs {
         p.kill();
     }
-    ops(&args.ops_dir, &["clickhouse", "start"])?;
-    ops(&args.ops_dir, &["kafka", "start"])?;
+    if args.cluster {
+        ops(&args.ops_dir, &["cluster", "start"])?;
+    } else {
+        ops(&args.ops_dir, &["clickhouse", "start"])?;
+        ops(&args.ops_dir, &["kafka", "start"])?;
+    }
     let drain_started = Instant::now();
-    let mut drainers = [proc("p1-drain", &["process", "--drain"], "p1"), proc("p2-drain", &["process", "--drain"], "p2")];
+    let mut drainers: Vec<Proc> =
+        (1..=n_processors).map(|i| proc(&format!("p{i}-drain"), &["process", "--drain"], &format!("p{i}"))).collect();
     for d in &mut drainers {
         d.start()?;
     }
@@ -590,7 +699,9 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     for (t, _) in pending_recovery.drain(..) {
         longest_recovery = longest_recovery.max(t.elapsed());
     }
-    let mut sink = proc("sink-drain", &["sink", "--drain"], "sink");
+    // One sink drains: a draining sink waits to own every partition (the
+    // other sink's static membership lapses after its session timeout).
+    let mut sink = proc(&format!("{}-drain", sink_names[0]), &["sink", "--drain"], &sink_names[0]);
     sink.start()?;
     wait_for(&mut sink, Duration::from_secs(600)).await?;
     println!("chaos: drained in {:.0}s", drain_started.elapsed().as_secs_f64());
@@ -639,8 +750,14 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         failures.push(format!("only {} of {} processor kills happened", kills.0, args.processor_kills));
     }
     let figures = format!(
-        "{} processor kills, {} sink kills, {} broker restart(s), ClickHouse down {:.0}s, {} unexpected exits restarted; \
+        "{}{} processor kills, {} sink kills, {} broker restart(s), ClickHouse down {:.0}s, {} unexpected exits restarted; \
          {} records: {} events aggregated, {} duplicates, {} dead letters ({} reasons), {} late; {} keys ({} still open); longest recovery {:.1}s",
+        if args.cluster {
+            let killed = if node_kills.is_empty() { "no node".to_owned() } else { node_kills.join(", ") };
+            format!("cluster: {n_processors} processors, {n_sinks} sinks, killed {killed}; ")
+        } else {
+            String::new()
+        },
         kills.0,
         kills.1,
         broker_restarts,
@@ -700,6 +817,8 @@ impl ChaosArgs {
             customers: self.customers,
             speed: self.speed,
             ops_dir: self.ops_dir.clone(),
+            cluster: self.cluster,
+            node_outage: self.node_outage,
         }
     }
 }
