@@ -23,12 +23,10 @@ mod agent_support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use agent_support::{expected_ledger, sim_config, spawn_agent_cmd};
 use meter_config::{Config, Valid};
-use meter_kafka::Signal;
 use meter_model::ledger::Ledger;
 
 const CLUSTER: &str = "meterline";
@@ -154,20 +152,7 @@ async fn cluster_pipeline_is_exact_through_the_distributed_tables_on_every_node(
     let ledger = Ledger::from_csv(&std::fs::read_to_string(&ledger_path).unwrap()).unwrap();
     assert_eq!(ledger, expected);
 
-    let cfg = Arc::new(cfg);
-    let (pd, sd) = (Signal::default(), Signal::default());
-    pd.raise();
-    let p = tokio::spawn({
-        let cfg = cfg.clone();
-        async move { meter_processor::run(&cfg, Signal::default(), pd).await }
-    });
-    let s = tokio::spawn({
-        let (cfg, sd) = (cfg.clone(), sd.clone());
-        async move { meter_sink::run(&cfg, Signal::default(), sd).await }
-    });
-    let counters = tokio::time::timeout(Duration::from_secs(240), p).await.expect("processor drains").unwrap().unwrap().counters;
-    sd.raise();
-    tokio::time::timeout(Duration::from_secs(180), s).await.expect("sink drains").unwrap().unwrap();
+    let counters = agent_support::drain(&cfg).await;
     assert_eq!(counters.dead_lettered(), 0);
 
     // The same answer through every node's Distributed tables.
