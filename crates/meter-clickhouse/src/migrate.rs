@@ -78,8 +78,8 @@ pub enum Step {
     /// A cluster's `Distributed` table `table` lacks `column`, just added to
     /// `{table}_local`: 18.16 refuses `ALTER .. ON CLUSTER` on a
     /// `Distributed` table over replicated shards (code 371), so it is
-    /// dropped and created again `AS` the local table, with the engine it
-    /// had. It holds no data (inserts into it are synchronous).
+    /// dropped and created again `AS` the local table, with the layout's
+    /// engine. It holds no data (inserts into it are synchronous).
     RebuildDistributed { table: String, column: String },
 }
 
@@ -141,6 +141,18 @@ pub fn cluster_statements(stmt: &str, db: &str, cluster: &str) -> Result<Vec<Ste
     ])
 }
 
+/// The `CREATE` of `table`'s `Distributed` table on `cluster`, as the
+/// migration that created the table lays it out.
+fn distributed_table(db: &str, cluster: &str, table: &str) -> Option<String> {
+    let prefix = format!("CREATE TABLE IF NOT EXISTS {db}.{table} ON CLUSTER {cluster} AS ");
+    MIGRATIONS.iter().flat_map(|(_, _, sql)| statements(&sql.replace("{db}", db))).find_map(|stmt| {
+        cluster_statements(&stmt, db, cluster).ok()?.into_iter().find_map(|step| match step {
+            Step::Sql(sql) if sql.starts_with(&prefix) => Some(sql),
+            _ => None,
+        })
+    })
+}
+
 /// `stmt` as the connection's layout runs it.
 fn laid_out(conn: &Connection, stmt: &str) -> Result<Vec<Step>> {
     match &conn.cluster {
@@ -159,17 +171,14 @@ async fn run(server: &Client, conn: &Connection, step: &Step) -> Result<()> {
             if column_exists(server, db, table, column).await? {
                 return Ok(());
             }
+            // The engine is the layout's own, not read back from the table:
+            // a rebuild cut short between DROP and CREATE (or a DROP that
+            // timed out on a node that is down) is finished by the next run.
             let cluster = conn.cluster.as_deref().unwrap_or_default();
-            let create: String = server.query(&format!("SHOW CREATE TABLE {db}.{table}")).fetch_one().await?;
-            let engine = create
-                .find("ENGINE = Distributed(")
-                .map(|at| create[at..].trim().to_owned())
-                .ok_or_else(|| crate::Error::Value(format!("{db}.{table} is not a Distributed table: {create}")))?;
+            let create = distributed_table(db, cluster, table)
+                .ok_or_else(|| crate::Error::Value(format!("no migration creates {db}.{table} as a Distributed table")))?;
             server.query(&format!("DROP TABLE IF EXISTS {db}.{table} ON CLUSTER {cluster}")).execute().await?;
-            server
-                .query(&format!("CREATE TABLE IF NOT EXISTS {db}.{table} ON CLUSTER {cluster} AS {db}.{table}_local {engine}"))
-                .execute()
-                .await?;
+            server.query(&create).execute().await?;
             Ok(())
         }
     }
@@ -292,6 +301,10 @@ mod tests {
             }
         }
         assert!(cluster_statements("DROP TABLE m.x", "m", "c").is_err());
+        assert_eq!(
+            distributed_table("m", "c", "rated_usage").as_deref(),
+            Some("CREATE TABLE IF NOT EXISTS m.rated_usage ON CLUSTER c AS m.rated_usage_local ENGINE = Distributed(c, m, rated_usage_local, cityHash64(customer_id))")
+        );
     }
 
     #[test]

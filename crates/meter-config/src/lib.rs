@@ -641,6 +641,50 @@ mod compose_tests {
         }
     }
 
+    /// The cluster overlay, merged onto the base file: three brokers, four
+    /// ClickHouse nodes with their own macros, ZooKeeper, and every meter
+    /// service configured for the cluster with real configuration keys.
+    #[test]
+    fn compose_cluster_overlay_runs_the_cluster_and_points_every_stage_at_it() {
+        let text = include_str!("../../../docker-compose.cluster.yml");
+        let mut overlay: serde_yaml::Value = serde_yaml::from_str(text).expect("docker-compose.cluster.yml is valid YAML");
+        overlay.apply_merge().expect("merge keys resolve");
+        let base = compose();
+        let services = overlay["services"].as_mapping().expect("services");
+        for s in ["kafka", "kafka-2", "kafka-3", "zookeeper", "clickhouse", "clickhouse-1-2", "clickhouse-2-1", "clickhouse-2-2"] {
+            assert!(services.contains_key(s), "docker-compose.cluster.yml lacks service {s}");
+        }
+        let mut macros = std::collections::BTreeSet::new();
+        for s in ["clickhouse", "clickhouse-1-2", "clickhouse-2-1", "clickhouse-2-2"] {
+            let volumes: Vec<&str> = overlay["services"][s]["volumes"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+            let m = volumes.iter().find(|v| v.contains("macros-")).unwrap_or_else(|| panic!("{s} mounts no macros"));
+            assert!(macros.insert(m.split(':').next().unwrap().to_owned()), "{s} shares its macros file");
+        }
+        for service in ["init", "agent", "process", "sink"] {
+            let mut env: BTreeMap<String, String> = BTreeMap::new();
+            for layer in [&base, &overlay] {
+                let Some(m) = layer["services"][service]["environment"].as_mapping() else { continue };
+                for (k, v) in m {
+                    let value = v.as_str().map(str::to_owned).unwrap_or_else(|| serde_yaml::to_string(v).unwrap().trim().to_owned());
+                    env.insert(k.as_str().unwrap().to_owned(), value);
+                }
+            }
+            let mut sections: BTreeMap<String, toml::Table> = BTreeMap::new();
+            for (k, v) in &env {
+                let Some(key) = k.strip_prefix("METER__") else { continue };
+                let (section, field) = key.split_once("__").unwrap_or_else(|| panic!("{key} is not SECTION__KEY"));
+                sections.entry(section.to_lowercase()).or_default().insert(field.to_lowercase(), toml::Value::String(v.clone()));
+            }
+            let mut tree = serde_json::to_value(&sections).unwrap();
+            coerce_like(&mut tree, &serde_json::to_value(Config::default()).unwrap());
+            let cfg: Config = serde_json::from_value(tree).unwrap_or_else(|e| panic!("{service}: {e}"));
+            let cfg = cfg.validate().unwrap_or_else(|e| panic!("{service}: {e}"));
+            assert_eq!(cfg.kafka.brokers.split(',').count(), 3, "{service}: {}", cfg.kafka.brokers);
+            assert_eq!(cfg.topics.replication_factor, 3, "{service}");
+            assert_eq!(cfg.clickhouse.cluster, "meterline", "{service}");
+        }
+    }
+
     /// Every METER__SECTION__KEY the compose file sets is a real, valid
     /// configuration field (unknown fields are rejected by the same
     /// deserializer the binaries use).

@@ -476,6 +476,9 @@ pub async fn run(base: Config, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     cfg.processor.transaction_timeout_ms = 10_000;
     cfg.sink.batch_ms = 300;
     cfg.sink.max_backoff_ms = 2_000;
+    if args.cluster && (cfg.clickhouse.cluster.is_empty() || cfg.kafka.brokers.split(',').count() < 3) {
+        bail!("--cluster needs the cluster's configuration: three brokers in kafka.brokers and clickhouse.cluster (ops/chaos --cluster sets them)");
+    }
     let cfg = cfg.validate()?;
     let run_dir = args.ops_dir.join("..").join(".local/chaos").join(run_id.to_string());
     std::fs::create_dir_all(&run_dir)?;
