@@ -42,6 +42,13 @@ enum Command {
         #[arg(long)]
         drain: bool,
     },
+    /// The HTTP API: CloudEvents ingestion into usage.events, and usage,
+    /// cost-to-date and invoice queries (schemas/openapi/meter-serve.yaml).
+    Serve,
+    /// Make an API key for `meter serve`: prints the token once (to give
+    /// to the client) and the `[serve.api_keys.<name>]` entry holding only
+    /// its SHA-256 (to put in the configuration or serve.api_keys_file).
+    ApiKey(ApiKeyArgs),
     /// Insert usage.aggregates and usage.dlq into ClickHouse.
     Sink {
         /// Exit once both topics are consumed to their end and inserted.
@@ -91,6 +98,22 @@ enum Command {
     /// with the `testkit` feature only.)
     #[cfg(feature = "testkit")]
     Bench(meter_testkit::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ApiKeyArgs {
+    /// The key's name (in logs and metrics).
+    #[arg(long)]
+    name: String,
+    /// ingest, query or admin.
+    #[arg(long)]
+    role: String,
+    /// ingest keys: the agent id of their events.
+    #[arg(long, default_value = "")]
+    agent_id: String,
+    /// ingest and query keys: a customer they cover (repeat; `*`: any).
+    #[arg(long = "customer")]
+    customers: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +241,38 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn api_key(args: &ApiKeyArgs) -> anyhow::Result<ExitCode> {
+    let role: meter_config::ApiRole = serde_json::from_value(serde_json::Value::String(args.role.clone()))
+        .map_err(|_| anyhow::anyhow!("--role {:?} is not ingest, query or admin", args.role))?;
+    let token = meter_serve::keys::new_token()?;
+    let key = meter_config::ApiKey {
+        sha256: meter_serve::keys::to_hex(&meter_serve::keys::sha256(&token)),
+        role,
+        agent_id: args.agent_id.clone(),
+        customers: args.customers.clone(),
+        signing_key_file: None,
+    };
+    let mut keys = std::collections::BTreeMap::new();
+    keys.insert(args.name.clone(), key);
+    let cfg = meter_config::ServeConfig { api_keys: keys, ..Default::default() };
+    let mut problems = meter_config::Problems::default();
+    meter_config::Section::check(&cfg, &mut problems);
+    if !problems.is_empty() {
+        for p in problems.into_vec() {
+            eprintln!("  - {p}");
+        }
+        return Ok(ExitCode::from(2));
+    }
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        api_keys: &'a std::collections::BTreeMap<String, meter_config::ApiKey>,
+    }
+    // The token on stderr, once: stdout is the entry, safe to append to a file.
+    eprintln!("token (give it to the client; it is not stored anywhere): {token}");
+    print!("{}", toml::to_string(&Entry { api_keys: &cfg.api_keys })?);
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let load = || Config::load(cli.config.as_deref()).context("loading configuration");
     match cli.command {
@@ -259,6 +314,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = meter_sink::run_observed(&cfg, shutdown, drain, t).await?;
             println!("sink: {} usage rows, {} dead letters in {} batches", s.usage_rows, s.dead_letter_rows, s.batches);
         }
+        Command::Serve => {
+            init_logging("info");
+            let cfg = load()?;
+            let shutdown = Signal::default();
+            on_signal(shutdown.clone());
+            let t = telemetry(&cfg, "serve", "127.0.0.1:9467").await?;
+            meter_serve::run(&cfg, shutdown, t, None).await?;
+        }
+        Command::ApiKey(args) => return api_key(&args),
         Command::Report { report } => {
             init_logging("warn");
             let cfg = load()?;

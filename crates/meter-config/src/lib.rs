@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod processor;
 pub mod rating;
 pub mod serialization;
+pub mod serve;
 pub mod sink;
 pub mod topics;
 
@@ -41,6 +42,7 @@ pub use metrics::MetricsConfig;
 pub use processor::ProcessorConfig;
 pub use rating::{CatalogConfig, RatingConfig};
 pub use serialization::{Framing, SerializationConfig};
+pub use serve::{ApiKey, ApiRole, ServeConfig};
 pub use sink::SinkConfig;
 pub use topics::TopicsConfig;
 
@@ -141,6 +143,8 @@ pub struct Config {
     pub agent: AgentConfig,
     #[serde(default)]
     pub serialization: SerializationConfig,
+    #[serde(default)]
+    pub serve: ServeConfig,
 }
 
 impl Section for Config {
@@ -157,6 +161,7 @@ impl Section for Config {
         self.rating.check(p);
         self.agent.check(p);
         self.serialization.check(p);
+        self.serve.check(p);
     }
 }
 

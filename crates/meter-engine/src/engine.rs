@@ -478,6 +478,98 @@ pub struct Engine {
 
 type Rejection = (DeadLetterReason, String);
 
+/// The processor's rules for one event's content, apart from the engine:
+/// what [`Engine::process`] checks once an event is decoded (customer and
+/// key, string lengths, authorization by `agents`, catalog, seq, quantity,
+/// timestamp and clock skew) and the payload's size, for a producer that
+/// wants to refuse at its edge what the processor would dead-letter
+/// (`meter serve`). Dedup, signatures and the correction horizon need the
+/// processor's state and are not here.
+#[derive(Clone)]
+pub struct Rules {
+    kinds: Kinds,
+    cfg: EngineConfig,
+}
+
+impl Rules {
+    pub fn new(catalog: &Catalog, cfg: EngineConfig) -> Self {
+        Rules { kinds: Kinds::from_catalog(catalog), cfg }
+    }
+
+    /// Ok, or the dead-letter reason and detail the processor would give
+    /// the record of `payload` (the event `e` decoded) keyed by `key`.
+    pub fn check(&self, e: &UsageEventRef<'_>, payload: &[u8], key: &[u8], now: Millis) -> Result<(), (DeadLetterReason, String)> {
+        if payload.len() > self.cfg.max_payload_bytes {
+            return Err((
+                DeadLetterReason::OversizePayload,
+                format!("payload of {} bytes exceeds the limit of {}", payload.len(), self.cfg.max_payload_bytes),
+            ));
+        }
+        validate(&self.kinds, &self.cfg, e, key, now).map(|_| ())
+    }
+}
+
+fn validate(kinds: &Kinds, cfg: &EngineConfig, e: &UsageEventRef<'_>, key: &[u8], now: Millis) -> Result<Kind, Rejection> {
+    if e.customer_id.is_empty() {
+        return Err((DeadLetterReason::EmptyCustomerId, "customer_id is empty".into()));
+    }
+    if key != e.customer_id.as_bytes() {
+        return Err((DeadLetterReason::KeyMismatch, "record key differs from customer_id".into()));
+    }
+    let max = cfg.max_string_bytes;
+    let fields = [
+        ("event_id", e.event_id),
+        ("agent_id", e.agent_id),
+        ("customer_id", e.customer_id),
+        ("service", e.service),
+        ("usage_type", e.usage_type),
+        ("resource_id", e.resource_id),
+        ("region", e.region),
+    ];
+    for (name, value) in fields {
+        if value.len() > max {
+            return Err((DeadLetterReason::StringTooLong, format!("{name} is {} bytes, the limit is {max}", value.len())));
+        }
+    }
+    // A long entry that a later duplicate key overrides is not part of
+    // the event's map: only then is the map built to decide.
+    if e.attributes.longest() > max && e.attributes.to_map().iter().any(|(k, v)| k.len() > max || v.len() > max) {
+        return Err((DeadLetterReason::StringTooLong, format!("an attribute is longer than {max} bytes")));
+    }
+    cfg.agents.check(e.agent_id, e.customer_id).map_err(|detail| (DeadLetterReason::Unauthorized, detail))?;
+    let kind = match kinds.by_service.get(e.service) {
+        None => return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service))),
+        Some(types) => match types.get(e.usage_type) {
+            Some(&(id, key_by_resource)) => Kind { id, key_by_resource },
+            None => {
+                return Err((
+                    DeadLetterReason::UnknownUsageType,
+                    format!("usage type {:?} of service {:?} is not in the catalog", e.usage_type, e.service),
+                ))
+            }
+        },
+    };
+    // Seqs start at 1. A seq below that would never be recorded as seen
+    // (every replay aggregated again), and i64::MAX leaves no room above
+    // it for the dedup high-water mark.
+    if let Some(seq) = e.seq.filter(|&s| !(1..i64::MAX).contains(&s)) {
+        return Err((DeadLetterReason::InvalidSeq, format!("seq {seq} is outside 1..{}", i64::MAX)));
+    }
+    if e.quantity < 0 {
+        return Err((DeadLetterReason::NegativeQuantity, format!("quantity {} is negative", e.quantity)));
+    }
+    if e.event_time <= 0 || e.event_time >= MAX_EVENT_TIME {
+        return Err((DeadLetterReason::InvalidTimestamp, format!("event_time {} is outside 1970..2100", e.event_time)));
+    }
+    if e.event_time > now + cfg.max_clock_skew_ms {
+        return Err((
+            DeadLetterReason::FutureTimestamp,
+            format!("event_time {} is {} ms ahead of the processor clock", e.event_time, e.event_time - now),
+        ));
+    }
+    Ok(kind)
+}
+
 /// What validation learnt about an event's usage type.
 #[derive(Clone, Copy)]
 struct Kind {
@@ -786,64 +878,7 @@ impl Engine {
     }
 
     fn validate(&self, e: &UsageEventRef<'_>, key: &[u8], now: Millis) -> Result<Kind, Rejection> {
-        if e.customer_id.is_empty() {
-            return Err((DeadLetterReason::EmptyCustomerId, "customer_id is empty".into()));
-        }
-        if key != e.customer_id.as_bytes() {
-            return Err((DeadLetterReason::KeyMismatch, "record key differs from customer_id".into()));
-        }
-        let max = self.cfg.max_string_bytes;
-        let fields = [
-            ("event_id", e.event_id),
-            ("agent_id", e.agent_id),
-            ("customer_id", e.customer_id),
-            ("service", e.service),
-            ("usage_type", e.usage_type),
-            ("resource_id", e.resource_id),
-            ("region", e.region),
-        ];
-        for (name, value) in fields {
-            if value.len() > max {
-                return Err((DeadLetterReason::StringTooLong, format!("{name} is {} bytes, the limit is {max}", value.len())));
-            }
-        }
-        // A long entry that a later duplicate key overrides is not part of
-        // the event's map: only then is the map built to decide.
-        if e.attributes.longest() > max && e.attributes.to_map().iter().any(|(k, v)| k.len() > max || v.len() > max) {
-            return Err((DeadLetterReason::StringTooLong, format!("an attribute is longer than {max} bytes")));
-        }
-        self.cfg.agents.check(e.agent_id, e.customer_id).map_err(|detail| (DeadLetterReason::Unauthorized, detail))?;
-        let kind = match self.kinds.by_service.get(e.service) {
-            None => return Err((DeadLetterReason::UnknownService, format!("service {:?} is not in the catalog", e.service))),
-            Some(types) => match types.get(e.usage_type) {
-                Some(&(id, key_by_resource)) => Kind { id, key_by_resource },
-                None => {
-                    return Err((
-                        DeadLetterReason::UnknownUsageType,
-                        format!("usage type {:?} of service {:?} is not in the catalog", e.usage_type, e.service),
-                    ))
-                }
-            },
-        };
-        // Seqs start at 1. A seq below that would never be recorded as seen
-        // (every replay aggregated again), and i64::MAX leaves no room above
-        // it for the dedup high-water mark.
-        if let Some(seq) = e.seq.filter(|&s| !(1..i64::MAX).contains(&s)) {
-            return Err((DeadLetterReason::InvalidSeq, format!("seq {seq} is outside 1..{}", i64::MAX)));
-        }
-        if e.quantity < 0 {
-            return Err((DeadLetterReason::NegativeQuantity, format!("quantity {} is negative", e.quantity)));
-        }
-        if e.event_time <= 0 || e.event_time >= MAX_EVENT_TIME {
-            return Err((DeadLetterReason::InvalidTimestamp, format!("event_time {} is outside 1970..2100", e.event_time)));
-        }
-        if e.event_time > now + self.cfg.max_clock_skew_ms {
-            return Err((
-                DeadLetterReason::FutureTimestamp,
-                format!("event_time {} is {} ms ahead of the processor clock", e.event_time, e.event_time - now),
-            ));
-        }
-        Ok(kind)
+        validate(&self.kinds, &self.cfg, e, key, now)
     }
 
     /// Rejects events whose minute window is past the correction horizon.

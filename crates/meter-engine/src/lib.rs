@@ -17,6 +17,6 @@ pub mod state;
 pub use auth::AgentRegistry;
 pub use cold::ColdState;
 pub use dedup::SeqTracker;
-pub use engine::{Counters, Engine, EngineConfig, Input, Outcome, SharedIdentity};
+pub use engine::{Counters, Engine, EngineConfig, Input, Outcome, Rules, SharedIdentity};
 pub use keys::{AgentKeys, Verdict};
 pub use state::StateChange;

@@ -183,6 +183,56 @@ impl fmt::Display for YearMonth {
     }
 }
 
+/// An RFC 3339 timestamp (`2026-11-30T23:59:59.5+01:00`: `T` or a space,
+/// `Z` or a numeric offset, any fraction of a second, cut to the
+/// millisecond) to epoch milliseconds UTC.
+pub fn parse_rfc3339_millis(s: &str) -> Result<i64, String> {
+    let err = || format!("{s:?} is not an RFC 3339 timestamp (YYYY-MM-DDTHH:MM:SS[.fff](Z|+HH:MM))");
+    let (date, time) = s.split_once(['T', 't', ' ']).ok_or_else(err)?;
+    let date: Date = date.parse().map_err(|_| err())?;
+    let (clock, offset_min) = if let Some(t) = time.strip_suffix(['Z', 'z']) {
+        (t, 0)
+    } else {
+        let at = time.rfind(['+', '-']).ok_or_else(err)?;
+        let (t, off) = time.split_at(at);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (h, m) = off[1..].split_once(':').ok_or_else(err)?;
+        let (h, m): (i64, i64) = (num(h, 2).ok_or_else(err)?, num(m, 2).ok_or_else(err)?);
+        if h > 23 || m > 59 {
+            return Err(err());
+        }
+        (t, sign * (h * 60 + m))
+    };
+    let (hms, fraction) = match clock.split_once('.') {
+        Some((hms, f)) if !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => (hms, f),
+        Some(_) => return Err(err()),
+        None => (clock, ""),
+    };
+    let mut it = hms.split(':');
+    let (Some(h), Some(mi), Some(sec), None) = (it.next(), it.next(), it.next(), it.next()) else { return Err(err()) };
+    let (h, mi, sec): (i64, i64, i64) = (num(h, 2).ok_or_else(err)?, num(mi, 2).ok_or_else(err)?, num(sec, 2).ok_or_else(err)?);
+    // 60: a leap second, which the epoch's count does not have; refused.
+    if h > 23 || mi > 59 || sec > 59 {
+        return Err(err());
+    }
+    let ms: i64 = format!("{fraction:0<3}")[..3].parse().map_err(|_| err())?;
+    Ok(date.start_millis() + ((h * 60 + mi - offset_min) * 60 + sec) * 1000 + ms)
+}
+
+/// Epoch milliseconds as RFC 3339 UTC: `2026-11-30T23:59:59Z`, with
+/// `.fff` only when there are milliseconds.
+pub fn format_rfc3339(ms: i64) -> String {
+    let Some(day) = Date::from_millis(ms) else { return format!("{ms} ms") };
+    let in_day = ms - day.start_millis();
+    let (secs, millis) = (in_day / 1000, in_day % 1000);
+    let clock = format!("{day}T{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    if millis == 0 {
+        clock + "Z"
+    } else {
+        format!("{clock}.{millis:03}Z")
+    }
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC; `+00:00` accepted for `Z`) to epoch milliseconds.
 pub fn parse_utc_millis(s: &str) -> Result<i64, String> {
     let err = || format!("{s:?} is not a UTC time YYYY-MM-DDTHH:MM:SSZ");
@@ -228,6 +278,28 @@ impl Serialize for YearMonth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_timestamps_parse_to_utc_milliseconds() {
+        let base = parse_utc_millis("2026-11-30T23:59:59Z").expect("base");
+        assert_eq!(parse_rfc3339_millis("2026-11-30T23:59:59Z"), Ok(base));
+        assert_eq!(parse_rfc3339_millis("2026-11-30t23:59:59.5z"), Ok(base + 500));
+        assert_eq!(parse_rfc3339_millis("2026-12-01T00:59:59.123456+01:00"), Ok(base + 123));
+        assert_eq!(parse_rfc3339_millis("2026-11-30T20:29:59-03:30"), Ok(base));
+        for bad in [
+            "2026-11-30",
+            "2026-11-30T23:59:59",
+            "2026-11-30T24:00:00Z",
+            "2026-11-30T23:59:60Z",
+            "2026-11-30T23:59:59.Z",
+            "2026-11-30T23:59:59+0100",
+        ] {
+            assert!(parse_rfc3339_millis(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_rfc3339(base), "2026-11-30T23:59:59Z");
+        assert_eq!(format_rfc3339(base + 7), "2026-11-30T23:59:59.007Z");
+        assert_eq!(parse_rfc3339_millis(&format_rfc3339(base + 7)), Ok(base + 7));
+    }
     use proptest::prelude::*;
 
     #[test]

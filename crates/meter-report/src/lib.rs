@@ -13,6 +13,7 @@
 //!
 //! No SQL here is built from user strings: values are bound with `?`.
 
+pub mod api;
 pub mod audit;
 pub mod close;
 pub mod cost;
@@ -61,5 +62,6 @@ pub fn checked_queries() -> Vec<(String, String, Vec<&'static str>)> {
     for t in ["usage_minute", "usage_hour", "usage_day"] {
         q.push((format!("audit {t}"), audit::usage_sql(t), range.to_vec()));
     }
+    q.extend(api::checked_queries());
     q
 }

@@ -1,0 +1,203 @@
+//! CloudEvents 1.0 (structured JSON and JSON batch) to usage events.
+//!
+//! | CloudEvent | usage event |
+//! | --- | --- |
+//! | `subject` | `customer_id` |
+//! | `type` | `service/usage_type`, split at the first `/` |
+//! | `source`, `id` | `event_id` = `source#id` |
+//! | `time` | `event_time` (required: a retry must carry the same time) |
+//! | `data.quantity` | `quantity` (integer, or a string of digits) |
+//! | `data.resource`, `data.region`, `data.attributes` | `resource_id`, `region`, `attributes` |
+//!
+//! The agent id is the API key's. Events have no `seq`: the processor
+//! deduplicates them by `event_id` (a replay of the same bytes is a
+//! duplicate; the same id with other content is `event_id_conflict`).
+
+use std::collections::BTreeMap;
+
+use meter_model::UsageEvent;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The incarnation of every event `meter serve` produces: the events have
+/// no seq stream to keep apart, and a processor that refuses events
+/// without an incarnation (`processor.accept_no_incarnation = false`)
+/// still takes them.
+pub const INCARNATION: &str = "http";
+
+/// The reason given to an event that is not a CloudEvent we can map.
+pub const INVALID: &str = "invalid_cloudevent";
+
+/// How the body is framed, from its content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `application/cloudevents+json`: one event.
+    Structured,
+    /// `application/cloudevents-batch+json`: an array of events.
+    Batch,
+    /// `application/json`: either.
+    Json,
+}
+
+impl Framing {
+    /// From a `Content-Type` value; `None` for any other media type.
+    pub fn from_content_type(value: &str) -> Option<Framing> {
+        let media = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        match media.as_str() {
+            "application/cloudevents+json" => Some(Framing::Structured),
+            "application/cloudevents-batch+json" => Some(Framing::Batch),
+            "application/json" => Some(Framing::Json),
+            _ => None,
+        }
+    }
+}
+
+/// The body as events, or why it is not JSON of the framing's shape.
+pub fn split(body: &[u8], framing: Framing) -> Result<Vec<Value>, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    match (framing, value) {
+        (Framing::Structured, Value::Array(_)) => Err("application/cloudevents+json holds one event, not an array: \
+             send a batch as application/cloudevents-batch+json"
+            .into()),
+        (Framing::Batch, Value::Object(_)) => Err("application/cloudevents-batch+json is an array of events".into()),
+        (_, Value::Array(events)) => Ok(events),
+        (_, event @ Value::Object(_)) => Ok(vec![event]),
+        (_, _) => Err("the body is neither an event (a JSON object) nor a batch (an array)".into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    specversion: Option<String>,
+    id: Option<String>,
+    source: Option<String>,
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    subject: Option<String>,
+    time: Option<String>,
+    datacontenttype: Option<String>,
+    data: Option<Value>,
+    data_base64: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Data {
+    quantity: Value,
+    #[serde(default)]
+    resource: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+/// The usage event of one CloudEvent from `agent_id`, or why it is not one.
+pub fn to_usage_event(event: Value, agent_id: &str) -> Result<UsageEvent, String> {
+    let e: Envelope = serde_json::from_value(event).map_err(|e| format!("not a CloudEvent: {e}"))?;
+    let required = |v: Option<String>, name: &str| v.filter(|s| !s.is_empty()).ok_or_else(|| format!("{name} is required"));
+    let spec = required(e.specversion, "specversion")?;
+    if spec != "1.0" {
+        return Err(format!("specversion {spec:?} is not 1.0"));
+    }
+    let id = required(e.id, "id")?;
+    let source = required(e.source, "source")?;
+    let ty = required(e.ty, "type")?;
+    let customer = required(e.subject, "subject (the customer id)")?;
+    let time = required(e.time, "time")?;
+    let event_time = meter_model::date::parse_rfc3339_millis(&time).map_err(|m| format!("time: {m}"))?;
+    let (service, usage_type) = ty
+        .split_once('/')
+        .filter(|(s, u)| !s.is_empty() && !u.is_empty())
+        .ok_or_else(|| format!("type {ty:?} is not service/usage_type"))?;
+    if let Some(ct) = e.datacontenttype.as_deref() {
+        if !ct.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json") {
+            return Err(format!("datacontenttype {ct:?}: data must be application/json"));
+        }
+    }
+    if e.data_base64.is_some() {
+        return Err("data_base64 is not accepted: data must be a JSON object".into());
+    }
+    let data: Data = serde_json::from_value(e.data.ok_or("data is required")?).map_err(|e| format!("data: {e}"))?;
+    let quantity = match &data.quantity {
+        Value::Number(n) => n.as_i64().ok_or_else(|| format!("data.quantity {n} is not a 64-bit integer"))?,
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().map_err(|_| format!("data.quantity {s:?} is beyond 64 bits"))?
+        }
+        other => return Err(format!("data.quantity {other} is not an integer")),
+    };
+    Ok(UsageEvent {
+        event_id: format!("{source}#{id}"),
+        agent_id: agent_id.to_owned(),
+        seq: None,
+        customer_id: customer,
+        service: service.to_owned(),
+        usage_type: usage_type.to_owned(),
+        resource_id: data.resource,
+        region: data.region,
+        quantity,
+        event_time,
+        attributes: data.attributes,
+        incarnation: INCARNATION.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event() -> Value {
+        json!({
+            "specversion": "1.0", "id": "e-1", "source": "//web/checkout", "type": "compute/BoxUsage:m5.large",
+            "subject": "cust-1", "time": "2026-11-30T12:00:00.250+01:00", "traceparent": "an extension",
+            "data": {"quantity": "3600", "resource": "i-1", "region": "eu-west-1", "attributes": {"k": "v"}}
+        })
+    }
+
+    #[test]
+    fn a_cloudevent_maps_to_a_usage_event() {
+        let u = to_usage_event(event(), "api-web").expect("maps");
+        assert_eq!(u.event_id, "//web/checkout#e-1");
+        assert_eq!((u.customer_id.as_str(), u.service.as_str(), u.usage_type.as_str()), ("cust-1", "compute", "BoxUsage:m5.large"));
+        assert_eq!((u.quantity, u.resource_id.as_str(), u.region.as_str()), (3600, "i-1", "eu-west-1"));
+        assert_eq!(u.event_time, meter_model::date::parse_utc_millis("2026-11-30T11:00:00Z").expect("t") + 250);
+        assert_eq!((u.agent_id.as_str(), u.seq, u.incarnation.as_str()), ("api-web", None, INCARNATION));
+        assert_eq!(u.attributes.get("k").map(String::as_str), Some("v"));
+    }
+
+    #[test]
+    fn what_cannot_be_mapped_is_named() {
+        let cases: [(&str, Value, &str); 8] = [
+            ("specversion", json!("0.3"), "specversion \"0.3\" is not 1.0"),
+            ("time", Value::Null, "time is required"),
+            ("time", json!("yesterday"), "time: \"yesterday\" is not an RFC 3339"),
+            ("type", json!("BoxUsage"), "type \"BoxUsage\" is not service/usage_type"),
+            ("subject", json!(""), "subject (the customer id) is required"),
+            ("data", json!({"quantity": 1.5}), "data.quantity 1.5 is not a 64-bit integer"),
+            ("data", json!({"quantity": 1, "quantitiy": 2}), "data: unknown field `quantitiy`"),
+            ("datacontenttype", json!("text/plain"), "datacontenttype \"text/plain\""),
+        ];
+        for (field, value, want) in cases {
+            let mut e = event();
+            e[field] = value;
+            let got = to_usage_event(e, "a").expect_err(field);
+            assert!(got.starts_with(want), "{field}: {got}");
+        }
+        let mut e = event();
+        e["data"]["quantity"] = json!(-5);
+        assert_eq!(to_usage_event(e, "a").expect("negative is the processor's to refuse").quantity, -5);
+    }
+
+    #[test]
+    fn the_content_type_decides_the_framing() {
+        assert_eq!(Framing::from_content_type("application/cloudevents+json; charset=utf-8"), Some(Framing::Structured));
+        assert_eq!(Framing::from_content_type("application/cloudevents-batch+json"), Some(Framing::Batch));
+        assert_eq!(Framing::from_content_type("text/plain"), None);
+        assert!(split(b"[{}]", Framing::Structured).is_err());
+        assert!(split(b"{}", Framing::Batch).is_err());
+        assert_eq!(split(b"[{}, {}]", Framing::Json).expect("array").len(), 2);
+        assert!(split(b"{\"a\":", Framing::Json).expect_err("malformed").starts_with("the body is not JSON"));
+        assert!(split(b"3", Framing::Json).is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! `POST /v1/events`: CloudEvents in, usage events on `usage.events`,
+//! 202 only once the broker acknowledged every one of them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use meter_config::ApiRole;
+use meter_model::{signing, DeadLetterReason, Granularity, UsageEvent};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use tracing::warn;
+
+use crate::cloudevents::{self, Framing};
+use crate::error::{ApiError, EventProblem};
+use crate::{authenticate, AppState};
+
+/// The reason of an event outside its key's customers.
+const FORBIDDEN: &str = "forbidden";
+
+/// One event ready to produce: its key (the customer), payload and signature.
+struct Record {
+    customer: String,
+    payload: Vec<u8>,
+    signature: Option<String>,
+}
+
+pub async fn post_events(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let r = ingest(&app, &headers, body).await;
+    let status = match &r {
+        Ok(n) => {
+            app.metrics.events.with_label_values(&["accepted"]).inc_by(*n as u64);
+            StatusCode::ACCEPTED
+        }
+        Err(e) => e.status,
+    };
+    app.metrics.observe("events", status, started);
+    match r {
+        Ok(n) => (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, "application/json")], format!("{{\"accepted\":{n}}}")).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn ingest(app: &AppState, headers: &HeaderMap, body: Body) -> Result<usize, ApiError> {
+    let who = authenticate(app, headers)?;
+    if who.role != ApiRole::Ingest {
+        return Err(ApiError::forbidden(format!("api key {:?} is a {:?} key; only ingest keys post events", who.name, who.role)));
+    }
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let framing = Framing::from_content_type(content_type).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type {content_type:?}: send application/cloudevents+json (one event), \
+                 application/cloudevents-batch+json (an array) or application/json"
+            ),
+        )
+    })?;
+    let limit = app.cfg.serve.max_body_bytes;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(format!("the body is larger than serve.max_body_bytes ({limit} bytes)")));
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(format!("the body is larger than serve.max_body_bytes ({limit} bytes)")))?;
+    let events = cloudevents::split(&bytes, framing).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", m))?;
+    let max = app.cfg.serve.max_batch_events;
+    if events.len() > max {
+        return Err(ApiError::too_large(format!("{} events in one request; serve.max_batch_events is {max}", events.len())));
+    }
+    if events.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_events", "the batch holds no event"));
+    }
+    let n = events.len();
+    let records = prepare(app, who, events)?;
+    // Room for every event of the request, or none of it is produced.
+    let Ok(permit) = app.in_flight.clone().try_acquire_many_owned(n as u32) else {
+        app.metrics.events.with_label_values(&["overloaded"]).inc_by(n as u64);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!("more than serve.max_in_flight_events ({}) events are waiting for the broker", app.cfg.serve.max_in_flight_events),
+        )
+        .retry_after(app.cfg.serve.retry_after_s));
+    };
+    app.metrics.in_flight.add(n as i64);
+    let result = produce(app, &records).await;
+    app.metrics.in_flight.sub(n as i64);
+    drop(permit);
+    result.map(|()| n)
+}
+
+/// Maps, checks and encodes every event; any refusal refuses the request.
+fn prepare(app: &AppState, who: &crate::keys::Principal, events: Vec<serde_json::Value>) -> Result<Vec<Record>, ApiError> {
+    let now = meter_model::now_ms();
+    let mut problems = Vec::new();
+    let mut records = Vec::with_capacity(events.len());
+    for (index, value) in events.into_iter().enumerate() {
+        match prepare_one(app, who, value, now) {
+            Ok(r) => records.push(r),
+            Err((reason, detail)) => problems.push(EventProblem { index, reason, detail }),
+        }
+    }
+    if problems.is_empty() {
+        return Ok(records);
+    }
+    app.metrics.events.with_label_values(&["refused"]).inc_by((records.len() + problems.len()) as u64);
+    let denied = problems.iter().any(|p| p.reason == FORBIDDEN || p.reason == DeadLetterReason::Unauthorized.as_str());
+    let message = format!("{} of {} events refused; nothing was produced", problems.len(), records.len() + problems.len());
+    Err(if denied { ApiError::forbidden(message) } else { ApiError::new(StatusCode::BAD_REQUEST, "invalid_events", message) }
+        .with_events(problems))
+}
+
+fn prepare_one(app: &AppState, who: &crate::keys::Principal, value: serde_json::Value, now: i64) -> Result<Record, (String, String)> {
+    let event = cloudevents::to_usage_event(value, &who.agent_id).map_err(|d| (cloudevents::INVALID.to_owned(), d))?;
+    if !who.covers(&event.customer_id) {
+        return Err((FORBIDDEN.into(), format!("api key {:?} may not report usage for customer {:?}", who.name, event.customer_id)));
+    }
+    too_late(app, &event, now)?;
+    let mut payload = Vec::with_capacity(256);
+    app.codec.encode_event(&event, &mut payload);
+    // The processor's own rules, on the bytes it will read.
+    let decoded = app.codec.decode_event_ref(&payload).map_err(|e| (e.reason().as_str().to_owned(), e.to_string()))?;
+    app.rules
+        .check(&decoded, &payload, event.customer_id.as_bytes(), now)
+        .map_err(|(reason, detail)| (reason.as_str().to_owned(), detail))?;
+    let signature = who.signer.as_ref().map(|k| k.sign(&payload));
+    Ok(Record { customer: event.customer_id, payload, signature })
+}
+
+/// Past the correction horizon by the wall clock: the processor (whose
+/// watermark follows the wall clock) would dead-letter it as `too_late`.
+fn too_late(app: &AppState, e: &UsageEvent, now: i64) -> Result<(), (String, String)> {
+    let minute_end = Granularity::Minute.window_start(e.event_time) + Granularity::Minute.size_ms();
+    if minute_end.saturating_add(app.cfg.processor.correction_horizon_ms) <= now {
+        return Err((
+            DeadLetterReason::TooLate.as_str().into(),
+            format!("time is past the correction horizon ({} ms)", app.cfg.processor.correction_horizon_ms),
+        ));
+    }
+    Ok(())
+}
+
+/// Hands every record to the producer, then waits for every
+/// acknowledgement: Ok only if the broker acknowledged all of them.
+async fn produce(app: &AppState, records: &[Record]) -> Result<(), ApiError> {
+    let topic = app.cfg.topics.events.as_str();
+    let mut pending = Vec::with_capacity(records.len());
+    let mut failed = 0usize;
+    let mut first_error = None;
+    for r in records {
+        let mut record = FutureRecord::to(topic).key(r.customer.as_str()).payload(r.payload.as_slice());
+        if let Some(sig) = &r.signature {
+            record = record.headers(OwnedHeaders::new().insert(Header { key: signing::HEADER, value: Some(sig.as_str()) }));
+        }
+        match app.producer.send_result(record) {
+            Ok(delivery) => pending.push(delivery),
+            Err((e, _)) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    for delivery in pending {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+            Err(_) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| "the producer went away".into());
+            }
+        }
+    }
+    if failed == 0 {
+        return Ok(());
+    }
+    app.metrics.events.with_label_values(&["unacknowledged"]).inc_by(failed as u64);
+    let error = first_error.unwrap_or_default();
+    warn!(failed, of = records.len(), %error, "events not acknowledged by Kafka; answered 503");
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_acknowledged",
+        format!(
+            "{failed} of {} events were not acknowledged by Kafka ({error}); retry the whole request: \
+             events already produced are counted once",
+            records.len()
+        ),
+    )
+    .retry_after(app.cfg.serve.retry_after_s))
+}

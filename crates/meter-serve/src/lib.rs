@@ -1,0 +1,209 @@
+//! `meter serve`: meterline over HTTP.
+//!
+//! - `POST /v1/events` takes CloudEvents 1.0 JSON ([`cloudevents`]),
+//!   checks them with the processor's own rules ([`meter_engine::Rules`])
+//!   and produces them to `usage.events` with an idempotent producer, in
+//!   the configured wire format and signed when the key's agent is
+//!   enrolled. It answers 202 only once the broker acknowledged every event
+//!   of the request ([`ingest`]).
+//! - The `GET` routes answer usage, cost-to-date and invoice queries from
+//!   ClickHouse through the configured (read-only) user ([`query`]).
+//! - Bearer API keys, kept as SHA-256 hashes, scope every request to an
+//!   agent id and customers ([`keys`]).
+//!
+//! The contract is `schemas/openapi/meter-serve.yaml`, served at
+//! `GET /v1/openapi.yaml` and checked against this server by a test.
+
+pub mod cloudevents;
+pub mod error;
+pub mod ingest;
+pub mod keys;
+pub mod query;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use meter_config::{Config, Valid};
+use meter_engine::{EngineConfig, Rules};
+use meter_kafka::publish::Tuning;
+use meter_kafka::Signal;
+use meter_telemetry::Telemetry;
+use prometheus::{HistogramVec, IntCounterVec, IntGauge};
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::error::ApiError;
+use crate::keys::{ApiKeys, Principal};
+
+/// The OpenAPI document this server implements.
+pub const OPENAPI: &str = include_str!("../../../schemas/openapi/meter-serve.yaml");
+
+/// Every route and method the server answers (the OpenAPI test compares
+/// them with the document's paths).
+pub const ROUTES: [(&str, &str); 6] = [
+    ("post", "/v1/events"),
+    ("get", "/v1/usage"),
+    ("get", "/v1/customers/{customer}/cost"),
+    ("get", "/v1/customers/{customer}/invoices/{month}"),
+    ("get", "/v1/customers/{customer}/invoices/{month}/lines"),
+    ("get", "/v1/openapi.yaml"),
+];
+
+/// What every handler shares.
+pub struct AppState {
+    pub cfg: Config,
+    pub keys: ApiKeys,
+    pub codec: meter_avro::Codec,
+    pub rules: Rules,
+    pub producer: FutureProducer,
+    pub clickhouse: clickhouse::Client,
+    /// One permit per event handed to Kafka and not acknowledged yet.
+    pub in_flight: Arc<Semaphore>,
+    pub metrics: Metrics,
+}
+
+pub struct Metrics {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+    /// Events by outcome: accepted, refused, overloaded, unacknowledged.
+    pub events: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+impl Metrics {
+    fn new(t: &Telemetry) -> anyhow::Result<Self> {
+        let seconds = HistogramVec::new(
+            prometheus::HistogramOpts::new("meter_serve_request_seconds", "Time to answer an API request, by route.")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["route"],
+        )?;
+        t.registry().register(Box::new(seconds.clone()))?;
+        Ok(Metrics {
+            requests: t.counter_vec("meter_serve_requests_total", "API requests answered, by route and status.", &["route", "status"]),
+            seconds,
+            events: t.counter_vec("meter_serve_events_total", "Events posted, by outcome.", &["outcome"]),
+            in_flight: t.gauge("meter_serve_in_flight_events", "Events handed to Kafka and not acknowledged yet."),
+        })
+    }
+
+    pub fn observe(&self, route: &'static str, status: StatusCode, started: Instant) {
+        self.requests.with_label_values(&[route, status.as_str()]).inc();
+        self.seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The principal of a request, or 401.
+pub(crate) fn authenticate<'a>(app: &'a AppState, headers: &HeaderMap) -> Result<&'a Principal, ApiError> {
+    app.keys
+        .authenticate(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+}
+
+/// The processor's event rules as the configuration sets them.
+pub fn rules(cfg: &Config) -> anyhow::Result<Rules> {
+    let p = &cfg.processor;
+    let engine = EngineConfig {
+        allowed_lateness_ms: p.allowed_lateness_ms,
+        correction_horizon_ms: p.correction_horizon_ms,
+        max_clock_skew_ms: p.max_clock_skew_ms,
+        max_payload_bytes: p.max_payload_bytes,
+        max_string_bytes: p.max_string_bytes,
+        agents: meter_engine::AgentRegistry::new(&p.agents),
+        ..EngineConfig::default()
+    };
+    Ok(Rules::new(&cfg.catalog()?, engine))
+}
+
+/// The router over `app` (for `run` and for tests that bind it themselves).
+pub fn router(app: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(ingest::post_events))
+        .route("/v1/usage", get(query::get_usage))
+        .route("/v1/customers/{customer}/cost", get(query::get_cost))
+        .route("/v1/customers/{customer}/invoices/{month}", get(query::get_invoice))
+        .route("/v1/customers/{customer}/invoices/{month}/lines", get(query::get_invoice_lines))
+        .route("/v1/openapi.yaml", get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }))
+        .fallback(|| async { ApiError::not_found("no such route; see GET /v1/openapi.yaml").into_response() })
+        .with_state(app)
+}
+
+/// Everything `meter serve` needs, from the configuration.
+pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result<AppState> {
+    let s = &cfg.serve;
+    let keys = s.keys().map_err(|p| anyhow::anyhow!("serve: {}", p.join("; ")))?;
+    let keys = ApiKeys::new(&keys)?;
+    if keys.is_empty() {
+        anyhow::bail!("serve: no API key is configured (serve.api_keys or serve.api_keys_file): every request would be refused");
+    }
+    meter_kafka::check_service_access(&cfg.kafka).await?;
+    let (codec, _) = meter_kafka::registry::codec_for(cfg, &[meter_kafka::registry::Writes::Events])?;
+    let tuning = Tuning {
+        linger_ms: Some(5),
+        queue_messages: Some((s.max_in_flight_events * 2).max(1000)),
+        message_timeout_ms: Some(s.delivery_timeout_ms),
+        bulk: true,
+    };
+    let producer = meter_kafka::publish::producer(&cfg.kafka, tuning)?;
+    let clickhouse = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
+    Ok(AppState {
+        rules: rules(cfg)?,
+        cfg: (**cfg).clone(),
+        keys,
+        codec,
+        producer,
+        clickhouse,
+        in_flight: Arc::new(Semaphore::new(s.max_in_flight_events)),
+        metrics: Metrics::new(telemetry)?,
+    })
+}
+
+/// Serves the API on `serve.listen` until `shutdown` is raised; requests
+/// in progress are answered first. `bound` learns the address.
+pub async fn run(
+    cfg: &Valid<Config>,
+    shutdown: Signal,
+    telemetry: Telemetry,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let app = Arc::new(state(cfg, &telemetry).await?);
+    let listen = cfg.serve.listen.trim();
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("serve.listen {listen}"))?;
+    let addr = listener.local_addr()?;
+    info!(%addr, keys = app.keys.len(), topic = %cfg.topics.events, "serving the API");
+    if let Some(tx) = bound {
+        let _ = tx.send(addr);
+    }
+    telemetry.health().set_live_timeout(Duration::from_millis(cfg.metrics.liveness_timeout_ms));
+    telemetry.health().set_ready();
+    let beat = {
+        let t = telemetry.clone();
+        tokio::spawn(async move {
+            loop {
+                t.health().beat();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let stop = shutdown.clone();
+    axum::serve(listener, router(app.clone()))
+        .with_graceful_shutdown(async move {
+            while !stop.is_raised() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .context("serving the API")?;
+    beat.abort();
+    telemetry.health().set_not_ready("shutting down");
+    let producer = app.producer.clone();
+    tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await?.context("flushing the producer")?;
+    info!("API stopped");
+    Ok(())
+}
