@@ -22,31 +22,10 @@
 
 mod agent_support;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent_support::*;
 use meter_model::ledger::Ledger;
-
-fn kafka_ctl(action: &str) {
-    let ctl = std::env::var("METER_TEST_KAFKA_CTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../ops/kafka"));
-    let status = Command::new(&ctl).arg(action).status().unwrap_or_else(|e| panic!("{}: {e}", ctl.display()));
-    assert!(status.success(), "{} {action}: {status}", ctl.display());
-}
-
-/// Starts the broker again even when the test fails half-way.
-struct BrokerBack;
-
-impl Drop for BrokerBack {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            kafka_ctl("start");
-        }
-    }
-}
 
 /// `N label` out of the agent's summary line.
 fn figure(summary: &str, label: &str) -> u64 {

@@ -155,6 +155,27 @@ pub fn check_seqs(events: &HashMap<(String, String, i64), Vec<Vec<u8>>>) -> (usi
     (events.len(), copies)
 }
 
+/// Runs the broker's control command: `METER_TEST_KAFKA_CTL`, default the
+/// repository's `ops/kafka` (which honours `KAFKA_PORT`/`KAFKA_CONTROLLER_PORT`).
+pub fn kafka_ctl(action: &str) {
+    let ctl = std::env::var("METER_TEST_KAFKA_CTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../ops/kafka"));
+    let status = Command::new(&ctl).arg(action).status().unwrap_or_else(|e| panic!("{}: {e}", ctl.display()));
+    assert!(status.success(), "{} {action}: {status}", ctl.display());
+}
+
+/// Starts the broker again even when the test fails half-way.
+pub struct BrokerBack;
+
+impl Drop for BrokerBack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            kafka_ctl("start");
+        }
+    }
+}
+
 /// Runs processor and sink until both drained (in process): the
 /// processor's counters.
 pub async fn drain(cfg: &Valid<Config>) -> meter_engine::Counters {
