@@ -316,3 +316,30 @@ async fn refused_requests_get_their_status_and_put_nothing_on_the_topic() {
     assert_eq!(get(&server, ADMIN, "/v1/customers/c-1/invoices/1999-01").status, 404);
     assert_eq!(get(&server, ADMIN, "/v1/nothing").status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_is_429_with_retry_after_and_a_lost_broker_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = format!("servefull{}", std::process::id());
+    let (config, _, port) = with_serve(dir.path(), &id, "max_batch_events = 50\nmax_in_flight_events = 50\ndelivery_timeout_ms = 6000");
+    // No broker answers there: what is handed to the producer waits until
+    // the delivery timeout.
+    let server = std::sync::Arc::new(Server::start_with(&config, port, &[("METER__KAFKA__BROKERS", "127.0.0.1:9")]));
+    let start = meter_model::time::day_floor(meter_model::now_ms()) - DAY_MS;
+    let first = events("f", 50, &["c-1"], start);
+    let holder = {
+        let server = server.clone();
+        std::thread::spawn(move || post(&server, INGEST, BATCH, &batch(&first)))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let more = post(&server, INGEST, BATCH, &batch(&events("g", 1, &["c-1"], start)));
+    assert_eq!((more.status, more.json()["error"].as_str()), (429, Some("overloaded")), "{}", more.body);
+    assert_eq!(more.header("retry-after").as_deref(), Some("1"));
+    let held = holder.join().unwrap();
+    assert_eq!((held.status, held.json()["error"].as_str()), (503, Some("not_acknowledged")), "{}", held.body);
+    assert!(held.json()["message"].as_str().unwrap().starts_with("50 of 50 events were not acknowledged"), "{}", held.body);
+    assert_eq!(held.header("retry-after").as_deref(), Some("1"));
+    // The permits came back with the answer: the next request is not 429.
+    let after = post(&server, INGEST, BATCH, &batch(&events("h", 1, &["c-1"], start)));
+    assert_eq!(after.status, 503, "{}", after.body);
+}

@@ -151,6 +151,7 @@ fn too_late(app: &AppState, e: &UsageEvent, now: i64) -> Result<(), (String, Str
 /// acknowledgement: Ok only if the broker acknowledged all of them.
 async fn produce(app: &AppState, records: &[Record]) -> Result<(), ApiError> {
     let topic = app.cfg.topics.events.as_str();
+    let producer = app.producer();
     let mut pending = Vec::with_capacity(records.len());
     let mut failed = 0usize;
     let mut first_error = None;
@@ -159,7 +160,7 @@ async fn produce(app: &AppState, records: &[Record]) -> Result<(), ApiError> {
         if let Some(sig) = &r.signature {
             record = record.headers(OwnedHeaders::new().insert(Header { key: signing::HEADER, value: Some(sig.as_str()) }));
         }
-        match app.producer.send_result(record) {
+        match producer.send_result(record) {
             Ok(delivery) => pending.push(delivery),
             Err((e, _)) => {
                 failed += 1;
@@ -184,6 +185,7 @@ async fn produce(app: &AppState, records: &[Record]) -> Result<(), ApiError> {
         return Ok(());
     }
     app.metrics.events.with_label_values(&["unacknowledged"]).inc_by(failed as u64);
+    app.mend_producer(&producer);
     let error = first_error.unwrap_or_default();
     warn!(failed, of = records.len(), %error, "events not acknowledged by Kafka; answered 503");
     Err(ApiError::new(

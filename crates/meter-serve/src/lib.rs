@@ -62,7 +62,10 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub codec: meter_avro::Codec,
     pub rules: Rules,
-    pub producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (see
+    /// [`AppState::mend_producer`]).
+    producer: std::sync::RwLock<FutureProducer>,
+    tuning: Tuning,
     pub clickhouse: clickhouse::Client,
     /// One permit per event handed to Kafka and not acknowledged yet.
     pub in_flight: Arc<Semaphore>,
@@ -96,6 +99,31 @@ impl Metrics {
     pub fn observe(&self, route: &'static str, status: StatusCode, started: Instant) {
         self.requests.with_label_values(&[route, status.as_str()]).inc();
         self.seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    }
+}
+
+impl AppState {
+    /// The producer to hand a request's records to.
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// After failed deliveries: when `used` has a fatal error (an
+    /// idempotent producer that lost its sequence, say), every later send
+    /// would fail too, so it is replaced by a new producer (once, however
+    /// many requests saw the error). What it had not delivered was answered
+    /// 503 and is retried by the clients.
+    pub fn mend_producer(&self, used: &FutureProducer) {
+        let Some((code, reason)) = used.client().fatal_error() else { return };
+        let mut current = self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.client().native_ptr() != used.client().native_ptr() {
+            return;
+        }
+        tracing::error!(?code, %reason, "the Kafka producer failed fatally; replacing it");
+        match meter_kafka::publish::producer(&self.cfg.kafka, self.tuning) {
+            Ok(p) => *current = p,
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot create a new Kafka producer; keeping the failed one"),
+        }
     }
 }
 
@@ -157,7 +185,8 @@ pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result
         cfg: (**cfg).clone(),
         keys,
         codec,
-        producer,
+        producer: std::sync::RwLock::new(producer),
+        tuning,
         clickhouse,
         in_flight: Arc::new(Semaphore::new(s.max_in_flight_events)),
         metrics: Metrics::new(telemetry)?,
@@ -202,7 +231,7 @@ pub async fn run(
         .context("serving the API")?;
     beat.abort();
     telemetry.health().set_not_ready("shutting down");
-    let producer = app.producer.clone();
+    let producer = app.producer();
     tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await?.context("flushing the producer")?;
     info!("API stopped");
     Ok(())

@@ -83,9 +83,15 @@ impl Server {
     /// [`serve_section`] on `port`) reading ClickHouse as the analyst, and
     /// waits until it answers.
     pub fn start(config: &Path, port: u16) -> Server {
+        Server::start_with(config, port, &[])
+    }
+
+    /// [`Server::start`] with more environment (settings) for the server.
+    pub fn start_with(config: &Path, port: u16, env: &[(&str, &str)]) -> Server {
         let log = config.with_extension("serve.log");
         let child = Command::new(env!("CARGO_BIN_EXE_meter"))
             .args(["--config", config.to_str().unwrap(), "serve"])
+            .envs(env.iter().copied())
             .env("METER__CLICKHOUSE__USER", "analyst")
             .env("METER__CLICKHOUSE__PASSWORD", analyst_password())
             .env("METER__METRICS__LISTEN", "off")
