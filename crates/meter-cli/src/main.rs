@@ -224,6 +224,17 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
             if cfg.processor.agents.is_empty() {
                 eprintln!("note: processor.agents is empty: any agent may publish usage for any customer");
             }
+            let serve = match cfg.serve.keys() {
+                Ok(keys) => meter_serve::keys::registry_mismatches(&keys, &cfg.processor.agents),
+                Err(problems) => problems,
+            };
+            if !serve.is_empty() {
+                eprintln!("{}: serve: {} problem(s):", file.display(), serve.len());
+                for p in serve {
+                    eprintln!("  - {p}");
+                }
+                return Ok(ExitCode::from(2));
+            }
             eprintln!("{}: ok", file.display());
             Ok(ExitCode::SUCCESS)
         }

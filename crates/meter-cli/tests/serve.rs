@@ -343,3 +343,24 @@ async fn backpressure_is_429_with_retry_after_and_a_lost_broker_503() {
     let after = post(&server, INGEST, BATCH, &batch(&events("h", 1, &["c-1"], start)));
     assert_eq!(after.status, 503, "{}", after.body);
 }
+
+#[test]
+fn serve_refuses_keys_the_processor_would_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = with_serve(dir.path(), "servemismatch", "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // The ingest keys post for c-1 and c-2 as api-test; the processor
+    // registers api-test for c-1 only.
+    text = text.replace("[processor]\n", &format!("[processor]\nagents = {{ \"{AGENT}\" = [\"c-1\"] }}\n"));
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meter")).arg("--config").arg(&config).arg("serve").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("api key \"ingest\": agent \"api-test\" is not registered for customer \"c-2\" in processor.agents"),
+        "{stderr}"
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_meter")).args(["config", "check"]).arg(&config).output().unwrap();
+    assert_eq!(check.status.code(), Some(2), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("not registered for customer \"c-2\""));
+}

@@ -113,6 +113,32 @@ impl ApiKeys {
     }
 }
 
+/// Where an ingest key would post events that the processor's
+/// `processor.agents` (when set) dead-letters as `unauthorized` after the
+/// client got its 202: its agent is not registered, or it covers a
+/// customer its agent is not registered for. Empty when they agree.
+pub fn registry_mismatches(keys: &BTreeMap<String, ApiKey>, agents: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+    if agents.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (name, k) in keys.iter().filter(|(_, k)| k.role == ApiRole::Ingest) {
+        let Some(registered) = agents.get(&k.agent_id) else {
+            out.push(format!("api key {name:?}: agent {:?} is not in processor.agents", k.agent_id));
+            continue;
+        };
+        if registered.iter().any(|c| c == "*") {
+            continue;
+        }
+        for c in &k.customers {
+            if c == "*" || !registered.contains(c) {
+                out.push(format!("api key {name:?}: agent {:?} is not registered for customer {c:?} in processor.agents", k.agent_id));
+            }
+        }
+    }
+    out
+}
+
 /// The SHA-256 of a token, as stored in `serve.api_keys.<name>.sha256`.
 pub fn sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -160,6 +186,7 @@ mod tests {
         let mut cfg = BTreeMap::new();
         cfg.insert("web".to_owned(), key("tok-web", ApiRole::Ingest, &["c-1"]));
         cfg.insert("all".to_owned(), key("tok-all", ApiRole::Query, &["*"]));
+        let mut cfg = cfg;
         let keys = ApiKeys::new(&cfg).expect("keys");
         let web = keys.authenticate(Some(b"Bearer tok-web")).expect("web");
         assert_eq!(web.name, "web");
@@ -172,6 +199,17 @@ mod tests {
         let stored = to_hex(&sha256("tok-web"));
         assert_eq!(keys.authenticate(Some(format!("Bearer {stored}").as_bytes())).unwrap_err(), AuthError::Unknown);
         let t = new_token().expect("token");
+        let mut agents = BTreeMap::new();
+        assert!(registry_mismatches(&cfg, &agents).is_empty(), "no registry: nothing to compare");
+        agents.insert("api-web".to_owned(), vec!["c-1".to_owned()]);
+        assert!(registry_mismatches(&cfg, &agents).is_empty());
+        cfg.get_mut("web").expect("web").customers.push("c-2".into());
+        assert_eq!(
+            registry_mismatches(&cfg, &agents),
+            ["api key \"web\": agent \"api-web\" is not registered for customer \"c-2\" in processor.agents"]
+        );
+        cfg.get_mut("web").expect("web").agent_id = "other".into();
+        assert_eq!(registry_mismatches(&cfg, &agents), ["api key \"web\": agent \"other\" is not in processor.agents"]);
         assert!(t.starts_with("mtr_") && t.len() == 68 && t != new_token().expect("token"));
     }
 }

@@ -165,8 +165,19 @@ pub fn router(app: Arc<AppState>) -> Router {
 /// Everything `meter serve` needs, from the configuration.
 pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result<AppState> {
     let s = &cfg.serve;
-    let keys = s.keys().map_err(|p| anyhow::anyhow!("serve: {}", p.join("; ")))?;
-    let keys = ApiKeys::new(&keys)?;
+    let configured = s.keys().map_err(|p| anyhow::anyhow!("serve: {}", p.join("; ")))?;
+    let mismatches = keys::registry_mismatches(&configured, &cfg.processor.agents);
+    if !mismatches.is_empty() {
+        anyhow::bail!(
+            "serve: the processor would dead-letter these keys' events as unauthorized after answering 202: {}; \
+             register the agents in processor.agents or narrow the keys' customers",
+            mismatches.join("; ")
+        );
+    }
+    if cfg.processor.agents.is_empty() {
+        tracing::info!("processor.agents is empty here: any agent may post for any customer (give serve the processor's registry to check keys against it)");
+    }
+    let keys = ApiKeys::new(&configured)?;
     if keys.is_empty() {
         anyhow::bail!("serve: no API key is configured (serve.api_keys or serve.api_keys_file): every request would be refused");
     }
