@@ -48,6 +48,28 @@ fn with_serve(dir: &std::path::Path, id: &str, extra: &str) -> (std::path::PathB
     (path, cfg, port)
 }
 
+const SECRET: &str = "5e7c1a0f9b2d4e6a8c0e2f4a6b8d0f1e";
+
+/// Enrolls the keys' agent (`processor.agent_keys_file`, unsigned events
+/// refused) and, when `sign`, gives both ingest keys its signing key file.
+fn enroll(dir: &std::path::Path, config: &std::path::Path, sign: bool) -> meter_config::Valid<meter_config::Config> {
+    let processor_keys = dir.join("agent-keys.toml");
+    std::fs::write(&processor_keys, format!("[agents.\"{AGENT}\"]\n\"api.1\" = \"{SECRET}\"\n")).unwrap();
+    let agent_key = dir.join("api-test.key");
+    std::fs::write(&agent_key, format!("api.1:{SECRET}\n")).unwrap();
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text = text
+        .replace("[processor]\n", &format!("[processor]\nagent_keys_file = \"{}\"\naccept_unsigned = false\n", processor_keys.display()));
+    if sign {
+        text = text.replace(
+            &format!("agent_id = \"{AGENT}\"\n"),
+            &format!("agent_id = \"{AGENT}\"\nsigning_key_file = \"{}\"\n", agent_key.display()),
+        );
+    }
+    std::fs::write(config, text).unwrap();
+    meter_config::Config::load(Some(config)).unwrap()
+}
+
 /// The ledger's entries of `customer` at granularity `g`, keyed as
 /// `/v1/usage` rows grouped by service, usage_type and region.
 fn expected_rows(ledger: &Ledger, customer: &str, g: Granularity) -> BTreeMap<(String, String, String, String), (String, i64)> {
@@ -102,7 +124,10 @@ fn as_rows(rows: &[Value]) -> BTreeMap<(String, String, String, String), (String
 async fn posted_events_come_out_exact_in_clickhouse_the_topic_and_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let id = format!("serve{}", std::process::id());
-    let (config, cfg, port) = with_serve(dir.path(), &id, "");
+    let (config, _, port) = with_serve(dir.path(), &id, "");
+    // The keys' agent is enrolled: the processor takes only events signed
+    // with its key, and serve signs with it.
+    let cfg = enroll(dir.path(), &config, true);
     setup(&cfg).await;
     let server = Server::start(&config, port);
 
@@ -363,4 +388,11 @@ fn serve_refuses_keys_the_processor_would_dead_letter() {
     let check = Command::new(env!("CARGO_BIN_EXE_meter")).args(["config", "check"]).arg(&config).output().unwrap();
     assert_eq!(check.status.code(), Some(2), "{}", String::from_utf8_lossy(&check.stderr));
     assert!(String::from_utf8_lossy(&check.stderr).contains("not registered for customer \"c-2\""));
+    // An enrolled agent whose key does not sign: refused too.
+    let (config, _, _) = with_serve(dir.path(), "servemismatch", "");
+    enroll(dir.path(), &config, false);
+    let out = Command::new(env!("CARGO_BIN_EXE_meter")).arg("--config").arg(&config).arg("serve").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("bad_signature") && stderr.contains("api key \"ingest\": agent \"api-test\" is enrolled"), "{stderr}");
 }

@@ -96,6 +96,34 @@ impl ApiKeys {
         self.by_hash.len()
     }
 
+    pub fn principals(&self) -> impl Iterator<Item = &Principal> {
+        self.by_hash.values()
+    }
+
+    /// Where the processor's signature rules (`processor.agent_keys_file`,
+    /// `processor.accept_unsigned`) would dead-letter an ingest key's events
+    /// as `bad_signature` after the client got its 202: an enrolled agent
+    /// without the key's `signing_key_file`, a signing key the processor
+    /// does not hold, or unsigned events that are not accepted.
+    pub fn signature_mismatches(&self, agent_keys: &meter_engine::AgentKeys, accept_unsigned: bool) -> Vec<String> {
+        const PROBE: &[u8] = b"meter serve: does the processor verify this key's signature?";
+        let mut out = Vec::new();
+        let mut ingest: Vec<&Principal> = self.principals().filter(|p| p.role == ApiRole::Ingest).collect();
+        ingest.sort_by(|a, b| a.name.cmp(&b.name));
+        for p in ingest {
+            let header = p.signer.as_ref().map(|k| k.sign(PROBE));
+            match agent_keys.verify(&p.agent_id, PROBE, header.as_deref().map(str::as_bytes)) {
+                Err(e) => out.push(format!("api key {:?}: {e}", p.name)),
+                Ok(meter_engine::Verdict::NotEnrolled) if !accept_unsigned => out.push(format!(
+                    "api key {:?}: agent {:?} is not enrolled in processor.agent_keys_file and processor.accept_unsigned is false",
+                    p.name, p.agent_id
+                )),
+                Ok(_) => {}
+            }
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_hash.is_empty()
     }

@@ -178,6 +178,25 @@ pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result
         tracing::info!("processor.agents is empty here: any agent may post for any customer (give serve the processor's registry to check keys against it)");
     }
     let keys = ApiKeys::new(&configured)?;
+    if cfg.processor.agent_keys_file.is_some() || !cfg.processor.accept_unsigned {
+        let agent_keys = match &cfg.processor.agent_keys_file {
+            None => meter_engine::AgentKeys::default(),
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading processor.agent_keys_file {}", path.display()))?;
+                meter_engine::AgentKeys::from_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("processor.agent_keys_file {}: {e}", path.display()))?
+            }
+        };
+        let mismatches = keys.signature_mismatches(&agent_keys, cfg.processor.accept_unsigned);
+        if !mismatches.is_empty() {
+            anyhow::bail!(
+                "serve: the processor would dead-letter these keys' events as bad_signature after answering 202: {}; \
+                 give the key the agent's signing_key_file",
+                mismatches.join("; ")
+            );
+        }
+    }
     if keys.is_empty() {
         anyhow::bail!("serve: no API key is configured (serve.api_keys or serve.api_keys_file): every request would be refused");
     }

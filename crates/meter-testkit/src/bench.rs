@@ -77,16 +77,22 @@ pub struct BenchArgs {
     /// Histories of the state benchmark, in days.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     histories: Vec<u64>,
+    /// Run the `meter serve` benchmark instead (see `serve_bench`): HTTP
+    /// ingestion against producing straight to Kafka, and query latency.
+    #[arg(long)]
+    serve: bool,
+    #[command(flatten)]
+    serve_bench: crate::serve_bench::ServeBenchArgs,
 }
 
 /// Everything a bench run creates, for the clean-up.
 #[derive(Default)]
-struct Created {
-    topics: Vec<String>,
-    databases: Vec<String>,
+pub(crate) struct Created {
+    pub(crate) topics: Vec<String>,
+    pub(crate) databases: Vec<String>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
@@ -96,12 +102,12 @@ fn valid(c: &Config) -> anyhow::Result<Valid<Config>> {
     Ok(c.clone().validate()?)
 }
 
-fn rate(n: u64, d: Duration) -> f64 {
+pub(crate) fn rate(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
 /// A configuration with fresh topics, groups and database named after `tag`.
-fn fresh(base: &Config, tag: &str, created: &mut Created) -> Config {
+pub(crate) fn fresh(base: &Config, tag: &str, created: &mut Created) -> Config {
     let cfg = base.scoped(tag);
     created.topics.extend([cfg.topics.events.clone(), cfg.topics.aggregates.clone(), cfg.topics.dlq.clone(), cfg.state_topic()]);
     created.databases.push(cfg.clickhouse.database.clone());
@@ -119,6 +125,9 @@ pub async fn run(mut base: Config, args: BenchArgs) -> anyhow::Result<ExitCode> 
     if args.state {
         crate::state_bench::run(&base, &args.histories, &args.ops_dir).await?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if args.serve {
+        return crate::serve_bench::run(&base, &args.serve_bench, args.repeat, &args.ops_dir, args.keep).await;
     }
     let mut created = Created::default();
     let result = run_phases(&base, &args, run_id, &mut created).await;
@@ -609,7 +618,7 @@ async fn rebalance(cfg: &Config) -> anyhow::Result<(Duration, Duration)> {
     Ok((join, leave))
 }
 
-async fn clean_up(cfg: &Config, created: &Created) {
+pub(crate) async fn clean_up(cfg: &Config, created: &Created) {
     if let Ok(admin) = client_config(&cfg.kafka).create::<AdminClient<DefaultClientContext>>() {
         let topics: Vec<&str> = created.topics.iter().map(String::as_str).collect();
         if let Err(e) = admin.delete_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await {

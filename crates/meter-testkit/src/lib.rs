@@ -6,11 +6,14 @@
 //! - [`chaos`]: the fault-injection harness behind the exactly-once claim;
 //! - [`bench`]: the end-to-end benchmark, every figure next to a baseline
 //!   measured in the same run;
-//! - [`state_bench`]: what processor state costs as history grows.
+//! - [`state_bench`]: what processor state costs as history grows;
+//! - [`serve_bench`]: `meter serve`'s ingestion against producing straight
+//!   to Kafka, and its query latency.
 //!
 //! Each run works in a scope of its own (`meter_config::Config::scoped`):
 //! its own topics, consumer groups and ClickHouse database.
 
 pub mod bench;
 pub mod chaos;
+pub mod serve_bench;
 pub mod state_bench;
