@@ -21,11 +21,14 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure should panic with the error
 
+mod agent_support;
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use agent_support::analyst_password;
 use meter_config::Config;
 use meter_rating::fixture::{
     usage_csv, Scenario, BILLING_EXPECTED_INVOICES, BILLING_EXPECTED_LEDGER, BILLING_EXPECTED_LINES, BILLING_RUNS, BILLING_USAGE,
@@ -399,13 +402,4 @@ async fn a_closed_month_is_frozen_and_late_usage_is_billed_on_the_next_open_mont
     assert!(again.contains("invoice_lines: 0 new, 0 changed"), "{again}");
 
     conn.server_client().unwrap().query(&format!("DROP DATABASE {}", cfg.clickhouse.database)).execute().await.unwrap();
-}
-
-/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
-/// `ops/clickhouse` was started with it, else the one it generated.
-fn analyst_password() -> String {
-    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
-        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
-    })
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use agent_support::{expected_ledger, sim_config, spawn_agent_cmd};
+use agent_support::{analyst_password, expected_ledger, sim_config, spawn_agent_cmd};
 use meter_config::{Config, Valid};
 use meter_model::ledger::Ledger;
 
@@ -233,13 +233,4 @@ fn cluster_chaos_keeps_every_unit_and_the_negative_control_is_caught() {
     ]);
     eprintln!("{output}");
     assert!(!ok && output.lines().any(|l| l.starts_with("chaos: FAILED (")), "negative control not caught on the cluster:\n{output}");
-}
-
-/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
-/// `ops/` was started with it, else the one it generated.
-fn analyst_password() -> String {
-    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
-        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
-    })
 }

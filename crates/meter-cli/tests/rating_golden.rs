@@ -15,11 +15,14 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure should panic with the error
 
+mod agent_support;
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use agent_support::analyst_password;
 use meter_config::Config;
 use meter_rating::fixture::{Scenario, GOLDEN_EXPECTED_INVOICES, GOLDEN_EXPECTED_LINES};
 use meter_rating::{Date, YearMonth};
@@ -367,13 +370,4 @@ async fn futures_counts(client: &clickhouse::Client, tables: &[&str]) -> Vec<u64
 
 async fn row_count_where(client: &clickhouse::Client, from: &str) -> usize {
     usize::try_from(client.query(&format!("SELECT count() FROM {from}")).fetch_one::<u64>().await.unwrap()).unwrap()
-}
-
-/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
-/// `ops/clickhouse` was started with it, else the one it generated.
-fn analyst_password() -> String {
-    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
-        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
-    })
 }

@@ -58,6 +58,15 @@ checkpoint_interval_ms = 200
     (path, cfg)
 }
 
+/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
+/// `ops/clickhouse` was started with it, else the one it generated.
+pub fn analyst_password() -> String {
+    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
+        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
+    })
+}
+
 pub async fn setup(cfg: &Config) {
     admin::ensure_topics(cfg).await.expect("Kafka must be running (ops/up)");
     meter_clickhouse::migrate(&meter_clickhouse::Connection::from(&cfg.clickhouse)).await.expect("ClickHouse must be running (ops/up)");

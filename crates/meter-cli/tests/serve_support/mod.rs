@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meter_model::ledger::Ledger;
+
+use super::agent_support::analyst_password;
 use serde_json::{json, Value};
 
 /// The tokens of the test server's keys (their hashes go in the config).
@@ -17,15 +19,6 @@ pub const INGEST_C1: &str = "mtr_test_ingest_c1_only";
 pub const QUERY_C1: &str = "mtr_test_query_c1";
 pub const ADMIN: &str = "mtr_test_admin";
 pub const AGENT: &str = "api-test";
-
-/// The analyst's password on the local stack: `METER_ANALYST_PASSWORD` when
-/// `ops/clickhouse` was started with it, else the one it generated.
-pub fn analyst_password() -> String {
-    std::env::var("METER_ANALYST_PASSWORD").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.local/secure/secrets/clickhouse-analyst.password");
-        std::fs::read_to_string(&file).map(|p| p.trim_end_matches(['\r', '\n']).to_owned()).unwrap_or_default()
-    })
-}
 
 fn hash(token: &str) -> String {
     meter_serve::keys::to_hex(&meter_serve::keys::sha256(token))
