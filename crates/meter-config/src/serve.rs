@@ -66,11 +66,11 @@ pub struct ApiKey {
     pub sha256: String,
     pub role: ApiRole,
     /// `ingest` keys: the agent id of the events they post.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_id: String,
     /// `ingest` and `query` keys: the customers they may report for or
     /// read (`*`: any).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub customers: Vec<String>,
     /// `ingest` keys of an enrolled agent: the agent's signing key file
     /// (`key_id:secret_hex`, see `agent.signing_key_file`); every event is
