@@ -46,8 +46,9 @@ enum Command {
     /// cost-to-date and invoice queries (schemas/openapi/meter-serve.yaml).
     Serve,
     /// Make an API key for `meter serve`: prints the token once (to give
-    /// to the client) and the `[serve.api_keys.<name>]` entry holding only
-    /// its SHA-256 (to put in the configuration or serve.api_keys_file).
+    /// to the client) and the `[api_keys.<name>]` entry holding only its
+    /// SHA-256 (for serve.api_keys_file; in the configuration itself it is
+    /// `[serve.api_keys.<name>]`).
     ApiKey(ApiKeyArgs),
     /// Insert usage.aggregates and usage.dlq into ClickHouse.
     Sink {

@@ -10,7 +10,8 @@ pub struct MetricsConfig {
     /// Address (host:port) serving `/metrics` (Prometheus text format),
     /// `/health/live` and `/health/ready`. Empty: the component's default,
     /// `127.0.0.1:9464` for `meter process`, `127.0.0.1:9465` for `meter
-    /// sink`, `127.0.0.1:9466` for `meter agent`. `off` serves nothing. Port
+    /// sink`, `127.0.0.1:9466` for `meter agent`, `127.0.0.1:9467` for `meter
+    /// serve`. `off` serves nothing. Port
     /// 0 picks a free port (logged at start).
     #[serde(default)]
     pub listen: String,

@@ -47,7 +47,8 @@ pub struct ServeConfig {
     /// Most rows in one page of `GET /v1/usage`.
     #[serde(default = "default_max_page_rows")]
     pub max_page_rows: usize,
-    /// How long one ClickHouse query may take before it is answered 504.
+    /// How long one ClickHouse read may take before the request is
+    /// answered 503 (with `Retry-After`).
     #[serde(default = "default_query_timeout_ms")]
     pub query_timeout_ms: u64,
 }

@@ -11,7 +11,8 @@
 //!   promtool as a recording rule) and names only contract metrics; every
 //!   contract metric is on the dashboard or in an alert;
 //! - docker-compose.yml mounts files that exist, and Prometheus there
-//!   scrapes the services compose runs.
+//!   scrapes the services compose runs (those under a profile too); the
+//!   API (`serve`) is under profile `api` with a keys file that parses.
 //!
 //! promtool comes with Debian's `prometheus` package (`ops/install`).
 
@@ -80,6 +81,10 @@ const METRICS: &[&str] = &[
     "meter_agent_incarnations_started_total",
     "meter_agent_lease_renewals_total",
     "meter_agent_events_signed_total",
+    // serve (the HTTP API; no meter_kafka_* client metrics)
+    "meter_serve_requests_total",
+    "meter_serve_events_total",
+    "meter_serve_in_flight_events",
 ];
 
 const HISTOGRAMS: &[&str] = &[
@@ -87,6 +92,7 @@ const HISTOGRAMS: &[&str] = &[
     "meter_state_restore_duration_seconds",
     "meter_sink_batch_rows",
     "meter_sink_insert_duration_seconds",
+    "meter_serve_request_seconds",
 ];
 
 /// Series Prometheus itself writes for every target.
@@ -461,23 +467,48 @@ fn dashboard_structure_is_what_grafana_provisions() {
     assert_eq!(var["current"]["value"].as_str(), Some(uid));
 }
 
-#[test]
-fn compose_runs_prometheus_and_grafana_on_the_files_in_ops() {
+/// The long-running `meter` subcommands and their Prometheus jobs.
+const SCRAPED: &[(&str, &str)] =
+    &[("process", "meter-process"), ("sink", "meter-sink"), ("agent", "meter-agent"), ("serve", "meter-serve")];
+
+fn compose() -> serde_yaml::Value {
     let mut compose: serde_yaml::Value = serde_yaml::from_str(&read("docker-compose.yml")).expect("docker-compose.yml is YAML");
     compose.apply_merge().expect("merge keys resolve");
+    compose
+}
+
+/// The `./...` sources of a compose service's bind mounts.
+fn binds(service: &serde_yaml::Value) -> Vec<(String, String)> {
+    service["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .filter(|v| v.starts_with("./"))
+        .map(|v| {
+            let mut parts = v.split(':');
+            (parts.next().unwrap_or_default().to_owned(), parts.next().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn compose_runs_prometheus_and_grafana_on_the_files_in_ops() {
+    let compose = compose();
     let services = compose["services"].as_mapping().expect("services");
     for s in ["prometheus", "grafana"] {
-        let volumes =
-            services.get(s).and_then(|v| v["volumes"].as_sequence()).unwrap_or_else(|| panic!("compose service {s} with volumes"));
-        let binds: Vec<&str> =
-            volumes.iter().filter_map(|v| v.as_str()).filter_map(|v| v.split(':').next()).filter(|v| v.starts_with("./")).collect();
-        assert!(!binds.is_empty(), "{s} mounts nothing from the repo");
-        for src in binds {
-            assert!(repo().join(src).exists(), "{s} mounts {src}, which does not exist");
+        let service = services.get(s).unwrap_or_else(|| panic!("no compose service {s}"));
+        assert!(!binds(service).is_empty(), "{s} mounts nothing from the repo");
+    }
+    for (name, service) in services {
+        for (src, _) in binds(service) {
+            assert!(repo().join(&src).exists(), "{name:?} mounts {src}, which does not exist");
         }
     }
     // Prometheus in compose scrapes every long-running meter service by its
-    // compose name on the port the services listen on.
+    // compose name on the port the services listen on, whether or not the
+    // service is under a profile (`serve` is: its job has no targets until
+    // it runs).
     let prom: serde_yaml::Value =
         serde_yaml::from_str(&read("ops/prometheus/prometheus.compose.yml")).expect("prometheus.compose.yml is YAML");
     let jobs: BTreeMap<&str, &serde_yaml::Value> = prom["scrape_configs"]
@@ -486,14 +517,63 @@ fn compose_runs_prometheus_and_grafana_on_the_files_in_ops() {
         .iter()
         .map(|j| (j["job_name"].as_str().expect("job_name"), j))
         .collect();
-    for (job, service) in [("meter-process", "process"), ("meter-sink", "sink"), ("meter-agent", "agent")] {
-        let sd = &jobs.get(job).unwrap_or_else(|| panic!("no job {job}"))["dns_sd_configs"][0];
-        assert_eq!(sd["names"][0].as_str(), Some(service), "{job}");
-        let listen = services[service]["environment"]["METER__METRICS__LISTEN"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{service}: no METER__METRICS__LISTEN"));
-        assert_eq!(listen.rsplit(':').next().and_then(|p| p.parse().ok()), sd["port"].as_u64(), "{service} listens on {listen}");
+    let mut scraped = BTreeSet::new();
+    for (name, service) in services {
+        let command: Vec<&str> = service["command"].as_sequence().into_iter().flatten().filter_map(|c| c.as_str()).collect();
+        let Some((_, job)) = SCRAPED.iter().find(|(sub, _)| command.len() >= 2 && command[0] == "meter" && command[1] == *sub) else {
+            continue;
+        };
+        let name = name.as_str().expect("service name");
+        scraped.insert(*job);
+        let sd = &jobs.get(job).unwrap_or_else(|| panic!("{name}: no job {job}"))["dns_sd_configs"][0];
+        assert_eq!(sd["names"][0].as_str(), Some(name), "{job}");
+        let listen =
+            service["environment"]["METER__METRICS__LISTEN"].as_str().unwrap_or_else(|| panic!("{name}: no METER__METRICS__LISTEN"));
+        assert_eq!(listen.rsplit(':').next().and_then(|p| p.parse().ok()), sd["port"].as_u64(), "{name} listens on {listen}");
     }
+    assert_eq!(scraped, SCRAPED.iter().map(|(_, job)| *job).collect(), "compose runs every long-running meter service");
+    // The local Prometheus has the same jobs.
+    let local: serde_yaml::Value = serde_yaml::from_str(&read("ops/prometheus/prometheus.yml")).expect("prometheus.yml is YAML");
+    let local_jobs: BTreeSet<&str> =
+        local["scrape_configs"].as_sequence().expect("scrape_configs").iter().filter_map(|j| j["job_name"].as_str()).collect();
+    for (_, job) in SCRAPED {
+        assert!(local_jobs.contains(job), "ops/prometheus/prometheus.yml has no job {job}");
+    }
+}
+
+/// `serve` refuses to start without an API key and the repository ships
+/// none: it is under profile `api`, so that a plain `docker compose up`
+/// does not start it; its keys file is mounted where
+/// `serve.api_keys_file` says, and parses as a keys file.
+#[test]
+fn compose_serves_the_api_under_a_profile_with_a_keys_file() {
+    let compose = compose();
+    let serve = &compose["services"]["serve"];
+    let profiles: Vec<&str> = serve["profiles"].as_sequence().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+    assert_eq!(profiles, ["api"], "serve's profiles");
+    let env = serve["environment"].as_mapping().expect("serve's environment");
+    let mut sections: BTreeMap<String, toml::Table> = BTreeMap::new();
+    for (k, v) in env {
+        let Some(key) = k.as_str().and_then(|k| k.strip_prefix("METER__")) else { continue };
+        let (section, field) = key.split_once("__").unwrap_or_else(|| panic!("{key} is not SECTION__KEY"));
+        let value = v.as_str().map(str::to_owned).unwrap_or_else(|| serde_yaml::to_string(v).unwrap().trim().to_owned());
+        sections.entry(section.to_lowercase()).or_default().insert(field.to_lowercase(), toml::Value::String(value));
+    }
+    let text = toml::to_string(&sections).unwrap();
+    let cfg: meter_config::Config = toml::from_str(&text).unwrap_or_else(|e| panic!("serve: {e}\n{text}"));
+    let cfg = cfg.validate().unwrap_or_else(|e| panic!("serve: {e}"));
+    assert_eq!(cfg.serve.listen, "0.0.0.0:8480");
+    let target = cfg.serve.api_keys_file.clone().expect("serve.api_keys_file");
+    let (src, _) = binds(serve)
+        .into_iter()
+        .find(|(_, dst)| Path::new(dst) == target)
+        .unwrap_or_else(|| panic!("serve mounts nothing at serve.api_keys_file {}", target.display()));
+    assert!(
+        serve["volumes"].as_sequence().unwrap().iter().any(|v| v.as_str() == Some(&format!("{src}:{}:ro", target.display()))),
+        "read-only"
+    );
+    let file = meter_config::ServeConfig { api_keys_file: Some(repo().join(&src)), ..Default::default() };
+    file.keys().unwrap_or_else(|p| panic!("{src}: {p:?}"));
 }
 
 /// The list above is the one the runbook documents (docs/operations.md,

@@ -88,10 +88,15 @@ impl Metrics {
             &["route"],
         )?;
         t.registry().register(Box::new(seconds.clone()))?;
+        let events = t.counter_vec("meter_serve_events_total", "Events posted, by outcome.", &["outcome"]);
+        // Every outcome from 0, so that `increase()` sees the first ones.
+        for outcome in ["accepted", "refused", "overloaded", "unacknowledged"] {
+            events.with_label_values(&[outcome]);
+        }
         Ok(Metrics {
             requests: t.counter_vec("meter_serve_requests_total", "API requests answered, by route and status.", &["route", "status"]),
             seconds,
-            events: t.counter_vec("meter_serve_events_total", "Events posted, by outcome.", &["outcome"]),
+            events,
             in_flight: t.gauge("meter_serve_in_flight_events", "Events handed to Kafka and not acknowledged yet."),
         })
     }
@@ -251,11 +256,14 @@ pub async fn run(
         })
     };
     let stop = shutdown.clone();
+    let draining = telemetry.clone();
     axum::serve(listener, router(app.clone()))
         .with_graceful_shutdown(async move {
             while !stop.is_raised() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            // Load balancers stop sending while the requests in progress finish.
+            draining.health().set_not_ready("shutting down");
         })
         .await
         .context("serving the API")?;
