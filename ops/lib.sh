@@ -43,8 +43,10 @@ KAFKA_SECURE_DIR="$LOCAL_DIR/kafka-secure"
 KAFKA_SECURE_PORT="${KAFKA_SECURE_PORT:-9094}"
 KAFKA_SECURE_CONTROLLER_PORT="${KAFKA_SECURE_CONTROLLER_PORT:-9095}"
 KAFKA_SECURE_BOOTSTRAP="127.0.0.1:$KAFKA_SECURE_PORT"
-# SCRAM principals of the secure broker (secrets/kafka-<name>.password)
-KAFKA_SECURE_USERS=(admin agent processor sink billing rating)
+# SCRAM principals of the secure broker (secrets/kafka-<name>.password).
+# One added here is created on the next `ops/secure start`, also on a broker
+# formatted without it (ensure_scram_users).
+KAFKA_SECURE_USERS=(admin agent processor sink billing rating serve)
 # secrets that are digits only: "a numeric-looking secret stays a string"
 SECURE_NUMERIC_SECRETS=(kafka-sink clickhouse-writer)
 

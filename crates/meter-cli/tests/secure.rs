@@ -12,10 +12,15 @@
 //! - A wrong password, an untrusted certificate and a plain-text client on
 //!   the TLS port each stop a stage with an error naming the cause, long
 //!   before any timeout.
+//! - `meter serve` as `serve` (Write on the events topic, nothing else) and
+//!   the read-only analyst: events posted over HTTP come out exact in
+//!   ClickHouse and in its own `GET /v1/usage`; with a wrong password it
+//!   refuses to start, naming the refusal.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure should panic with the error
 
 mod agent_support;
+mod serve_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -170,6 +175,26 @@ async fn setup(dir: &Path, tag: &str) {
     meter_clickhouse::migrate(&meter_clickhouse::Connection::from(&admin.clickhouse)).await.expect("migrating as writer over HTTPS");
 }
 
+/// The processor and the sink, in this process, each as its own
+/// principal, until the processor has drained the events topic and the
+/// sink has written what it produced; the processor's counters.
+async fn process_and_sink(processor: Valid<Config>, sink: Valid<Config>) -> meter_engine::Counters {
+    let (pd, sd) = (Signal::default(), Signal::default());
+    pd.raise();
+    let p = tokio::spawn({
+        let cfg = Arc::new(processor);
+        async move { meter_processor::run(&cfg, Signal::default(), pd).await }
+    });
+    let s = tokio::spawn({
+        let (cfg, sd) = (Arc::new(sink), sd.clone());
+        async move { meter_sink::run(&cfg, Signal::default(), sd).await }
+    });
+    let counters = tokio::time::timeout(Duration::from_secs(180), p).await.expect("processor drains").unwrap().unwrap().counters;
+    sd.raise();
+    tokio::time::timeout(Duration::from_secs(120), s).await.expect("sink drains").unwrap().unwrap();
+    counters
+}
+
 /// Records on `topic` (read as `cfg`'s principal).
 fn records(cfg: &Config, topic: &str) -> i64 {
     let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka).create().unwrap();
@@ -207,19 +232,7 @@ async fn secure_pipeline_each_stage_its_own_principal_is_exact() {
     assert_eq!(ledger, expected);
 
     // Processor and sink, in this process, each as itself.
-    let (pd, sd) = (Signal::default(), Signal::default());
-    pd.raise();
-    let p = tokio::spawn({
-        let cfg = Arc::new(processor);
-        async move { meter_processor::run(&cfg, Signal::default(), pd).await }
-    });
-    let s = tokio::spawn({
-        let (cfg, sd) = (Arc::new(sink), sd.clone());
-        async move { meter_sink::run(&cfg, Signal::default(), sd).await }
-    });
-    let counters = tokio::time::timeout(Duration::from_secs(180), p).await.expect("processor drains").unwrap().unwrap().counters;
-    sd.raise();
-    tokio::time::timeout(Duration::from_secs(120), s).await.expect("sink drains").unwrap().unwrap();
+    let counters = process_and_sink(processor, sink).await;
     assert_eq!(counters.dead_lettered(), 0);
     assert_eq!(counters.aggregated as i64, expected.event_count());
 
@@ -389,4 +402,104 @@ async fn secure_clickhouse_client_certificate_and_a_numeric_password() {
     meter_clickhouse::Connection::from(&cfg.clickhouse).check(Duration::from_secs(30)).await.unwrap();
     let kafka = cfg.kafka.clone();
     tokio::task::spawn_blocking(move || meter_kafka::check_access(&kafka, Duration::from_secs(30))).await.unwrap().unwrap();
+}
+
+/// `meter serve`'s configuration in scope `tag`: Kafka as `serve`,
+/// ClickHouse as the analyst (password_file, HTTPS, the CA), its `[serve]`
+/// on `port`.
+fn serve_config(dir: &Path, tag: &str, port: u16) -> PathBuf {
+    let path = config_file(dir, tag, &As::new("serve", "analyst"), "");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&serve_support::serve_section(port, ""));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// (service, usage_type, region) -> (quantity, events) of `customer`.
+type Totals = std::collections::BTreeMap<(String, String, String), (i128, i64)>;
+
+fn posted_totals(events: &[serve_support::Usage], customer: &str) -> Totals {
+    let mut t = Totals::new();
+    for e in events.iter().filter(|e| e.customer == customer) {
+        let v = t.entry((e.service.to_owned(), e.usage_type.to_owned(), e.region.to_owned())).or_default();
+        v.0 += i128::from(e.quantity);
+        v.1 += 1;
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_serve_as_its_own_principal_is_exact() {
+    use serve_support::{batch, events, get, ledger, post, Server, ADMIN, INGEST};
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("secsrv{}", std::process::id());
+    setup(dir.path(), &tag).await;
+    let port = serve_support::free_port();
+    let config = serve_config(dir.path(), &tag, port);
+    let server = Server::start_as_configured(&config, port, &[]);
+
+    let start = meter_model::time::day_floor(meter_model::now_ms()) - 2 * agent_support::DAY_MS;
+    let all = events(&tag, 300, &["c-1", "c-2"], start);
+    for b in all.chunks(100) {
+        let a = post(&server, INGEST, "application/cloudevents-batch+json", &batch(b));
+        assert_eq!(a.status, 202, "{}", a.body);
+        assert_eq!(a.json()["accepted"], b.len());
+    }
+
+    let processor = load(&config_file(dir.path(), &tag, &As::new("processor", "writer"), ""));
+    let sink = load(&config_file(dir.path(), &tag, &As::new("sink", "writer"), ""));
+    let counters = process_and_sink(processor, sink).await;
+    assert_eq!(counters.dead_lettered(), 0);
+    assert_eq!(counters.aggregated, all.len() as u64);
+
+    // ClickHouse, read by the analyst, is the ledger of the posted events.
+    let billing = load(&config_file(dir.path(), &tag, &As::new("billing", "analyst"), ""));
+    let rec = meter_sink::reconcile::reconcile(&billing, &ledger(&all)).await.unwrap();
+    assert!(rec.mismatches.is_empty(), "{}", rec.summary());
+    assert_eq!(rec.events, all.len() as i64);
+    eprintln!("{}", rec.summary());
+
+    // And so is serve's own answer, read through the analyst over HTTPS.
+    for customer in ["c-1", "c-2"] {
+        let q = format!(
+            "/v1/usage?customer={customer}&from={}&to={}&window=day&group_by=service,usage_type,region",
+            start / 1000,
+            (start + agent_support::DAY_MS) / 1000
+        );
+        let a = get(&server, ADMIN, &q);
+        assert_eq!(a.status, 200, "{}", a.body);
+        let page = a.json();
+        assert!(page["next_page_token"].is_null(), "one page: {}", a.body);
+        let mut got = Totals::new();
+        for r in page["rows"].as_array().unwrap() {
+            let s = |k: &str| r[k].as_str().unwrap().to_owned();
+            let v = got.entry((s("service"), s("usage_type"), s("region"))).or_default();
+            v.0 += s("quantity").parse::<i128>().unwrap();
+            v.1 += r["event_count"].as_i64().unwrap();
+        }
+        assert_eq!(got, posted_totals(&all, customer), "GET /v1/usage for {customer}");
+    }
+}
+
+#[test]
+fn secure_serve_with_a_wrong_password_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serve_config(dir.path(), "secsrvbad", serve_support::free_port());
+    let wrong = dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-serve-password\n").unwrap();
+    let right = secure_dir().join("secrets/kafka-serve.password");
+    let text_cfg = std::fs::read_to_string(&config).unwrap();
+    assert!(text_cfg.contains(&right.display().to_string()));
+    std::fs::write(&config, text_cfg.replace(&right.display().to_string(), &wrong.display().to_string())).unwrap();
+    let started = std::time::Instant::now();
+    let out = meter(&config, &["serve"], Duration::from_secs(60));
+    let all = text(&out);
+    assert!(!out.status.success(), "meter serve started with a wrong password: {all}");
+    for cause in ["Kafka refused the connection", "Authentication failed", "sasl.password"] {
+        assert!(all.contains(cause), "the refusal is named ({cause}): {all}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30), "it took {:?}: {all}", started.elapsed());
+    for secret in ["not-the-serve-password", std::fs::read_to_string(&right).unwrap().trim()] {
+        assert!(!all.contains(secret), "a secret was printed: {all}");
+    }
 }

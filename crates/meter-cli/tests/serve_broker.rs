@@ -30,6 +30,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serve_support::*;
 
+/// (batch, status, Retry-After) of an answer.
+type Answered = (usize, u16, Option<String>);
+
 const BATCHES: usize = 60;
 const PER_BATCH: usize = 50;
 
@@ -74,7 +77,7 @@ async fn chaos_serve_answers_202_only_for_what_the_broker_acknowledged() {
     let all = events("k", BATCHES * PER_BATCH, &["c-1", "c-2"], start);
     let batches: Vec<Vec<Usage>> = all.chunks(PER_BATCH).map(<[Usage]>::to_vec).collect();
     // (batch, status, Retry-After) of every first attempt, in order.
-    let answers: Arc<Mutex<Vec<(usize, u16, Option<String>)>>> = Arc::default();
+    let answers: Arc<Mutex<Vec<Answered>>> = Arc::default();
     let poster = {
         let (server, answers, batches) = (server.clone(), answers.clone(), batches.clone());
         std::thread::spawn(move || {
@@ -99,7 +102,7 @@ async fn chaos_serve_answers_202_only_for_what_the_broker_acknowledged() {
 
     let answers = answers.lock().unwrap().clone();
     let accepted: Vec<usize> = answers.iter().filter(|a| a.1 == 202).map(|a| a.0).collect();
-    let refused: Vec<&(usize, u16, Option<String>)> = answers.iter().filter(|a| a.1 != 202).collect();
+    let refused: Vec<&Answered> = answers.iter().filter(|a| a.1 != 202).collect();
     eprintln!(
         "killed after {killed_after} answers; {} batches answered 202, {} not: {:?}",
         accepted.len(),

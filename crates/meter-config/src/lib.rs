@@ -586,12 +586,35 @@ mod compose_tests {
     /// `environment`: every meter service is its own principal over
     /// SASL_SSL, reads its passwords from mounted secrets (never a value in
     /// the file), reaches ClickHouse over HTTPS, and its settings are real
-    /// configuration keys that do not give a secret twice.
+    /// configuration keys that do not give a secret twice. kafka-setup
+    /// creates each of these principals from the secret the service mounts.
     #[test]
     fn compose_secure_overlay_gives_each_service_its_principal_and_secret_files() {
         let (base, secure) = (compose(), compose_secure());
-        for (service, principal) in [("init", "admin"), ("agent", "agent"), ("process", "processor"), ("sink", "sink"), ("rate", "rating")]
-        {
+        let setup = &secure["services"]["kafka-setup"];
+        let script = setup["command"][0].as_str().expect("kafka-setup's script");
+        let setup_users: Vec<&str> = script
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("for user in ")?.strip_suffix("; do"))
+            .expect("kafka-setup's `for user in ...; do` loop")
+            .split_whitespace()
+            .collect();
+        let setup_secrets: Vec<&str> = setup["secrets"].as_sequence().unwrap().iter().filter_map(|s| s.as_str()).collect();
+        for (service, principal, clickhouse_user) in [
+            ("init", "admin", Some("writer")),
+            ("agent", "agent", None),
+            ("process", "processor", None),
+            ("sink", "sink", Some("writer")),
+            ("rate", "rating", Some("writer")),
+            ("serve", "serve", Some("analyst")),
+        ] {
+            assert!(setup_users.contains(&principal), "kafka-setup does not create the SCRAM user {principal}: {setup_users:?}");
+            let secret = format!("kafka-{principal}-password");
+            assert!(setup_secrets.contains(&secret.as_str()), "kafka-setup does not mount {secret}: {setup_secrets:?}");
+            assert!(
+                principal == "admin" || script.contains(&format!("--allow-principal User:{principal} ")),
+                "kafka-setup grants {principal} no ACL"
+            );
             let mut env: BTreeMap<String, String> = BTreeMap::new();
             for layer in [&base, &secure] {
                 let Some(m) = layer["services"][service]["environment"].as_mapping() else { continue };
@@ -638,6 +661,16 @@ mod compose_tests {
             assert!(cfg.clickhouse.is_https(), "{service}: {}", cfg.clickhouse.url);
             if cfg.clickhouse.password_file.is_some() {
                 assert_eq!(cfg.clickhouse.password, "", "{service}: password and password_file both set");
+            }
+            match clickhouse_user {
+                Some(user) => {
+                    assert_eq!(cfg.clickhouse.user, user, "{service}'s ClickHouse user");
+                    let file = cfg.clickhouse.password_file.as_ref().unwrap_or_else(|| panic!("{service}: no clickhouse.password_file"));
+                    let file = file.to_str().unwrap().trim_start_matches("/run/secrets/");
+                    assert_eq!(file, format!("clickhouse-{user}-password"), "{service}");
+                    assert!(names.iter().any(|n| n == file), "{service}: {file} is not among its secrets {names:?}");
+                }
+                None => assert!(cfg.clickhouse.password_file.is_none(), "{service} gets a ClickHouse password it does not use"),
             }
             cfg.kafka.properties.clear();
             cfg.clickhouse.ca_file = None;

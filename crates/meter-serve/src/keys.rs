@@ -214,7 +214,6 @@ mod tests {
         let mut cfg = BTreeMap::new();
         cfg.insert("web".to_owned(), key("tok-web", ApiRole::Ingest, &["c-1"]));
         cfg.insert("all".to_owned(), key("tok-all", ApiRole::Query, &["*"]));
-        let mut cfg = cfg;
         let keys = ApiKeys::new(&cfg).expect("keys");
         let web = keys.authenticate(Some(b"Bearer tok-web")).expect("web");
         assert_eq!(web.name, "web");

@@ -81,13 +81,20 @@ impl Server {
 
     /// [`Server::start`] with more environment (settings) for the server.
     pub fn start_with(config: &Path, port: u16, env: &[(&str, &str)]) -> Server {
+        let analyst = analyst_password();
+        let mut all = vec![("METER__CLICKHOUSE__USER", "analyst"), ("METER__CLICKHOUSE__PASSWORD", analyst.as_str())];
+        all.extend_from_slice(env);
+        Server::start_as_configured(config, port, &all)
+    }
+
+    /// [`Server::start_with`] reading ClickHouse as `config` says (its
+    /// user, password or password_file), not as the local analyst.
+    pub fn start_as_configured(config: &Path, port: u16, env: &[(&str, &str)]) -> Server {
         let log = config.with_extension("serve.log");
         let child = Command::new(env!("CARGO_BIN_EXE_meter"))
             .args(["--config", config.to_str().unwrap(), "serve"])
-            .envs(env.iter().copied())
-            .env("METER__CLICKHOUSE__USER", "analyst")
-            .env("METER__CLICKHOUSE__PASSWORD", analyst_password())
             .env("METER__METRICS__LISTEN", "off")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
