@@ -24,10 +24,13 @@
 //! Queries. `--serve-customers` customers' day windows of last month and of
 //! the day on either side (every usage type of the catalog, three regions,
 //! two resources where the type keys by resource, three revisions of each
-//! window, inserted unmerged so that `argMax` has every revision to read)
+//! window, inserted unmerged so that `argMax` has every revision to read;
+//! the row count afterwards says whether merges kept them)
 //! go into `usage_day`; then `--serve-queries` sequential `GET /v1/usage`
-//! for one customer's month, by day and by month, over one connection.
-//! Every answer is checked against the inserted rows.
+//! for one customer's month, by day and by month, over one connection,
+//! and the same queries (the server's SQL, client and user) straight to
+//! ClickHouse: the baseline. Every answer is checked against the inserted
+//! rows.
 //!
 //! Any other answer than the expected one makes the run fail (exit 1)
 //! after the figures are printed, with the statuses counted.
@@ -47,6 +50,7 @@ use meter_config::{ApiKey, ApiRole, Config};
 use meter_kafka::publish::{Publisher, Tuning};
 use meter_model::date::format_rfc3339;
 use meter_model::{now_ms, UsageEvent, YearMonth};
+use meter_report::api::{Dim, UsageQuery, UsageWindow};
 use meter_sink::UsageRow;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
@@ -150,6 +154,7 @@ struct Bench {
     requests: Vec<(usize, Arc<Vec<Request>>)>,
     server: Server,
     admin_token: String,
+    analyst_password: String,
 }
 
 /// One POST, framed and ready to write, and the answer it must get.
@@ -183,7 +188,8 @@ impl Bench {
             .context("applying migrations (is ClickHouse running? ops/up starts it)")?;
         let kinds = kinds(&http)?;
         let (ingest_token, admin_token) = (meter_serve::keys::new_token()?, meter_serve::keys::new_token()?);
-        let server = Server::start(&http, &ingest_token, &admin_token, work, &analyst_password(ops_dir)?).await?;
+        let analyst_password = analyst_password(ops_dir)?;
+        let server = Server::start(&http, &ingest_token, &admin_token, work, &analyst_password).await?;
 
         let n = args.serve_events.max(BATCH_SIZES[1]);
         let now = now_ms();
@@ -235,6 +241,7 @@ impl Bench {
             requests,
             server,
             admin_token,
+            analyst_password,
         })
     }
 
@@ -272,6 +279,8 @@ impl Bench {
         let mut http_rates: Vec<Vec<f64>> = vec![Vec::new(); BATCH_SIZES.len()];
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); BATCH_SIZES.len()];
         let mut latencies: Vec<Vec<Duration>> = vec![Vec::new(); BATCH_SIZES.len()];
+        let mut server_cpu: Vec<Vec<f64>> = vec![Vec::new(); BATCH_SIZES.len()];
+        let mut direct_cpu = Vec::new();
         for round in 1..=self.repeat {
             let d = direct(&producer, topic, &codec, &self.events).await?;
             direct_sent += n;
@@ -285,6 +294,7 @@ impl Bench {
                 d.cpu * 1e6 / n as f64
             );
             direct_rates.push(direct_rate);
+            direct_cpu.push(d.cpu * 1e6 / n as f64);
             for (i, (size, requests)) in self.requests.iter().enumerate() {
                 let r = ingest(&self.server, requests, self.connections).await?;
                 posted += r.accepted;
@@ -312,6 +322,7 @@ impl Bench {
                 http_rates[i].push(http_rate);
                 ratios[i].push(http_rate / direct_rate);
                 latencies[i].extend(r.latencies);
+                server_cpu[i].push(r.server_cpu * 1e6 / r.accepted.max(1) as f64);
             }
         }
         drop(producer);
@@ -325,21 +336,35 @@ impl Bench {
         let month = last_month()?;
         let usage = MonthOfUsage { month, kinds: &self.kinds, customers: self.query_customers };
         let inserted = usage.insert(&self.http).await?;
-        let (by_day, by_month) = (self.query_series(&usage, "day").await?, self.query_series(&usage, "month").await?);
-        for q in [&by_day, &by_month] {
+        let mut series = Vec::new();
+        for window in [UsageWindow::Day, UsageWindow::Month] {
+            series.push((self.query_series(&usage, window).await?, self.clickhouse_series(&usage, window).await?));
+        }
+        for q in series.iter().flat_map(|(a, b)| [a, b]) {
             if q.failures > 0 {
-                failed.push(format!("window={}: {} of {} answers wrong: {}", q.window, q.failures, q.samples, q.first_failure));
+                failed.push(format!(
+                    "{}, window={}: {} of {} answers wrong: {}",
+                    q.via,
+                    q.window.as_str(),
+                    q.failures,
+                    q.samples + QUERY_WARM_UP,
+                    q.first_failure
+                ));
             }
         }
         let kept = usage.stored_rows(&self.http).await?;
 
         let direct_rate = median(&mut direct_rates);
         println!("\nsummary (one run, same machine; the ratios are what to compare across runs; medians of {}):", self.repeat);
-        println!("  direct Kafka (idempotent producer, serve's settings)  {:>10} ev/s", thousands(direct_rate));
+        println!(
+            "  direct Kafka (idempotent producer, serve's settings): {} ev/s ({:.1} us CPU/event)",
+            thousands(direct_rate),
+            median(&mut direct_cpu)
+        );
         for (i, size) in BATCH_SIZES.iter().enumerate() {
             let lat = &mut latencies[i];
             println!(
-                "  serve ingest, batches of {:<5}  {:>10} ev/s ({:.2} of direct Kafka {} ev/s; {} connections; request p50 {:.1} ms, p99 {:.1} ms)",
+                "  serve ingest, batches of {}: {} ev/s ({:.2} of direct Kafka {} ev/s; {} connections, request p50 {:.1} ms, p99 {:.1} ms; server {:.1} us CPU/event)",
                 thousands(*size as f64),
                 thousands(median(&mut http_rates[i])),
                 median(&mut ratios[i]),
@@ -347,22 +372,28 @@ impl Bench {
                 self.connections,
                 ms(percentile(lat, 0.5)),
                 ms(percentile(lat, 0.99)),
+                median(&mut server_cpu[i]),
             );
         }
-        for q in [&by_day, &by_month] {
+        for (q, ch) in &series {
+            let what = match q.window {
+                UsageWindow::Month => "the month's total (window=month)",
+                _ => "a month of daily usage (window=day)",
+            };
             println!(
-                "  serve query, a month of daily usage, window={:<5}  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} requests, {} rows each; {} customers' {month} in usage_day, {} rows{})",
-                q.window,
-                q.p50,
-                q.p99,
-                q.max,
-                q.samples,
-                q.rows,
-                self.query_customers,
-                inserted,
-                if kept == inserted { format!(", all {REVISIONS} revisions unmerged") } else { format!(", {kept} after merges") }
+                "  serve query, {what}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} requests, {} rows each; the same query straight to ClickHouse p50 {:.1} ms, p99 {:.1} ms)",
+                q.p50, q.p99, q.max, q.samples, q.rows, ch.p50, ch.p99
             );
         }
+        println!(
+            "  (queries: {} customers' {month} in usage_day, {inserted} rows{}; analyst user; {QUERY_WARM_UP} untimed requests first)",
+            self.query_customers,
+            if kept == inserted {
+                format!(", all {REVISIONS} revisions of each window unmerged")
+            } else {
+                format!(", {kept} after merges")
+            }
+        );
         if failed.is_empty() {
             return Ok(true);
         }
@@ -375,54 +406,84 @@ impl Bench {
 
     /// `--serve-queries` sequential usage queries for a month, over one
     /// connection, customer after customer; every answer checked.
-    async fn query_series(&self, usage: &MonthOfUsage<'_>, window: &'static str) -> anyhow::Result<QuerySeries> {
+    async fn query_series(&self, usage: &MonthOfUsage<'_>, window: UsageWindow) -> anyhow::Result<QuerySeries> {
         let (from, to) = (format_rfc3339(usage.month.start_millis()), format_rfc3339(usage.month.end_millis()));
         let per_customer: Vec<(Vec<u8>, Expected)> = (0..usage.customers)
             .map(|c| {
-                let path =
-                    format!("/v1/usage?customer={}&from={from}&to={to}&window={window}&group_by=service,usage_type", query_customer(c));
+                let path = format!(
+                    "/v1/usage?customer={}&from={from}&to={to}&window={}&group_by=service,usage_type",
+                    query_customer(c),
+                    window.as_str()
+                );
                 (get_request(self.server.addr, &path, Some(&self.admin_token)), usage.expected(c, window))
             })
             .collect();
         let mut conn = Conn::connect(self.server.addr).await?;
         let mut body = Vec::new();
-        let mut samples = Vec::with_capacity(self.queries);
-        let (mut failures, mut first_failure) = (0usize, String::new());
+        let mut series = QuerySeries::new("meter serve", window, per_customer[0].1.len());
+        let mut cpu = 0.0;
         for i in 0..QUERY_WARM_UP + self.queries {
             let (request, expected) = &per_customer[i % per_customer.len()];
+            if i == QUERY_WARM_UP {
+                cpu = self.server.cpu();
+            }
             let started = Instant::now();
             let status = conn.exchange(request, &mut body).await.context("querying meter serve")?;
-            let took = started.elapsed();
-            if let Err(why) = check_usage(status, &body, expected) {
-                failures += 1;
-                if first_failure.is_empty() {
-                    first_failure = format!("customer {}: {why}", query_customer(i % per_customer.len()));
-                }
-            }
-            if i >= QUERY_WARM_UP {
-                samples.push(took);
-            }
+            series.record(i, started.elapsed(), check_usage(status, &body, expected));
         }
-        let rows = per_customer[0].1.len();
-        let s = QuerySeries {
-            window,
-            p50: ms(percentile(&mut samples, 0.5)),
-            p99: ms(percentile(&mut samples, 0.99)),
-            max: ms(samples.iter().max().copied().unwrap_or_default()),
-            samples: samples.len(),
-            rows,
-            failures,
-            first_failure,
-        };
-        println!(
-            "serve query, window={window}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} requests of {rows} rows ({QUERY_WARM_UP} untimed first){}",
-            s.p50,
-            s.p99,
-            s.max,
-            s.samples,
-            if s.failures == 0 { String::new() } else { format!("; FAILED: {} wrong answers", s.failures) }
-        );
-        Ok(s)
+        series.server_cpu_ms = Some((self.server.cpu() - cpu) * 1e3 / self.queries as f64);
+        series.finish();
+        Ok(series)
+    }
+
+    /// The same queries as [`Bench::query_series`] (the server's own SQL
+    /// and client, the same user) straight to ClickHouse: the baseline.
+    async fn clickhouse_series(&self, usage: &MonthOfUsage<'_>, window: UsageWindow) -> anyhow::Result<QuerySeries> {
+        let mut ch = self.http.clickhouse.clone();
+        ch.user = "analyst".into();
+        ch.password = self.analyst_password.clone();
+        let client = Connection::from(&ch).client()?;
+        let (from_s, to_s) = (meter_clickhouse::seconds(usage.month.start_millis()), meter_clickhouse::seconds(usage.month.end_millis()));
+        let expected: Vec<Expected> = (0..usage.customers).map(|c| usage.expected(c, window)).collect();
+        let mut series = QuerySeries::new("ClickHouse", window, expected[0].len());
+        for i in 0..QUERY_WARM_UP + self.queries {
+            let c = i % usage.customers;
+            let q = UsageQuery {
+                customer: query_customer(c),
+                from_s,
+                to_s,
+                window,
+                group_by: vec![Dim::Service, Dim::UsageType],
+                service: String::new(),
+                usage_type: String::new(),
+                region: String::new(),
+                resource: String::new(),
+                offset: 0,
+                limit: 1_000,
+            };
+            let started = Instant::now();
+            let (rows, more) = meter_report::api::usage(&client, &q).await.context("querying ClickHouse")?;
+            let took = started.elapsed();
+            let got: Expected = rows
+                .iter()
+                .map(|r| {
+                    let start = match window {
+                        UsageWindow::Month => YearMonth::new((r.bucket / 100) as i32, r.bucket % 100).map_or(0, |m| m.start_millis()),
+                        _ => i64::from(r.bucket) * 1000,
+                    };
+                    let dim = |i: usize| r.dims.get(i).cloned().unwrap_or_default();
+                    ((format_rfc3339(start), dim(0), dim(1)), (r.quantity.to_string(), r.event_count))
+                })
+                .collect();
+            let answer = if !more && got == expected[c] {
+                Ok(())
+            } else {
+                Err(format!("{} rows{}, {} expected", rows.len(), if more { " and more" } else { "" }, expected[c].len()))
+            };
+            series.record(i, took, answer);
+        }
+        series.finish();
+        Ok(series)
     }
 }
 
@@ -884,12 +945,17 @@ impl MonthOfUsage<'_> {
         rows
     }
 
-    /// Inserts every row in one INSERT with `optimize_on_insert = 0`, so
-    /// that the revisions of a window stay apart (one part per month
-    /// partition: nothing to merge); returns the rows.
+    /// Inserts every row in one INSERT, so that the revisions of a window
+    /// stay apart in one part per month partition, with nothing to merge
+    /// (servers that have `optimize_on_insert` would collapse them in the
+    /// insert itself: it is turned off); returns the rows.
     async fn insert(&self, cfg: &Config) -> anyhow::Result<u64> {
         let rows = self.rows();
-        let client = Connection::from(&cfg.clickhouse).writer()?.with_setting("optimize_on_insert", "0");
+        let mut client = Connection::from(&cfg.clickhouse).writer()?;
+        let setting: u64 = client.query("SELECT count() FROM system.settings WHERE name = 'optimize_on_insert'").fetch_one().await?;
+        if setting > 0 {
+            client = client.with_setting("optimize_on_insert", "0");
+        }
         let started = Instant::now();
         let mut insert = client.insert::<UsageRow>("usage_day").await?;
         for r in &rows {
@@ -916,10 +982,10 @@ impl MonthOfUsage<'_> {
     /// What `GET /v1/usage` grouped by service and usage type must answer
     /// for customer `c`: the last revision of every window of the month,
     /// summed over regions and resources, by day or for the month.
-    fn expected(&self, c: usize, window: &str) -> Expected {
+    fn expected(&self, c: usize, window: UsageWindow) -> Expected {
         let mut out: BTreeMap<(String, String, String), (i128, i64)> = BTreeMap::new();
         for day in 1..=self.month.days() as usize {
-            let start = if window == "month" { self.month.start_millis() } else { self.day_start(day) };
+            let start = if window == UsageWindow::Month { self.month.start_millis() } else { self.day_start(day) };
             for (ki, k) in self.kinds.iter().enumerate() {
                 let e = out.entry((format_rfc3339(start), k.service.clone(), k.usage_type.clone())).or_default();
                 for ri in 0..REGIONS.len() {
@@ -963,16 +1029,70 @@ fn check_usage(status: u16, body: &[u8], expected: &Expected) -> Result<(), Stri
     Ok(())
 }
 
-/// A series of usage queries, in ms.
+/// A series of usage queries, in ms; the first [`QUERY_WARM_UP`] untimed.
 struct QuerySeries {
-    window: &'static str,
+    via: &'static str,
+    window: UsageWindow,
+    rows: usize,
+    times: Vec<Duration>,
     p50: f64,
     p99: f64,
     max: f64,
     samples: usize,
-    rows: usize,
     failures: usize,
     first_failure: String,
+    /// The server's CPU time per timed query.
+    server_cpu_ms: Option<f64>,
+}
+
+impl QuerySeries {
+    fn new(via: &'static str, window: UsageWindow, rows: usize) -> Self {
+        QuerySeries {
+            via,
+            window,
+            rows,
+            times: Vec::new(),
+            p50: 0.0,
+            p99: 0.0,
+            max: 0.0,
+            samples: 0,
+            failures: 0,
+            first_failure: String::new(),
+            server_cpu_ms: None,
+        }
+    }
+
+    /// The `i`th query's time and whether its answer was right.
+    fn record(&mut self, i: usize, took: Duration, answer: Result<(), String>) {
+        if let Err(why) = answer {
+            self.failures += 1;
+            if self.first_failure.is_empty() {
+                self.first_failure = format!("query {i}: {why}");
+            }
+        }
+        if i >= QUERY_WARM_UP {
+            self.times.push(took);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.p50 = ms(percentile(&mut self.times, 0.5));
+        self.p99 = ms(percentile(&mut self.times, 0.99));
+        self.max = ms(self.times.iter().max().copied().unwrap_or_default());
+        self.samples = self.times.len();
+        println!(
+            "query via {}, window={}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} requests of {} rows{}{}",
+            self.via,
+            self.window.as_str(),
+            self.p50,
+            self.p99,
+            self.max,
+            self.samples,
+            self.rows,
+            self.server_cpu_ms.map(|c| format!(" (server CPU {c:.2} ms/query)")).unwrap_or_default(),
+            if self.failures == 0 { String::new() } else { format!("; FAILED: {} wrong answers", self.failures) }
+        );
+    }
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -992,7 +1112,7 @@ fn thousands(x: f64) -> String {
     let digits = (x.round().max(0.0) as u64).to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -1022,9 +1142,9 @@ mod tests {
         let u = MonthOfUsage { month, kinds: &kinds, customers: 2 };
         let rows = u.rows();
         assert_eq!(rows.len(), 2 * 30 * (3 * 2 + 3) * REVISIONS as usize);
-        let by_day = u.expected(1, "day");
+        let by_day = u.expected(1, UsageWindow::Day);
         assert_eq!(by_day.len(), 28 * 2);
-        let by_month = u.expected(1, "month");
+        let by_month = u.expected(1, UsageWindow::Month);
         assert_eq!(by_month.len(), 2);
         // From the rows themselves: the month's windows of customer 1 at
         // their last revision.
