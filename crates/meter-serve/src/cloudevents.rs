@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use meter_model::UsageEvent;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The incarnation of every event `meter serve` produces: the events have
 /// no seq stream to keep apart, and a processor that refuses events
@@ -52,17 +52,29 @@ impl Framing {
     }
 }
 
+/// One event of a request, its JSON text not parsed yet: a batch is split
+/// without building a tree of it, and each event is then read straight
+/// into typed fields (so one bad event is named by its index).
+pub type RawEvent = Box<RawValue>;
+
 /// The body as events, or why it is not JSON of the framing's shape.
-pub fn split(body: &[u8], framing: Framing) -> Result<Vec<Value>, String> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    match (framing, value) {
-        (Framing::Structured, Value::Array(_)) => Err("application/cloudevents+json holds one event, not an array: \
+pub fn split(body: &[u8], framing: Framing) -> Result<Vec<RawEvent>, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("the body is not JSON: not UTF-8 ({e})"))?;
+    let first = text.trim_start().as_bytes().first().copied();
+    match (framing, first) {
+        (Framing::Structured, Some(b'[')) => Err("application/cloudevents+json holds one event, not an array: \
              send a batch as application/cloudevents-batch+json"
             .into()),
-        (Framing::Batch, Value::Object(_)) => Err("application/cloudevents-batch+json is an array of events".into()),
-        (_, Value::Array(events)) => Ok(events),
-        (_, event @ Value::Object(_)) => Ok(vec![event]),
-        (_, _) => Err("the body is neither an event (a JSON object) nor a batch (an array)".into()),
+        (Framing::Batch, Some(b'{')) => Err("application/cloudevents-batch+json is an array of events".into()),
+        (_, Some(b'[')) => serde_json::from_str::<Vec<RawEvent>>(text).map_err(|e| format!("the body is not JSON: {e}")),
+        (_, Some(b'{')) => {
+            let event: RawEvent = serde_json::from_str(text).map_err(|e| format!("the body is not JSON: {e}"))?;
+            Ok(vec![event])
+        }
+        _ => match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Err(e) => Err(format!("the body is not JSON: {e}")),
+            Ok(_) => Err("the body is neither an event (a JSON object) nor a batch (an array)".into()),
+        },
     }
 }
 
@@ -76,14 +88,14 @@ struct Envelope {
     subject: Option<String>,
     time: Option<String>,
     datacontenttype: Option<String>,
-    data: Option<Value>,
-    data_base64: Option<Value>,
+    data: Option<Box<RawValue>>,
+    data_base64: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Data {
-    quantity: Value,
+    quantity: Box<RawValue>,
     #[serde(default)]
     resource: String,
     #[serde(default)]
@@ -92,9 +104,28 @@ struct Data {
     attributes: BTreeMap<String, String>,
 }
 
+/// `data.quantity`: a JSON integer, or a string of digits (for clients
+/// whose numbers are doubles).
+fn quantity(raw: &RawValue) -> Result<i64, String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: String = serde_json::from_str(text).map_err(|e| format!("data.quantity: {e}"))?;
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("data.quantity {text} is not an integer"));
+        }
+        return s.parse().map_err(|_| format!("data.quantity {text} is beyond 64 bits"));
+    }
+    let is_integer = text.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+        && text.len() > usize::from(text.starts_with('-'));
+    if !is_integer {
+        return Err(format!("data.quantity {text} is not an integer"));
+    }
+    text.parse().map_err(|_| format!("data.quantity {text} is not a 64-bit integer"))
+}
+
 /// The usage event of one CloudEvent from `agent_id`, or why it is not one.
-pub fn to_usage_event(event: Value, agent_id: &str) -> Result<UsageEvent, String> {
-    let e: Envelope = serde_json::from_value(event).map_err(|e| format!("not a CloudEvent: {e}"))?;
+pub fn to_usage_event(event: &RawValue, agent_id: &str) -> Result<UsageEvent, String> {
+    let e: Envelope = serde_json::from_str(event.get()).map_err(|e| format!("not a CloudEvent: {e}"))?;
     let required = |v: Option<String>, name: &str| v.filter(|s| !s.is_empty()).ok_or_else(|| format!("{name} is required"));
     let spec = required(e.specversion, "specversion")?;
     if spec != "1.0" {
@@ -118,14 +149,8 @@ pub fn to_usage_event(event: Value, agent_id: &str) -> Result<UsageEvent, String
     if e.data_base64.is_some() {
         return Err("data_base64 is not accepted: data must be a JSON object".into());
     }
-    let data: Data = serde_json::from_value(e.data.ok_or("data is required")?).map_err(|e| format!("data: {e}"))?;
-    let quantity = match &data.quantity {
-        Value::Number(n) => n.as_i64().ok_or_else(|| format!("data.quantity {n} is not a 64-bit integer"))?,
-        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().map_err(|_| format!("data.quantity {s:?} is beyond 64 bits"))?
-        }
-        other => return Err(format!("data.quantity {other} is not an integer")),
-    };
+    let data: Data = serde_json::from_str(e.data.ok_or("data is required")?.get()).map_err(|e| format!("data: {e}"))?;
+    let quantity = quantity(&data.quantity)?;
     Ok(UsageEvent {
         event_id: format!("{source}#{id}"),
         agent_id: agent_id.to_owned(),
@@ -145,7 +170,11 @@ pub fn to_usage_event(event: Value, agent_id: &str) -> Result<UsageEvent, String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn raw(v: &Value) -> Box<RawValue> {
+        RawValue::from_string(v.to_string()).expect("json")
+    }
 
     fn event() -> Value {
         json!({
@@ -157,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_cloudevent_maps_to_a_usage_event() {
-        let u = to_usage_event(event(), "api-web").expect("maps");
+        let u = to_usage_event(&raw(&event()), "api-web").expect("maps");
         assert_eq!(u.event_id, "//web/checkout#e-1");
         assert_eq!((u.customer_id.as_str(), u.service.as_str(), u.usage_type.as_str()), ("cust-1", "compute", "BoxUsage:m5.large"));
         assert_eq!((u.quantity, u.resource_id.as_str(), u.region.as_str()), (3600, "i-1", "eu-west-1"));
@@ -174,19 +203,29 @@ mod tests {
             ("time", json!("yesterday"), "time: \"yesterday\" is not an RFC 3339"),
             ("type", json!("BoxUsage"), "type \"BoxUsage\" is not service/usage_type"),
             ("subject", json!(""), "subject (the customer id) is required"),
-            ("data", json!({"quantity": 1.5}), "data.quantity 1.5 is not a 64-bit integer"),
+            ("data", json!({"quantity": 1.5}), "data.quantity 1.5 is not an integer"),
             ("data", json!({"quantity": 1, "quantitiy": 2}), "data: unknown field `quantitiy`"),
             ("datacontenttype", json!("text/plain"), "datacontenttype \"text/plain\""),
         ];
         for (field, value, want) in cases {
             let mut e = event();
             e[field] = value;
-            let got = to_usage_event(e, "a").expect_err(field);
+            let got = to_usage_event(&raw(&e), "a").expect_err(field);
             assert!(got.starts_with(want), "{field}: {got}");
         }
         let mut e = event();
         e["data"]["quantity"] = json!(-5);
-        assert_eq!(to_usage_event(e, "a").expect("negative is the processor's to refuse").quantity, -5);
+        assert_eq!(to_usage_event(&raw(&e), "a").expect("negative is the processor's to refuse").quantity, -5);
+        for (q, want) in [
+            (json!("12"), Ok(12)),
+            (json!(1e3), Err("data.quantity 1000.0 is not an integer")),
+            (json!("1.5"), Err("data.quantity \"1.5\" is not an integer")),
+            (json!(u64::MAX), Err("data.quantity 18446744073709551615 is not a 64-bit integer")),
+        ] {
+            let mut e = event();
+            e["data"]["quantity"] = q;
+            assert_eq!(to_usage_event(&raw(&e), "a").map(|u| u.quantity), want.map_err(str::to_owned));
+        }
     }
 
     #[test]

@@ -97,12 +97,12 @@ async fn ingest(app: &AppState, headers: &HeaderMap, body: Body) -> Result<usize
 }
 
 /// Maps, checks and encodes every event; any refusal refuses the request.
-fn prepare(app: &AppState, who: &crate::keys::Principal, events: Vec<serde_json::Value>) -> Result<Vec<Record>, ApiError> {
+fn prepare(app: &AppState, who: &crate::keys::Principal, events: Vec<cloudevents::RawEvent>) -> Result<Vec<Record>, ApiError> {
     let now = meter_model::now_ms();
     let mut problems = Vec::new();
     let mut records = Vec::with_capacity(events.len());
-    for (index, value) in events.into_iter().enumerate() {
-        match prepare_one(app, who, value, now) {
+    for (index, event) in events.iter().enumerate() {
+        match prepare_one(app, who, event, now) {
             Ok(r) => records.push(r),
             Err((reason, detail)) => problems.push(EventProblem { index, reason, detail }),
         }
@@ -117,8 +117,13 @@ fn prepare(app: &AppState, who: &crate::keys::Principal, events: Vec<serde_json:
         .with_events(problems))
 }
 
-fn prepare_one(app: &AppState, who: &crate::keys::Principal, value: serde_json::Value, now: i64) -> Result<Record, (String, String)> {
-    let event = cloudevents::to_usage_event(value, &who.agent_id).map_err(|d| (cloudevents::INVALID.to_owned(), d))?;
+fn prepare_one(
+    app: &AppState,
+    who: &crate::keys::Principal,
+    raw: &serde_json::value::RawValue,
+    now: i64,
+) -> Result<Record, (String, String)> {
+    let event = cloudevents::to_usage_event(raw, &who.agent_id).map_err(|d| (cloudevents::INVALID.to_owned(), d))?;
     if !who.covers(&event.customer_id) {
         return Err((FORBIDDEN.into(), format!("api key {:?} may not report usage for customer {:?}", who.name, event.customer_id)));
     }

@@ -14,7 +14,8 @@ use meter_model::{Date, Granularity, YearMonth};
 use meter_report::api::{Dim, UsageQuery, UsageRow, UsageWindow};
 use meter_report::rating::{decimal, AMOUNT_SCALE, FULL_SCALE};
 use rust_decimal::Decimal;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::{authenticate, AppState};
@@ -177,36 +178,79 @@ async fn usage(app: &AppState, headers: &HeaderMap, params: Vec<(String, String)
         }
         (StatusCode::OK, [(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response()
     } else {
-        let rows: Vec<Value> = rows
+        let rows: Vec<RowOut<'_>> = rows
             .iter()
             .map(|row| {
                 let (start, end, fin) = bounds(window, row, now, lateness);
-                let mut o = Map::new();
-                o.insert("window_start".into(), json!(format_rfc3339(start)));
-                o.insert("window_end".into(), json!(format_rfc3339(end)));
+                let mut out = RowOut {
+                    window_start: format_rfc3339(start),
+                    window_end: format_rfc3339(end),
+                    service: None,
+                    usage_type: None,
+                    region: None,
+                    resource: None,
+                    quantity: row.quantity.to_string(),
+                    event_count: row.event_count,
+                    is_final: fin,
+                };
                 for (d, v) in group_by.iter().zip(&row.dims) {
-                    o.insert(d.as_str().into(), json!(v));
+                    let slot = match d {
+                        Dim::Service => &mut out.service,
+                        Dim::UsageType => &mut out.usage_type,
+                        Dim::Region => &mut out.region,
+                        Dim::Resource => &mut out.resource,
+                    };
+                    *slot = Some(v.as_str());
                 }
-                o.insert("quantity".into(), json!(row.quantity.to_string()));
-                o.insert("event_count".into(), json!(row.event_count));
-                o.insert("is_final".into(), json!(fin));
-                Value::Object(o)
+                out
             })
             .collect();
-        json_response(&json!({
-            "customer": customer,
-            "window": window.as_str(),
-            "from": format_rfc3339(i64::from(from) * 1000),
-            "to": format_rfc3339(i64::from(to) * 1000),
-            "group_by": group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
-            "rows": rows,
-            "next_page_token": next,
-        }))
+        let page = PageOut {
+            customer,
+            window: window.as_str(),
+            from: format_rfc3339(i64::from(from) * 1000),
+            to: format_rfc3339(i64::from(to) * 1000),
+            group_by: group_by.iter().map(|d| d.as_str()).collect(),
+            rows,
+            next_page_token: next.as_deref(),
+        };
+        let body = serde_json::to_string(&page).map_err(|e| ApiError::unavailable(format!("rendering the page: {e}"), 1))?;
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
     };
     if let Some(t) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
         r.headers_mut().insert("x-next-page-token", t);
     }
     Ok(r)
+}
+
+/// One row of a usage page: the grouped dimensions only.
+#[derive(Serialize)]
+struct RowOut<'a> {
+    window_start: String,
+    window_end: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    /// A string: sums pass 2^53.
+    quantity: String,
+    event_count: i64,
+    is_final: bool,
+}
+
+#[derive(Serialize)]
+struct PageOut<'a> {
+    customer: &'a str,
+    window: &'a str,
+    from: String,
+    to: String,
+    group_by: Vec<&'a str>,
+    rows: Vec<RowOut<'a>>,
+    next_page_token: Option<&'a str>,
 }
 
 /// A row's window in epoch ms and whether it is final: a month only once

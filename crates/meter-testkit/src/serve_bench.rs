@@ -196,7 +196,10 @@ impl Bench {
         let cloudevents: Vec<Value> = (0..n).map(|i| cloudevent(i, &kinds, now)).collect();
         let events = cloudevents
             .iter()
-            .map(|v| meter_serve::cloudevents::to_usage_event(v.clone(), AGENT).map_err(|m| anyhow::anyhow!("event {v}: {m}")))
+            .map(|v| {
+                let raw = serde_json::value::RawValue::from_string(v.to_string())?;
+                meter_serve::cloudevents::to_usage_event(&raw, AGENT).map_err(|m| anyhow::anyhow!("event {v}: {m}"))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut requests = Vec::new();
         for size in BATCH_SIZES {
