@@ -311,6 +311,15 @@ async fn refused_requests_get_their_status_and_put_nothing_on_the_topic() {
     assert_eq!(a.json()["events"][0]["reason"], "future_timestamp", "{}", a.body);
     let ancient = Usage { time_ms: meter_model::now_ms() - 40 * DAY_MS, ..good[0].clone() };
     assert_eq!(post(&server, INGEST, BATCH, &batch(&[ancient])).json()["events"][0]["reason"], "too_late");
+    // Within serve.horizon_margin_ms (1 h) of the 35-day horizon: refused
+    // too, as the processor may judge it later than now.
+    let edge = Usage { time_ms: meter_model::now_ms() - 35 * DAY_MS + 30 * 60_000, ..good[0].clone() };
+    assert_eq!(post(&server, INGEST, BATCH, &batch(&[edge])).json()["events"][0]["reason"], "too_late");
+    // The same source and id twice in one request with other content.
+    let twice = [good[0].clone(), Usage { quantity: good[0].quantity + 1, ..good[0].clone() }];
+    let a = post(&server, INGEST, BATCH, &batch(&twice));
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!((a.json()["events"][0]["index"].as_u64(), a.json()["events"][0]["reason"].as_str()), (Some(1), Some("event_id_conflict")));
 
     let many = events("m", 51, &["c-1"], start);
     let a = post(&server, INGEST, BATCH, &batch(&many));
@@ -318,6 +327,22 @@ async fn refused_requests_get_their_status_and_put_nothing_on_the_topic() {
     let huge = format!("[{}]", vec![good[0].cloudevent().to_string(); 400].join(","));
     assert!(huge.len() > 65536);
     assert_eq!(post(&server, INGEST, BATCH, &huge).status, 413);
+    let gz = curl(
+        &server.url("/v1/events"),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {INGEST}"),
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Content-Encoding: gzip",
+            "--data-binary",
+            &body,
+        ],
+    );
+    assert_eq!((gz.status, gz.json()["error"].as_str()), (415, Some("unsupported_media_type")));
     let text = post(&server, INGEST, "text/plain", &body);
     assert_eq!((text.status, text.json()["error"].as_str()), (415, Some("unsupported_media_type")));
     let wrong_shape = post(&server, INGEST, "application/cloudevents+json", &body);
@@ -340,6 +365,14 @@ async fn refused_requests_get_their_status_and_put_nothing_on_the_topic() {
     assert_eq!(get(&server, ADMIN, "/v1/customers/c-1/invoices/2026-13").status, 400);
     assert_eq!(get(&server, ADMIN, "/v1/customers/c-1/invoices/1999-01").status, 404);
     assert_eq!(get(&server, ADMIN, "/v1/nothing").status, 404);
+    let wrong_method = curl(&server.url("/v1/usage"), &["-X", "DELETE", "-H", &format!("Authorization: Bearer {ADMIN}")]);
+    assert_eq!((wrong_method.status, wrong_method.json()["error"].as_str()), (405, Some("method_not_allowed")));
+    let bad_path = get(&server, ADMIN, "/v1/customers/%FF/cost");
+    assert_eq!((bad_path.status, bad_path.json()["error"].as_str()), (400, Some("bad_request")), "{}", bad_path.body);
+    let long =
+        get(&server, ADMIN, &format!("/v1/usage?customer=c-1&window=minute&from={}&to={}", start / 1000 - 60 * 86_400, start / 1000));
+    assert_eq!(long.status, 400, "{}", long.body);
+    assert!(long.json()["message"].as_str().unwrap().contains("serve.max_query_windows"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,8 +478,17 @@ async fn serve_writes_the_configured_wire_format_and_confluent_kafka_reads_it() 
         })
         .collect();
     read.sort();
-    let mut want: Vec<(String, String, String, i64)> =
-        posted.iter().map(|e| (format!("//tests/serve#{}", e.id), e.customer.clone(), e.usage_type.to_owned(), e.quantity)).collect();
+    let mut want: Vec<(String, String, String, i64)> = posted
+        .iter()
+        .map(|e| {
+            (
+                meter_serve::cloudevents::event_id(AGENT, &e.customer, "//tests/serve", &e.id),
+                e.customer.clone(),
+                e.usage_type.to_owned(),
+                e.quantity,
+            )
+        })
+        .collect();
     want.sort();
     assert_eq!(read, want);
     let rec = drain_and_reconcile(&cfg, &ledger(&posted)).await;

@@ -36,7 +36,7 @@ type Answered = (usize, u16, Option<String>);
 const BATCHES: usize = 60;
 const PER_BATCH: usize = 50;
 
-/// The event ids on the events topic (the CloudEvent `source#id`).
+/// The event ids on the events topic (see `meter_serve::cloudevents::event_id`).
 fn event_ids_on_topic(cfg: &meter_config::Config) -> HashSet<String> {
     let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka).set("group.id", "serve-test-reader").create().unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -117,10 +117,19 @@ async fn chaos_serve_answers_202_only_for_what_the_broker_acknowledged() {
     let on_topic = event_ids_on_topic(&cfg);
     for i in &accepted {
         for e in &batches[*i] {
-            assert!(on_topic.contains(&format!("//tests/serve#{}", e.id)), "batch {i} was answered 202 but {} is not on the topic", e.id);
+            assert!(
+                on_topic.contains(&meter_serve::cloudevents::event_id(AGENT, &e.customer, "//tests/serve", &e.id)),
+                "batch {i} was answered 202 but {} is not on the topic",
+                e.id
+            );
         }
     }
-    let partly = refused.iter().filter(|(i, ..)| batches[*i].iter().any(|e| on_topic.contains(&format!("//tests/serve#{}", e.id)))).count();
+    let partly = refused
+        .iter()
+        .filter(|(i, ..)| {
+            batches[*i].iter().any(|e| on_topic.contains(&meter_serve::cloudevents::event_id(AGENT, &e.customer, "//tests/serve", &e.id)))
+        })
+        .count();
     eprintln!("{partly} of the 503'd batches were partly or wholly on the topic already");
 
     // The clients retry what was not accepted.

@@ -41,9 +41,19 @@ pub struct ServeConfig {
     /// then is answered 503, and nothing of it is answered 202.
     #[serde(default = "default_delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
+    /// Events this close to the correction horizon (or past it) are
+    /// refused as `too_late`: the processor judges them later, against its
+    /// watermark, and would dead-letter them after the 202.
+    #[serde(default = "default_horizon_margin_ms")]
+    pub horizon_margin_ms: i64,
     /// The `Retry-After` (seconds) of 429 and 503 answers.
     #[serde(default = "default_retry_after_s")]
     pub retry_after_s: u64,
+    /// Most windows one `GET /v1/usage` may span (`to - from` over the
+    /// window size; a month counts its days): bounds the ClickHouse work of
+    /// one query. The default is about 35 days of minutes.
+    #[serde(default = "default_max_query_windows")]
+    pub max_query_windows: u64,
     /// Most rows in one page of `GET /v1/usage`.
     #[serde(default = "default_max_page_rows")]
     pub max_page_rows: usize,
@@ -111,8 +121,14 @@ fn default_max_in_flight_events() -> usize {
 fn default_delivery_timeout_ms() -> u64 {
     30_000
 }
+fn default_horizon_margin_ms() -> i64 {
+    3_600_000
+}
 fn default_retry_after_s() -> u64 {
     1
+}
+fn default_max_query_windows() -> u64 {
+    50_400
 }
 fn default_max_page_rows() -> usize {
     10_000
@@ -131,7 +147,9 @@ impl Default for ServeConfig {
             max_batch_events: default_max_batch_events(),
             max_in_flight_events: default_max_in_flight_events(),
             delivery_timeout_ms: default_delivery_timeout_ms(),
+            horizon_margin_ms: default_horizon_margin_ms(),
             retry_after_s: default_retry_after_s(),
+            max_query_windows: default_max_query_windows(),
             max_page_rows: default_max_page_rows(),
             query_timeout_ms: default_query_timeout_ms(),
         }
@@ -217,6 +235,8 @@ impl Section for ServeConfig {
         p.check(self.max_in_flight_events >= self.max_batch_events, "serve.max_in_flight_events must be at least serve.max_batch_events");
         p.check(self.delivery_timeout_ms >= 1_000, "serve.delivery_timeout_ms must be at least 1000");
         p.check(self.retry_after_s >= 1, "serve.retry_after_s must be at least 1");
+        p.check(self.horizon_margin_ms >= 0, "serve.horizon_margin_ms must not be negative");
+        p.check(self.max_query_windows >= 1, "serve.max_query_windows must be at least 1");
         p.check((1..=1_000_000).contains(&self.max_page_rows), "serve.max_page_rows must be in 1..=1000000");
         p.check(self.query_timeout_ms >= 100, "serve.query_timeout_ms must be at least 100");
         // The keys file is read by `keys()` when the server starts; the

@@ -29,7 +29,7 @@ pub fn format_date(ms: i64) -> String {
 /// milliseconds.
 pub fn parse_instant(s: &str) -> Result<i64, String> {
     if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs * 1000);
+        return secs.checked_mul(1000).ok_or_else(|| format!("{s:?} seconds is outside the calendar"));
     }
     let err = || format!("{s:?} is not YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)");
     let (date, time) = match s.split_once('T') {

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `subject` | `customer_id` |
 //! | `type` | `service/usage_type`, split at the first `/` |
-//! | `source`, `id` | `event_id` = `source#id` |
+//! | `source`, `id` | `event_id` = `agent/customer/source#id` (see [`event_id`]) |
 //! | `time` | `event_time` (required: a retry must carry the same time) |
 //! | `data.quantity` | `quantity` (integer, or a string of digits) |
 //! | `data.resource`, `data.region`, `data.attributes` | `resource_id`, `region`, `attributes` |
@@ -24,6 +24,36 @@ use serde_json::value::RawValue;
 /// without an incarnation (`processor.accept_no_incarnation = false`)
 /// still takes them.
 pub const INCARNATION: &str = "http";
+
+/// The usage event id of CloudEvent `source`/`id` posted for `customer` as
+/// `agent`: `agent/customer/source#id`, with `%`, `/` and `#` in the
+/// first three written `%25`, `%2F` and `%23`, so that no two distinct
+/// (agent, customer, source, id) share an id. The processor deduplicates
+/// seq-less events by id within a partition and day, whoever sent them:
+/// without the agent and the customer in it, two tenants that both post
+/// `source "/app", id "1"` would collide, and the second would be
+/// dead-lettered as `event_id_conflict` after its 202.
+pub fn event_id(agent: &str, customer: &str, source: &str, id: &str) -> String {
+    fn push_escaped(out: &mut String, s: &str) {
+        for c in s.chars() {
+            match c {
+                '%' => out.push_str("%25"),
+                '/' => out.push_str("%2F"),
+                '#' => out.push_str("%23"),
+                c => out.push(c),
+            }
+        }
+    }
+    let mut out = String::with_capacity(agent.len() + customer.len() + source.len() + id.len() + 3);
+    push_escaped(&mut out, agent);
+    out.push('/');
+    push_escaped(&mut out, customer);
+    out.push('/');
+    push_escaped(&mut out, source);
+    out.push('#');
+    out.push_str(id);
+    out
+}
 
 /// The reason given to an event that is not a CloudEvent we can map.
 pub const INVALID: &str = "invalid_cloudevent";
@@ -152,7 +182,7 @@ pub fn to_usage_event(event: &RawValue, agent_id: &str) -> Result<UsageEvent, St
     let data: Data = serde_json::from_str(e.data.ok_or("data is required")?.get()).map_err(|e| format!("data: {e}"))?;
     let quantity = quantity(&data.quantity)?;
     Ok(UsageEvent {
-        event_id: format!("{source}#{id}"),
+        event_id: event_id(agent_id, &customer, &source, &id),
         agent_id: agent_id.to_owned(),
         seq: None,
         customer_id: customer,
@@ -187,7 +217,11 @@ mod tests {
     #[test]
     fn a_cloudevent_maps_to_a_usage_event() {
         let u = to_usage_event(&raw(&event()), "api-web").expect("maps");
-        assert_eq!(u.event_id, "//web/checkout#e-1");
+        assert_eq!(u.event_id, "api-web/cust-1/%2F%2Fweb%2Fcheckout#e-1");
+        // Distinct (agent, customer, source, id) never share an id.
+        assert_ne!(event_id("a", "c", "x#y", "z"), event_id("a", "c", "x", "y#z"));
+        assert_ne!(event_id("a/b", "c", "s", "i"), event_id("a", "b/c", "s", "i"));
+        assert_ne!(event_id("a", "c", "s%23", "i"), event_id("a", "c", "s#", "i"));
         assert_eq!((u.customer_id.as_str(), u.service.as_str(), u.usage_type.as_str()), ("cust-1", "compute", "BoxUsage:m5.large"));
         assert_eq!((u.quantity, u.resource_id.as_str(), u.region.as_str()), (3600, "i-1", "eu-west-1"));
         assert_eq!(u.event_time, meter_model::date::parse_utc_millis("2026-11-30T11:00:00Z").expect("t") + 250);

@@ -23,6 +23,7 @@ const FORBIDDEN: &str = "forbidden";
 
 /// One event ready to produce: its key (the customer), payload and signature.
 struct Record {
+    event_id: String,
     customer: String,
     payload: Vec<u8>,
     signature: Option<String>,
@@ -32,10 +33,7 @@ pub async fn post_events(State(app): State<Arc<AppState>>, headers: HeaderMap, b
     let started = Instant::now();
     let r = ingest(&app, &headers, body).await;
     let status = match &r {
-        Ok(n) => {
-            app.metrics.events.with_label_values(&["accepted"]).inc_by(*n as u64);
-            StatusCode::ACCEPTED
-        }
+        Ok(_) => StatusCode::ACCEPTED,
         Err(e) => e.status,
     };
     app.metrics.observe("events", status, started);
@@ -45,7 +43,7 @@ pub async fn post_events(State(app): State<Arc<AppState>>, headers: HeaderMap, b
     }
 }
 
-async fn ingest(app: &AppState, headers: &HeaderMap, body: Body) -> Result<usize, ApiError> {
+async fn ingest(app: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<usize, ApiError> {
     let who = authenticate(app, headers)?;
     if who.role != ApiRole::Ingest {
         return Err(ApiError::forbidden(format!("api key {:?} is a {:?} key; only ingest keys post events", who.name, who.role)));
@@ -61,6 +59,13 @@ async fn ingest(app: &AppState, headers: &HeaderMap, body: Body) -> Result<usize
             ),
         )
     })?;
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).filter(|e| !e.eq_ignore_ascii_case("identity")) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content encoding {enc:?}: send the body uncompressed"),
+        ));
+    }
     let limit = app.cfg.serve.max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -78,32 +83,66 @@ async fn ingest(app: &AppState, headers: &HeaderMap, body: Body) -> Result<usize
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_events", "the batch holds no event"));
     }
     let n = events.len();
-    let records = prepare(app, who, events)?;
-    // Room for every event of the request, or none of it is produced.
-    let Ok(permit) = app.in_flight.clone().try_acquire_many_owned(n as u32) else {
+    let overloaded = || {
         app.metrics.events.with_label_values(&["overloaded"]).inc_by(n as u64);
-        return Err(ApiError::new(
+        ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "overloaded",
             format!("more than serve.max_in_flight_events ({}) events are waiting for the broker", app.cfg.serve.max_in_flight_events),
         )
-        .retry_after(app.cfg.serve.retry_after_s));
+        .retry_after(app.cfg.serve.retry_after_s)
     };
-    app.metrics.in_flight.add(n as i64);
-    let result = produce(app, &records).await;
-    app.metrics.in_flight.sub(n as i64);
-    drop(permit);
-    result.map(|()| n)
+    // Cheap first: no parsing and encoding for a request that cannot fit.
+    if app.in_flight.available_permits() < n {
+        return Err(overloaded());
+    }
+    let records = prepare(app, who, events)?;
+    // Room for every event of the request, or none of it is produced.
+    let Ok(permit) = app.in_flight.clone().try_acquire_many_owned(n as u32) else { return Err(overloaded()) };
+    // Produced in a task of its own: a client that hangs up drops this
+    // handler, and must not release the permits (or skip the counters)
+    // while librdkafka still holds its records.
+    let task = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.metrics.in_flight.add(n as i64);
+            let result = produce(&app, &records).await;
+            app.metrics.in_flight.sub(n as i64);
+            drop(permit);
+            if result.is_ok() {
+                app.metrics.events.with_label_values(&["accepted"]).inc_by(n as u64);
+            }
+            result
+        })
+    };
+    match task.await {
+        Ok(result) => result.map(|()| n),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("producing the request failed: {e}"))),
+    }
 }
 
 /// Maps, checks and encodes every event; any refusal refuses the request.
 fn prepare(app: &AppState, who: &crate::keys::Principal, events: Vec<cloudevents::RawEvent>) -> Result<Vec<Record>, ApiError> {
     let now = meter_model::now_ms();
     let mut problems = Vec::new();
-    let mut records = Vec::with_capacity(events.len());
+    let mut records: Vec<Record> = Vec::with_capacity(events.len());
+    // Event id -> where it first is in `records`: the same event twice is
+    // one event to the processor, the same id with other content would be
+    // dead-lettered there as event_id_conflict after the 202.
+    let mut seen: std::collections::HashMap<String, (usize, usize)> = std::collections::HashMap::new();
     for (index, event) in events.iter().enumerate() {
         match prepare_one(app, who, event, now) {
-            Ok(r) => records.push(r),
+            Ok(r) => match seen.get(&r.event_id) {
+                Some(&(first, at)) if records[at].payload != r.payload => problems.push(EventProblem {
+                    index,
+                    reason: DeadLetterReason::EventIdConflict.as_str().into(),
+                    detail: format!("event {index} has the source and id of event {first} with other content"),
+                }),
+                _ => {
+                    seen.entry(r.event_id.clone()).or_insert((index, records.len()));
+                    records.push(r);
+                }
+            },
             Err((reason, detail)) => problems.push(EventProblem { index, reason, detail }),
         }
     }
@@ -112,7 +151,8 @@ fn prepare(app: &AppState, who: &crate::keys::Principal, events: Vec<cloudevents
     }
     app.metrics.events.with_label_values(&["refused"]).inc_by((records.len() + problems.len()) as u64);
     let denied = problems.iter().any(|p| p.reason == FORBIDDEN || p.reason == DeadLetterReason::Unauthorized.as_str());
-    let message = format!("{} of {} events refused; nothing was produced", problems.len(), records.len() + problems.len());
+    let total = records.len() + problems.len();
+    let message = format!("{} of {total} events refused; nothing was produced", problems.len());
     Err(if denied { ApiError::forbidden(message) } else { ApiError::new(StatusCode::BAD_REQUEST, "invalid_events", message) }
         .with_events(problems))
 }
@@ -136,17 +176,23 @@ fn prepare_one(
         .check(&decoded, &payload, event.customer_id.as_bytes(), now)
         .map_err(|(reason, detail)| (reason.as_str().to_owned(), detail))?;
     let signature = who.signer.as_ref().map(|k| k.sign(&payload));
-    Ok(Record { customer: event.customer_id, payload, signature })
+    Ok(Record { event_id: event.event_id, customer: event.customer_id, payload, signature })
 }
 
-/// Past the correction horizon by the wall clock: the processor (whose
-/// watermark follows the wall clock) would dead-letter it as `too_late`.
+/// Past the correction horizon, or within `serve.horizon_margin_ms` of
+/// it: the processor judges an event against its watermark when it reads
+/// it, which may be later than now (a lagging processor) and up to its
+/// clock; an event it would dead-letter as `too_late` must not get a 202.
 fn too_late(app: &AppState, e: &UsageEvent, now: i64) -> Result<(), (String, String)> {
     let minute_end = Granularity::Minute.window_start(e.event_time) + Granularity::Minute.size_ms();
-    if minute_end.saturating_add(app.cfg.processor.correction_horizon_ms) <= now {
+    let horizon = app.cfg.processor.correction_horizon_ms;
+    if minute_end.saturating_add(horizon) <= now.saturating_add(app.cfg.serve.horizon_margin_ms) {
         return Err((
             DeadLetterReason::TooLate.as_str().into(),
-            format!("time is past the correction horizon ({} ms)", app.cfg.processor.correction_horizon_ms),
+            format!(
+                "time is past the correction horizon ({horizon} ms), or within serve.horizon_margin_ms ({} ms) of it",
+                app.cfg.serve.horizon_margin_ms
+            ),
         ));
     }
     Ok(())

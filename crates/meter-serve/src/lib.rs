@@ -164,6 +164,14 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/customers/{customer}/invoices/{month}/lines", get(query::get_invoice_lines))
         .route("/v1/openapi.yaml", get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }))
         .fallback(|| async { ApiError::not_found("no such route; see GET /v1/openapi.yaml").into_response() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see GET /v1/openapi.yaml",
+            )
+            .into_response()
+        })
         .with_state(app)
 }
 
@@ -214,7 +222,15 @@ pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result
         bulk: true,
     };
     let producer = meter_kafka::publish::producer(&cfg.kafka, tuning)?;
-    let clickhouse = meter_clickhouse::Connection::from(&cfg.clickhouse).client()?;
+    let connection = meter_clickhouse::Connection::from(&cfg.clickhouse);
+    // A wrong password or certificate is refused at once; a ClickHouse that
+    // does not answer yet is waited for by the queries (503 meanwhile).
+    match connection.check(Duration::from_secs(10)).await {
+        Err(e @ meter_clickhouse::Error::Refused(_)) => return Err(anyhow::anyhow!(e).context("ClickHouse refused meter serve")),
+        Err(e) => tracing::warn!(error = %e, "ClickHouse does not answer yet; queries are answered 503 until it does"),
+        Ok(()) => {}
+    }
+    let clickhouse = connection.client()?;
     Ok(AppState {
         rules: rules(cfg)?,
         cfg: (**cfg).clone(),

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -42,8 +43,9 @@ async fn read<T>(app: &AppState, what: &str, f: impl Future<Output = anyhow::Res
     match tokio::time::timeout(Duration::from_millis(app.cfg.serve.query_timeout_ms), f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
+            // The cause (tables, users, SQL) is the operator's to read, not the client's.
             tracing::warn!(error = %format!("{e:#}"), "{what} failed");
-            Err(ApiError::unavailable(format!("reading {what} from ClickHouse failed: {e:#}"), retry))
+            Err(ApiError::unavailable(format!("reading {what} from ClickHouse failed; the server's log has the cause"), retry))
         }
         Err(_) => Err(ApiError::unavailable(format!("ClickHouse did not answer within serve.query_timeout_ms reading {what}"), retry)),
     }
@@ -59,9 +61,24 @@ fn json_response(v: &Value) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
-pub async fn get_usage(State(app): State<Arc<AppState>>, headers: HeaderMap, Query(params): Query<Vec<(String, String)>>) -> Response {
+/// The parameters of a request, or the `Error` answer axum's own
+/// rejection would have given as plain text.
+type Params<T> = Result<T, ApiError>;
+
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Params<T> {
+    p.map(|Path(v)| v).map_err(|e| ApiError::bad_request(format!("the path: {}", e.body_text())))
+}
+
+pub async fn get_usage(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
     let started = Instant::now();
-    let r = usage(&app, &headers, params).await;
+    let r = match params {
+        Ok(Query(params)) => usage(&app, &headers, params).await,
+        Err(e) => Err(ApiError::bad_request(format!("the query string: {}", e.body_text()))),
+    };
     timed(&app, "usage", started, r)
 }
 
@@ -108,6 +125,19 @@ async fn usage(app: &AppState, headers: &HeaderMap, params: Vec<(String, String)
                 return Err(ApiError::bad_request(format!("window=month: {name} must be the first day of a month (00:00 UTC)")));
             }
         }
+    }
+    let size_s = match window {
+        UsageWindow::Minute => 60,
+        UsageWindow::Hour => 3_600,
+        UsageWindow::Day | UsageWindow::Month => 86_400,
+    };
+    let windows = u64::from(to - from).div_ceil(size_s);
+    let max_windows = app.cfg.serve.max_query_windows;
+    if windows > max_windows {
+        return Err(ApiError::bad_request(format!(
+            "from..to spans {windows} {} windows; serve.max_query_windows is {max_windows}: query a shorter span or a larger window",
+            window.as_str()
+        )));
     }
     let group_by = match p.get("group_by") {
         None => vec![Dim::Service, Dim::UsageType],
@@ -270,12 +300,16 @@ fn bounds(window: UsageWindow, row: &UsageRow, now: i64, lateness: i64) -> (i64,
     (start, start + g.size_ms(), row.is_final)
 }
 
-/// RFC 4180: quoted when it holds a comma, a quote or a line break.
+/// RFC 4180: quoted when it holds a comma, a quote or a line break. A
+/// value that a spreadsheet would run as a formula (`=`, `+`, `-`, `@`
+/// first: resource ids and regions come from ingest clients) gets a `'`
+/// in front.
 fn csv_field(v: &str) -> String {
+    let v = if v.starts_with(['=', '+', '-', '@']) { format!("'{v}") } else { v.to_owned() };
     if v.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", v.replace('"', "\"\""))
     } else {
-        v.to_owned()
+        v
     }
 }
 
@@ -284,7 +318,9 @@ fn month_param(s: &str) -> Result<YearMonth, ApiError> {
 }
 
 fn dec(m: i128, scale: u32) -> Result<String, ApiError> {
-    decimal(m, scale).map(|d| plain(d, scale)).map_err(|e| ApiError::unavailable(format!("a stored amount is out of range: {e}"), 1))
+    decimal(m, scale)
+        .map(|d| plain(d, scale))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("a stored amount is out of range: {e}")))
 }
 
 /// A decimal without trailing zeros beyond `keep` places... except money,
@@ -310,10 +346,13 @@ pub async fn get_invoice(
 pub async fn get_invoice_lines(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((customer, month)): Path<(String, String)>,
+    p: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
     let started = Instant::now();
-    let r = invoice(&app, &headers, &customer, &month, true).await;
+    let r = match path(p) {
+        Ok((customer, month)) => invoice(&app, &headers, &customer, &month, true).await,
+        Err(e) => Err(e),
+    };
     timed(&app, "invoice_lines", started, r)
 }
 
@@ -370,9 +409,12 @@ async fn invoice(app: &AppState, headers: &HeaderMap, customer: &str, month: &st
     })))
 }
 
-pub async fn get_cost(State(app): State<Arc<AppState>>, headers: HeaderMap, Path(customer): Path<String>) -> Response {
+pub async fn get_cost(State(app): State<Arc<AppState>>, headers: HeaderMap, p: Result<Path<String>, PathRejection>) -> Response {
     let started = Instant::now();
-    let r = cost(&app, &headers, &customer).await;
+    let r = match path(p) {
+        Ok(customer) => cost(&app, &headers, &customer).await,
+        Err(e) => Err(e),
+    };
     timed(&app, "cost", started, r)
 }
 
@@ -409,4 +451,18 @@ async fn cost(app: &AppState, headers: &HeaderMap, customer: &str) -> Result<Res
         "open_day_windows": r.usage.open_days,
         "lines": lines,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_never_formulas() {
+        assert_eq!(csv_field("i-0abc"), "i-0abc");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("-1"), "'-1");
+    }
 }
