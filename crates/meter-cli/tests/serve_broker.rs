@@ -25,9 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_support::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use serve_support::*;
 
 /// (batch, status, Retry-After) of an answer.
@@ -38,26 +35,8 @@ const PER_BATCH: usize = 50;
 
 /// The event ids on the events topic (see `meter_serve::cloudevents::event_id`).
 fn event_ids_on_topic(cfg: &meter_config::Config) -> HashSet<String> {
-    let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka).set("group.id", "serve-test-reader").create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0i64;
-    for p in 0..cfg.topics.partitions {
-        let (low, high) = consumer.fetch_watermarks(&cfg.topics.events, p, Duration::from_secs(60)).unwrap();
-        remaining += high - low;
-        tpl.add_partition_offset(&cfg.topics.events, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
     let codec = meter_avro::Codec::new().unwrap();
-    let mut ids = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while remaining > 0 {
-        assert!(Instant::now() < deadline, "could not read the events topic back ({remaining} left)");
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
-        let m = m.unwrap();
-        ids.insert(codec.decode_event(m.payload().unwrap()).unwrap().event_id);
-        remaining -= 1;
-    }
-    ids
+    event_records(cfg).into_iter().map(|(_, payload)| codec.decode_event(&payload).unwrap().event_id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,29 +119,38 @@ pub fn spawn_agent_cmd(config: &Path, state: &Path, sim: &SimConfig, speed: f64,
     cmd
 }
 
-/// Every record on the events topic as (agent, customer, seq) -> payloads.
-pub fn read_events(cfg: &Config) -> HashMap<(String, String, i64), Vec<Vec<u8>>> {
+/// Every record on the events topic: (key, payload), read from the
+/// beginning to the end offsets it had when called.
+pub fn event_records(cfg: &Config) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
     let consumer: BaseConsumer = meter_kafka::client_config(&cfg.kafka).set("group.id", "agent-test-reader").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     let mut remaining = 0i64;
     for p in 0..cfg.topics.partitions {
-        let (low, high) = consumer.fetch_watermarks(&cfg.topics.events, p, Duration::from_secs(30)).unwrap();
+        let (low, high) = consumer.fetch_watermarks(&cfg.topics.events, p, Duration::from_secs(60)).unwrap();
         remaining += high - low;
         tpl.add_partition_offset(&cfg.topics.events, p, Offset::Beginning).unwrap();
     }
     consumer.assign(&tpl).unwrap();
-    let codec = Codec::new().unwrap();
-    let mut out: HashMap<(String, String, i64), Vec<Vec<u8>>> = HashMap::new();
+    let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while remaining > 0 {
         assert!(std::time::Instant::now() < deadline, "could not read the events topic back ({remaining} left)");
         let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
         let m = m.unwrap();
-        let payload = m.payload().unwrap().to_vec();
-        let e = codec.decode_event(&payload).unwrap();
-        assert_eq!(m.key(), Some(e.customer_id.as_bytes()));
-        out.entry((e.agent_id, e.customer_id, e.seq.unwrap())).or_default().push(payload);
+        out.push((m.key().map(<[u8]>::to_vec), m.payload().unwrap().to_vec()));
         remaining -= 1;
+    }
+    out
+}
+
+/// Every record on the events topic as (agent, customer, seq) -> payloads.
+pub fn read_events(cfg: &Config) -> HashMap<(String, String, i64), Vec<Vec<u8>>> {
+    let codec = Codec::new().unwrap();
+    let mut out: HashMap<(String, String, i64), Vec<Vec<u8>>> = HashMap::new();
+    for (key, payload) in event_records(cfg) {
+        let e = codec.decode_event(&payload).unwrap();
+        assert_eq!(key.as_deref(), Some(e.customer_id.as_bytes()));
+        out.entry((e.agent_id, e.customer_id, e.seq.unwrap())).or_default().push(payload);
     }
     out
 }
