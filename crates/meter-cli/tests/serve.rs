@@ -494,3 +494,41 @@ async fn serve_writes_the_configured_wire_format_and_confluent_kafka_reads_it() 
     let rec = drain_and_reconcile(&cfg, &ledger(&posted)).await;
     assert!(rec.mismatches.is_empty(), "{}", rec.summary());
 }
+
+/// A stalled upload is cut off at `serve.body_timeout_ms` with 408, and
+/// while it holds the only `serve.max_concurrent_posts` slot, another post
+/// is answered 429 before its body is read; then posts go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_408_and_posts_beyond_max_concurrent_posts_are_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = format!("serveslow{}", std::process::id());
+    let (config, cfg, port) = with_serve(dir.path(), &id, "max_concurrent_posts = 1\nbody_timeout_ms = 2000");
+    setup(&cfg).await;
+    let server = std::sync::Arc::new(Server::start(&config, port));
+    let start = meter_model::time::day_floor(meter_model::now_ms()) - DAY_MS;
+    let slow_body = batch(&events("s", 40, &["c-1"], start));
+    assert!(slow_body.len() > 8_000);
+    let slow = {
+        let server = server.clone();
+        std::thread::spawn(move || {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), &slow_body).unwrap();
+            let data = format!("@{}", file.path().display());
+            let auth = format!("Authorization: Bearer {INGEST}");
+            // 1 kB/s: the body would take several seconds.
+            curl(
+                &server.url("/v1/events"),
+                &["-X", "POST", "-H", &auth, "-H", "Content-Type: application/json", "--limit-rate", "1000", "--data-binary", &data],
+            )
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let busy = post(&server, INGEST, BATCH, &batch(&events("b", 1, &["c-1"], start)));
+    assert_eq!((busy.status, busy.json()["error"].as_str()), (429, Some("overloaded")), "{}", busy.body);
+    assert!(busy.json()["message"].as_str().unwrap().contains("serve.max_concurrent_posts"));
+    let cut = slow.join().unwrap();
+    assert_eq!((cut.status, cut.json()["error"].as_str()), (408, Some("request_timeout")), "{}", cut.body);
+    let after = post(&server, INGEST, BATCH, &batch(&events("a", 2, &["c-1"], start)));
+    assert_eq!(after.status, 202, "{}", after.body);
+    assert_eq!(topic_records(&cfg, &cfg.topics.events), 2, "only the last request produced anything");
+}

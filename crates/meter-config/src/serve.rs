@@ -46,6 +46,16 @@ pub struct ServeConfig {
     /// watermark, and would dead-letter them after the 202.
     #[serde(default = "default_horizon_margin_ms")]
     pub horizon_margin_ms: i64,
+    /// `POST /v1/events` requests being read, checked or produced at once;
+    /// one more is answered 429 before its body is read. Bounds the memory
+    /// of bodies in progress (this times `max_body_bytes`, and their events).
+    #[serde(default = "default_max_concurrent_posts")]
+    pub max_concurrent_posts: usize,
+    /// How long a client may take to send a request's body; a slower one
+    /// is answered 408 (a stalled upload would hold its connection and
+    /// hold back a graceful shutdown).
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
     /// The `Retry-After` (seconds) of 429 and 503 answers.
     #[serde(default = "default_retry_after_s")]
     pub retry_after_s: u64,
@@ -124,6 +134,12 @@ fn default_delivery_timeout_ms() -> u64 {
 fn default_horizon_margin_ms() -> i64 {
     3_600_000
 }
+fn default_max_concurrent_posts() -> usize {
+    64
+}
+fn default_body_timeout_ms() -> u64 {
+    30_000
+}
 fn default_retry_after_s() -> u64 {
     1
 }
@@ -148,6 +164,8 @@ impl Default for ServeConfig {
             max_in_flight_events: default_max_in_flight_events(),
             delivery_timeout_ms: default_delivery_timeout_ms(),
             horizon_margin_ms: default_horizon_margin_ms(),
+            max_concurrent_posts: default_max_concurrent_posts(),
+            body_timeout_ms: default_body_timeout_ms(),
             retry_after_s: default_retry_after_s(),
             max_query_windows: default_max_query_windows(),
             max_page_rows: default_max_page_rows(),
@@ -235,6 +253,8 @@ impl Section for ServeConfig {
         p.check(self.max_in_flight_events >= self.max_batch_events, "serve.max_in_flight_events must be at least serve.max_batch_events");
         p.check(self.delivery_timeout_ms >= 1_000, "serve.delivery_timeout_ms must be at least 1000");
         p.check(self.retry_after_s >= 1, "serve.retry_after_s must be at least 1");
+        p.check(self.max_concurrent_posts >= 1, "serve.max_concurrent_posts must be at least 1");
+        p.check(self.body_timeout_ms >= 100, "serve.body_timeout_ms must be at least 100");
         p.check(self.horizon_margin_ms >= 0, "serve.horizon_margin_ms must not be negative");
         p.check(self.max_query_windows >= 1, "serve.max_query_windows must be at least 1");
         p.check((1..=1_000_000).contains(&self.max_page_rows), "serve.max_page_rows must be in 1..=1000000");

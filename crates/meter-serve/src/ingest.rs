@@ -66,14 +66,32 @@ async fn ingest(app: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<
             format!("content encoding {enc:?}: send the body uncompressed"),
         ));
     }
+    // Before the body is read: its memory is what this bounds.
+    let Ok(_post) = app.posts.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!("more than serve.max_concurrent_posts ({}) requests are in progress", app.cfg.serve.max_concurrent_posts),
+        )
+        .retry_after(app.cfg.serve.retry_after_s));
+    };
     let limit = app.cfg.serve.max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(format!("the body is larger than serve.max_body_bytes ({limit} bytes)")));
     }
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::too_large(format!("the body is larger than serve.max_body_bytes ({limit} bytes)")))?;
+    let timeout = app.cfg.serve.body_timeout_ms;
+    let bytes = match tokio::time::timeout(std::time::Duration::from_millis(timeout), axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return Err(ApiError::too_large(format!("the body is larger than serve.max_body_bytes ({limit} bytes)"))),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body did not arrive within serve.body_timeout_ms ({timeout} ms)"),
+            ))
+        }
+    };
     let events = cloudevents::split(&bytes, framing).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", m))?;
     let max = app.cfg.serve.max_batch_events;
     if events.len() > max {

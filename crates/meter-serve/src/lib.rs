@@ -69,6 +69,8 @@ pub struct AppState {
     pub clickhouse: clickhouse::Client,
     /// One permit per event handed to Kafka and not acknowledged yet.
     pub in_flight: Arc<Semaphore>,
+    /// One permit per `POST /v1/events` in progress.
+    pub posts: Arc<Semaphore>,
     pub metrics: Metrics,
 }
 
@@ -240,6 +242,7 @@ pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result
         tuning,
         clickhouse,
         in_flight: Arc::new(Semaphore::new(s.max_in_flight_events)),
+        posts: Arc::new(Semaphore::new(s.max_concurrent_posts)),
         metrics: Metrics::new(telemetry)?,
     })
 }
