@@ -496,6 +496,12 @@ impl Rules {
         Rules { kinds: Kinds::from_catalog(catalog), cfg }
     }
 
+    /// Whether an event at `event_time` is past the correction horizon when
+    /// judged against `bound` (the processor's bound is its watermark).
+    pub fn past_horizon(&self, event_time: Millis, bound: Millis) -> bool {
+        past_horizon(event_time, self.cfg.correction_horizon_ms, bound)
+    }
+
     /// Ok, or the dead-letter reason and detail the processor would give
     /// the record of `payload` (the event `e` decoded) keyed by `key`.
     pub fn check(&self, e: &UsageEventRef<'_>, payload: &[u8], key: &[u8], now: Millis) -> Result<(), (DeadLetterReason, String)> {
@@ -507,6 +513,14 @@ impl Rules {
         }
         validate(&self.kinds, &self.cfg, e, key, now).map(|_| ())
     }
+}
+
+/// Whether the minute window of `event_time` is past the correction
+/// horizon at `bound`. The minute window closes first, so its hour and day
+/// windows are then still within the horizon too.
+fn past_horizon(event_time: Millis, horizon_ms: Millis, bound: Millis) -> bool {
+    let minute_end = Granularity::Minute.window_start(event_time) + Granularity::Minute.size_ms();
+    minute_end.saturating_add(horizon_ms) <= bound
 }
 
 fn validate(kinds: &Kinds, cfg: &EngineConfig, e: &UsageEventRef<'_>, key: &[u8], now: Millis) -> Result<Kind, Rejection> {
@@ -882,11 +896,8 @@ impl Engine {
     }
 
     /// Rejects events whose minute window is past the correction horizon.
-    /// The minute window closes first, so its hour and day windows are then
-    /// still within the horizon too.
     fn check_time(&self, e: &UsageEventRef<'_>, watermark: Millis) -> Result<(), Rejection> {
-        let minute_end = Granularity::Minute.window_start(e.event_time) + Granularity::Minute.size_ms();
-        if minute_end.saturating_add(self.cfg.correction_horizon_ms) <= watermark {
+        if past_horizon(e.event_time, self.cfg.correction_horizon_ms, watermark) {
             return Err((
                 DeadLetterReason::TooLate,
                 format!("event_time {} is past the correction horizon (watermark {watermark})", e.event_time),

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use meter_config::ApiRole;
-use meter_model::{signing, DeadLetterReason, Granularity, UsageEvent};
+use meter_model::{signing, DeadLetterReason, UsageEvent};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tracing::warn;
@@ -202,9 +202,8 @@ fn prepare_one(
 /// it, which may be later than now (a lagging processor) and up to its
 /// clock; an event it would dead-letter as `too_late` must not get a 202.
 fn too_late(app: &AppState, e: &UsageEvent, now: i64) -> Result<(), (String, String)> {
-    let minute_end = Granularity::Minute.window_start(e.event_time) + Granularity::Minute.size_ms();
     let horizon = app.cfg.processor.correction_horizon_ms;
-    if minute_end.saturating_add(horizon) <= now.saturating_add(app.cfg.serve.horizon_margin_ms) {
+    if app.rules.past_horizon(e.event_time, now.saturating_add(app.cfg.serve.horizon_margin_ms)) {
         return Err((
             DeadLetterReason::TooLate.as_str().into(),
             format!(

@@ -30,7 +30,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use meter_config::{Config, Valid};
-use meter_engine::{EngineConfig, Rules};
+use meter_engine::Rules;
 use meter_kafka::publish::Tuning;
 use meter_kafka::Signal;
 use meter_telemetry::Telemetry;
@@ -141,21 +141,6 @@ pub(crate) fn authenticate<'a>(app: &'a AppState, headers: &HeaderMap) -> Result
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
 }
 
-/// The processor's event rules as the configuration sets them.
-pub fn rules(cfg: &Config) -> anyhow::Result<Rules> {
-    let p = &cfg.processor;
-    let engine = EngineConfig {
-        allowed_lateness_ms: p.allowed_lateness_ms,
-        correction_horizon_ms: p.correction_horizon_ms,
-        max_clock_skew_ms: p.max_clock_skew_ms,
-        max_payload_bytes: p.max_payload_bytes,
-        max_string_bytes: p.max_string_bytes,
-        agents: meter_engine::AgentRegistry::new(&p.agents),
-        ..EngineConfig::default()
-    };
-    Ok(Rules::new(&cfg.catalog()?, engine))
-}
-
 /// The router over `app` (for `run` and for tests that bind it themselves).
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
@@ -193,25 +178,18 @@ pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result
         tracing::info!("processor.agents is empty here: any agent may post for any customer (give serve the processor's registry to check keys against it)");
     }
     let keys = ApiKeys::new(&configured)?;
-    if cfg.processor.agent_keys_file.is_some() || !cfg.processor.accept_unsigned {
-        let agent_keys = match &cfg.processor.agent_keys_file {
-            None => meter_engine::AgentKeys::default(),
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).with_context(|| format!("reading processor.agent_keys_file {}", path.display()))?;
-                meter_engine::AgentKeys::from_toml(&text)
-                    .map_err(|e| anyhow::anyhow!("processor.agent_keys_file {}: {e}", path.display()))?
-            }
-        };
-        let mismatches = keys.signature_mismatches(&agent_keys, cfg.processor.accept_unsigned);
-        if !mismatches.is_empty() {
-            anyhow::bail!(
-                "serve: the processor would dead-letter these keys' events as bad_signature after answering 202: {}; \
-                 give the key the agent's signing_key_file",
-                mismatches.join("; ")
-            );
-        }
+    // The processor's own settings, signature keys included: what serve
+    // checks at its edge is what the processor will check.
+    let engine = meter_processor::engine_config(cfg)?;
+    let mismatches = keys.signature_mismatches(&engine.keys, cfg.processor.accept_unsigned);
+    if !mismatches.is_empty() {
+        anyhow::bail!(
+            "serve: the processor would dead-letter these keys' events as bad_signature after answering 202: {}; \
+             give the key the agent's signing_key_file",
+            mismatches.join("; ")
+        );
     }
+    let rules = Rules::new(&cfg.catalog()?, engine);
     if keys.is_empty() {
         anyhow::bail!("serve: no API key is configured (serve.api_keys or serve.api_keys_file): every request would be refused");
     }
@@ -234,7 +212,7 @@ pub async fn state(cfg: &Valid<Config>, telemetry: &Telemetry) -> anyhow::Result
     }
     let clickhouse = connection.client()?;
     Ok(AppState {
-        rules: rules(cfg)?,
+        rules,
         cfg: (**cfg).clone(),
         keys,
         codec,
