@@ -108,10 +108,7 @@ impl Key {
         out.push(':');
         out.push_str(&self.id);
         out.push(':');
-        for b in tag {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
-        }
+        push_hex(&mut out, &tag);
         out
     }
 
@@ -147,7 +144,23 @@ impl<'a> Signature<'a> {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn from_hex(s: &str) -> Option<Vec<u8>> {
+/// `bytes` as lowercase hex.
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 * bytes.len());
+    push_hex(&mut out, bytes);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+}
+
+/// Hex digits (either case) to bytes; `None` for an odd length or a
+/// non-hex character.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::rating::{InvoiceLineRow, InvoiceRow, SQL_STORED_INVOICES, SQL_STORED_INVOICE_LINES};
 use crate::Result;
-use meter_model::YearMonth;
+use meter_model::{Granularity, YearMonth};
 
 /// A dimension usage can be grouped by or filtered on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,6 +73,15 @@ impl UsageWindow {
             UsageWindow::Hour => "hour",
             UsageWindow::Day => "day",
             UsageWindow::Month => "month",
+        }
+    }
+
+    /// The windows read: a month sums day windows.
+    pub fn granularity(self) -> Granularity {
+        match self {
+            UsageWindow::Minute => Granularity::Minute,
+            UsageWindow::Hour => Granularity::Hour,
+            UsageWindow::Day | UsageWindow::Month => Granularity::Day,
         }
     }
 

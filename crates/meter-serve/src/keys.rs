@@ -172,20 +172,11 @@ pub fn sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use meter_model::signing::to_hex;
 
+/// A stored `sha256`: 64 hex digits.
 fn from_hex(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    meter_model::signing::from_hex(s.trim())?.try_into().ok()
 }
 
 /// A new token: `mtr_` and 64 hex digits of OS randomness.

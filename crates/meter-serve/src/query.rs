@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use meter_model::date::format_rfc3339;
-use meter_model::{Date, Granularity, YearMonth};
+use meter_model::{Date, YearMonth};
 use meter_report::api::{Dim, UsageQuery, UsageRow, UsageWindow};
 use meter_report::rating::{decimal, AMOUNT_SCALE, FULL_SCALE};
 use rust_decimal::Decimal;
@@ -126,11 +126,7 @@ async fn usage(app: &AppState, headers: &HeaderMap, params: Vec<(String, String)
             }
         }
     }
-    let size_s = match window {
-        UsageWindow::Minute => 60,
-        UsageWindow::Hour => 3_600,
-        UsageWindow::Day | UsageWindow::Month => 86_400,
-    };
+    let size_s = (window.granularity().size_ms() / 1000) as u64;
     let windows = u64::from(to - from).div_ceil(size_s);
     let max_windows = app.cfg.serve.max_query_windows;
     if windows > max_windows {
@@ -286,18 +282,13 @@ struct PageOut<'a> {
 /// A row's window in epoch ms and whether it is final: a month only once
 /// every day window in it is and the month has closed (end + lateness).
 fn bounds(window: UsageWindow, row: &UsageRow, now: i64, lateness: i64) -> (i64, i64, bool) {
-    let g = match window {
-        UsageWindow::Minute => Granularity::Minute,
-        UsageWindow::Hour => Granularity::Hour,
-        UsageWindow::Day => Granularity::Day,
-        UsageWindow::Month => {
-            let m = YearMonth::new((row.bucket / 100) as i32, row.bucket % 100);
-            let (start, end) = m.map_or((0, 0), |m| (m.start_millis(), m.end_millis()));
-            return (start, end, row.is_final && end + lateness <= now);
-        }
-    };
+    if window == UsageWindow::Month {
+        let m = YearMonth::new((row.bucket / 100) as i32, row.bucket % 100);
+        let (start, end) = m.map_or((0, 0), |m| (m.start_millis(), m.end_millis()));
+        return (start, end, row.is_final && end + lateness <= now);
+    }
     let start = i64::from(row.bucket) * 1000;
-    (start, start + g.size_ms(), row.is_final)
+    (start, start + window.granularity().size_ms(), row.is_final)
 }
 
 /// RFC 4180: quoted when it holds a comma, a quote or a line break. A
